@@ -1,0 +1,1 @@
+"""Sub-commands of the ``cratevit`` program (see :mod:`cratevit.cli`)."""
