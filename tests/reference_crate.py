@@ -62,7 +62,9 @@ class Transformer(nn.Module):
     def __init__(self, dim, depth, heads, dim_head, dropout=0.0, ista=0.1):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head, dropout)), PreNorm(dim, FeedForward(dim, ista))])
+            nn.ModuleList(
+                [PreNorm(dim, Attention(dim, heads, dim_head, dropout)), PreNorm(dim, FeedForward(dim, ista))]
+            )
             for _ in range(depth)
         )
 

@@ -2,11 +2,11 @@ import os
 
 import pytest
 import torch
-from reference_crate import ReferenceCRATE
 
 from cratevit import CRATE, CheckpointError, create_model, load_checkpoint, save_checkpoint, save_safetensors
 from cratevit.checkpoint import atomic_save, load_into, read_checkpoint
 from cratevit.presets import get_config
+from reference_crate import ReferenceCRATE
 
 KW = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, dim_head=16)
 DEBUG = get_config("crate_debug")
@@ -65,7 +65,7 @@ def test_own_checkpoint_describes_itself(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    state, cfg, meta = read_checkpoint(path)
+    _state, cfg, meta = read_checkpoint(path)
     assert meta["epoch"] == 4 and meta["family"] == "cratevit" and cfg.num_classes == 3
 
 

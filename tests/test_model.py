@@ -1,12 +1,12 @@
 import pytest
 import torch
-from reference_crate import ReferenceCRATE
 
 import cratevit
 from cratevit import CRATE, create_model, forward_flops
 from cratevit.checkpoint import from_reference_keys, to_reference_keys
 from cratevit.model import CRATEConfig
 from cratevit.presets import PRESETS
+from reference_crate import ReferenceCRATE
 
 EXACT_PARAMS = {"crate_tiny": 6_090_856, "crate_small": 13_116_328, "crate_base": 22_796_008, "crate_large": 77_641_192}
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from .model import CRATE, CRATEConfig
 
 __all__ = [
-    "CheckpointError",
     "FORMAT",
+    "CheckpointError",
     "atomic_save",
     "from_reference_keys",
     "load_checkpoint",
@@ -179,7 +179,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CRATEConfig | 
     )
 
 
-def load_state_dict_strict(model: CRATE, state: Mapping[str, Tensor], drop_head: bool = False, source: str = "") -> None:
+def load_state_dict_strict(
+    model: CRATE, state: Mapping[str, Tensor], drop_head: bool = False, source: str = ""
+) -> None:
     """Load ``state`` (our key layout) into ``model``: every key used, none missing, every shape equal.
 
     With ``drop_head=True`` a classifier of another shape is skipped and the model's fresh head kept.
@@ -237,7 +239,9 @@ def load_checkpoint(path: str | Path, arch: str | CRATEConfig | None = None, **o
     elif cfg is None and isinstance(meta.get("arch"), str):
         cfg = get_config(meta["arch"])
     if cfg is None:
-        raise CheckpointError(f"{path} does not record its architecture; pass arch= (a preset name such as 'crate_small')")
+        raise CheckpointError(
+            f"{path} does not record its architecture; pass arch= (a preset name such as 'crate_small')"
+        )
     if "head.weight" in state and cfg.num_classes != state["head.weight"].shape[0]:
         cfg = cfg.replace(num_classes=state["head.weight"].shape[0])
     if overrides:

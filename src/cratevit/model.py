@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "CRATE",
+    "ISTA",
+    "MSSA",
     "CRATEBlock",
     "CRATEConfig",
     "CRATETrace",
-    "ISTA",
     "LayerTrace",
-    "MSSA",
     "PatchEmbed",
     "to_2tuple",
 ]
@@ -81,9 +81,11 @@ class CRATEConfig:
     def __post_init__(self) -> None:
         self.image_size = to_2tuple(self.image_size)
         self.patch_size = to_2tuple(self.patch_size)
-        for what, size, patch in zip(("height", "width"), self.image_size, self.patch_size):
+        for what, size, patch in zip(("height", "width"), self.image_size, self.patch_size, strict=False):
             if patch <= 0 or size <= 0:
-                raise ValueError(f"image_size and patch_size must be positive, got {self.image_size} / {self.patch_size}")
+                raise ValueError(
+                    f"image_size and patch_size must be positive, got {self.image_size} / {self.patch_size}"
+                )
             if size % patch:
                 raise ValueError(
                     f"image {what} {size} is not divisible by the patch {what} {patch}; "
@@ -263,7 +265,7 @@ class CRATETrace:
 class CRATE(nn.Module):
     """The CRATE vision transformer. Accepts the original constructor arguments unchanged::
 
-        CRATE(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, dim_head=64)
+    CRATE(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, dim_head=64)
     """
 
     def __init__(
