@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_safetensors
 from .model import CRATE, CRATEConfig, CRATETrace, LayerTrace, forward_flops
 from .presets import create_model, get_config, list_models
+from .timm_models import register_timm_models  # importing cratevit registers the presets with timm
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "get_config",
     "list_models",
     "load_checkpoint",
+    "register_timm_models",
     "save_checkpoint",
     "save_safetensors",
 ]

@@ -14,7 +14,16 @@ import sys
 
 # name -> module; the order is the order of ``cratevit --help``.
 COMMANDS: dict[str, str] = {
+    "train": "cratevit.commands.train",
+    "finetune": "cratevit.commands.finetune",
     "info": "cratevit.commands.info",
+    "zoo": "cratevit.commands.zoo",
+    "bench": "cratevit.commands.bench",
+    "analyze": "cratevit.commands.analyze",
+    "attention": "cratevit.commands.attention",
+    "pca": "cratevit.commands.pca",
+    "segeval": "cratevit.commands.segeval",
+    "export": "cratevit.commands.export",
 }
 
 

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .hub import CRATEHubMixin, pretrained_cfg_for
+
 __all__ = [
     "CRATE",
     "ISTA",
@@ -208,10 +210,14 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.dictionary)
 
     def forward(self, x: Tensor) -> Tensor:
-        d = self.dictionary
-        residual = x - F.linear(x, d)  # x - x D^T
-        grad = F.linear(residual, d.t())  # (x - x D^T) D
-        return F.relu(x + self.step_size * grad - self.step_size * self.lambd)
+        d, eta = self.dictionary, self.step_size
+        x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view
+        residual = torch.addmm(x2, x2, d.t(), alpha=-1)  # x - x D^T, the subtraction fused into the product
+        if residual.dtype == x2.dtype:
+            out = torch.addmm(x2, residual, d, alpha=eta)  # x + eta (x - x D^T) D, fused
+        else:  # autocast: products in low precision, the sum kept in x's precision (float32 residual stream)
+            out = torch.add(x2, residual @ d, alpha=eta)
+        return F.relu(out.sub_(eta * self.lambd), inplace=True).view(x.shape)
 
 
 class CRATEBlock(nn.Module):
@@ -262,7 +268,7 @@ class CRATETrace:
         return [t.attn for t in self.layers]
 
 
-class CRATE(nn.Module):
+class CRATE(nn.Module, CRATEHubMixin):
     """The CRATE vision transformer. Accepts the original constructor arguments unchanged::
 
     CRATE(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, dim_head=64)
@@ -301,6 +307,9 @@ class CRATE(nn.Module):
         self.head_hidden_size = cfg.head_hidden_dim or cfg.dim  # width right before the classifier
         self.dynamic_img_size = cfg.dynamic_img_size
         self.grad_checkpointing = False
+        self.pretrained_cfg = self.default_cfg = pretrained_cfg_for(cfg)  # timm metadata; timm.create_model replaces it
+        self.feature_info = [{"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]}
+                             for i in range(cfg.depth)]  # timm's features_only metadata  # fmt: skip
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim))
@@ -397,6 +406,61 @@ class CRATE(nn.Module):
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Attention matrices of the last layer, (b, heads, n, n) (DINO's name for it)."""
         return self.forward_trace(x, layers=[-1]).layers[0].attn
+
+    # ----------------------------------------------------------------------------------------------- timm features
+    def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+        """timm's layer selection: None -> every layer, n -> the last n, a list -> those (negative from the end)."""
+        depth = len(self.blocks)
+        if indices is None or isinstance(indices, int):
+            n = depth if indices is None else indices
+            if not 0 < n <= depth:
+                raise ValueError(f"indices={n} asks for the last {n} layers of a {depth}-layer model; use 1..{depth}")
+            return list(range(depth - n, depth))
+        if not indices or any(not -depth <= i < depth for i in indices):
+            raise ValueError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
+        return sorted({i % depth for i in indices})
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API: the patch tokens of the selected layers' outputs ``Z^{l+1}``, as maps
+        (b, dim, gh, gw) (``output_fmt="NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies ``fc_norm``.
+        Returns ``(final tokens, intermediates)``, or only the intermediates (timm's signature)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self._take_indices(indices)
+        z, (gh, gw) = self.embed(x)
+        blocks = self.blocks[: take[-1] + 1] if stop_early or intermediates_only else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            z = block(z)
+            if i in take:
+                y = (self.fc_norm(z) if norm else z)[:, 1:]  # patch tokens, (b, gh*gw, dim)
+                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, gh, gw) if output_fmt == "NCHW" else y)
+        return intermediates if intermediates_only else (z, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the layers after the last selected one (and the head / final norm); returns the kept indices."""
+        take = self._take_indices(indices)
+        self.blocks = self.blocks[: take[-1] + 1]
+        self.config = self.config.replace(depth=len(self.blocks))
+        self.feature_info = self.feature_info[: len(self.blocks)]
+        if prune_head:
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.config.dim
+            self.config = self.config.replace(head_hidden_dim=None)
+            self.reset_classifier(0)
+        if prune_norm:
+            self.fc_norm = nn.Identity()
+        return take
 
     # ----------------------------------------------------------------------------------------------- utilities
     def get_classifier(self) -> nn.Module:

@@ -40,10 +40,24 @@ _vit("crate_small", 576, 12, 12)
 _vit("crate_base", 768, 12, 12)
 _vit("crate_large", 1024, 16, 24)
 
+# The same sizes with 8x8 patches (784 patch tokens at 224 px), like the emergence-demo models below.
+_vit("crate_tiny_patch8", 384, 6, 12, patch=8)
+_vit("crate_small_patch8", 576, 12, 12, patch=8)
+_vit("crate_base_patch8", 768, 12, 12, patch=8)
+_vit("crate_large_patch8", 1024, 16, 24, patch=8)
+
+# The emergence-demo models (ImageNet-21k, 21,842 classes, 8x8 patches; see cratevit.zoo). CRATE_base_demo has
+# 6 heads of 128 and a two-stage head: LayerNorm -> Linear(768, 768) -> Linear(768, 21842), no activation.
+_vit("crate_base_demo", 768, 6, 12, patch=8, num_classes=21842, head_hidden_dim=768)
+_vit("crate_small_21k", 384, 6, 12, patch=8, num_classes=21842)
+_vit("crate_base_21k", 768, 12, 12, patch=8, num_classes=21842)
+_vit("crate_base_768", 768, 12, 12, patch=8, num_classes=768)
+
 # Small presets for 32 px inputs (CIFAR, the built-in digits data) and for tests.
 _vit("crate_debug", 32, 2, 2, patch=8, image=32, num_classes=10)
 _vit("crate_nano", 96, 3, 6, patch=4, image=32, num_classes=10)
 _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
+_vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10)  # `cratevit train` default: 16 tokens
 
 
 def resolve_name(name: str) -> str:

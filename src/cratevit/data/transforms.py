@@ -1,0 +1,59 @@
+"""Preprocessing recipes (torchvision transforms v2) for the datasets the engine trains on."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "digits_eval",
+    "digits_train",
+    "imagenet_eval",
+    "imagenet_train",
+    "transfer_eval",
+    "transfer_train",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PCT = 0.875  # 224 / 256: validation images are resized to 256 and centre-cropped to 224
+
+
+def _to_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
+    return [v2.ToImage(), v2.RGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def imagenet_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
+    """Reference ImageNet training recipe: RandomResizedCrop + horizontal flip (+ RandAugment)."""
+    aug = [v2.RandAugment()] if randaug else []
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *aug,
+                       *_to_tensor(mean, std)])  # fmt: skip
+
+
+def imagenet_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """Reference ImageNet validation recipe: Resize(size / 0.875) + CenterCrop(size)."""
+    return v2.Compose([v2.Resize(int(round(size / CROP_PCT)), antialias=True), v2.CenterCrop(size),
+                       *_to_tensor(mean, std)])  # fmt: skip
+
+
+def transfer_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
+    """Fine-tuning recipe: resize to the model's size, padded random crop, flip, RandAugment(2, 14) if asked."""
+    aug = [v2.RandAugment(num_ops=2, magnitude=14)] if randaug else []
+    return v2.Compose([v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=size // 8),
+                       v2.RandomHorizontalFlip(), *aug, *_to_tensor(mean, std)])  # fmt: skip
+
+
+def transfer_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    return v2.Compose([v2.Resize((size, size), antialias=True), *_to_tensor(mean, std)])
+
+
+def digits_train(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Small random affine jitter of the (already upscaled) digit, then 3 channels and normalisation."""
+    return v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), v2.RGB(),
+                       v2.Normalize(mean, std)])  # fmt: skip
+
+
+def digits_eval(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    return v2.Compose([v2.RGB(), v2.Normalize(mean, std)])

@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from cratevit.bench import (
+    BenchOptions,
+    build_variant,
+    coding_rate_timings,
+    format_markdown,
+    quick_options,
+    run_benchmark,
+    time_interleaved,
+    training_peak_mib,
+    vit_forward_flops,
+)
+from cratevit.cli import main
+from cratevit.model import forward_flops
+from cratevit.presets import get_config
+from cratevit.reference import ReferenceCRATE
+
+
+def tiny_run(**kw):
+    opts = quick_options(models=("reference", "cratevit"), dtypes=("float32",), repeats=1, warmup=0,
+                         coding_rate=False, **kw)  # fmt: skip
+    return run_benchmark(opts)
+
+
+def test_quick_run_rows_ratios_and_flops():
+    result = tiny_run()
+    cfg = get_config("crate_debug")
+    assert [(r.mode, r.model) for r in result.rows] == [
+        ("inference", "reference"), ("inference", "cratevit"), ("train", "reference"), ("train", "cratevit")]  # fmt: skip
+    for r in result.rows:
+        assert r.images_per_s > 0 and r.batch == 4 and len(r.times_s) == 1
+        want = forward_flops(cfg, ista_matmuls=3 if r.model == "reference" else 2) / 1e9
+        assert r.gflops_per_image == pytest.approx(want)
+        factor = 1 if r.mode == "inference" else 3
+        assert r.gflops_per_s == pytest.approx(r.images_per_s * factor * want)
+        assert r.peak_fraction == pytest.approx(r.gflops_per_s / result.matmul_peak_gflops["float32"])
+    ref_rows = [r for r in result.rows if r.model == "reference"]
+    assert all(r.speedup == pytest.approx(1.0) for r in ref_rows)
+    table = format_markdown(result)
+    assert "| mode | dtype | model | batch | images/s | vs reference |" in table
+    assert "| inference | float32 | reference | 4 |" in table and "| 1.00x |" in table
+    assert result.matmul_peak_gflops["float32"] > 1
+
+
+def test_reference_variant_has_the_same_weights_and_logits():
+    opts = quick_options()
+    ref, ref_flops, fused = build_variant("reference", opts)
+    model, flops, model_fused = build_variant("cratevit", opts)
+    assert isinstance(ref, ReferenceCRATE) and not fused and model_fused
+    assert ref_flops > flops  # three ISTA products against two
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counts_match_published_figures():
+    tiny = get_config("crate_tiny")
+    assert forward_flops(tiny, ista_matmuls=3) / 1e9 == pytest.approx(4.32, abs=0.01)
+    assert forward_flops(tiny) / 1e9 == pytest.approx(3.62, abs=0.01)
+    # timm lists ViT-Ti/16 at 1.26 GMACs and ViT-S/16 at 4.61 GMACs per 224 px image
+    assert vit_forward_flops(timm.create_model("vit_tiny_patch16_224")) / 2e9 == pytest.approx(1.26, rel=0.02)
+    assert vit_forward_flops(timm.create_model("vit_small_patch16_224")) / 2e9 == pytest.approx(4.61, rel=0.02)
+
+
+def test_time_interleaved_rotates_order_and_counts_repeats():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = time_interleaved(fns, repeats=3, warmup=1, device=torch.device("cpu"))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_training_peak_memory_probe_runs_in_a_fresh_process():
+    opts = quick_options(preset="crate_nano", train_batch=8)
+    peak = training_peak_mib("cratevit", "float32", opts, steps=1)
+    # a fresh interpreter with torch + timm and a small model: hundreds of MiB, not the parent's high-water mark
+    assert 100 < peak < 4000
+
+
+def test_coding_rate_gram_form_agrees_with_direct_under_two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc = coding_rate_timings(images=4, tokens=197, heads=6, dim_head=64, repeats=1)
+    finally:
+        torch.set_num_threads(before)
+    assert rc["nan"] == 0.0
+    assert rc["max_rel_diff"] < 1e-10
+    assert rc["direct"] > 0 and rc["gram"] > 0
+
+
+def test_cli_quick_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--no-memory", "--no-coding-rate", "--models", "reference", "cratevit",
+                 "--dtype", "bfloat16", "--modes", "inference", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| inference | bfloat16 | cratevit | 4 |" in printed
+    assert (out / "bench.md").read_text().strip() == printed.strip()
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["reference", "cratevit"]
+    assert data["options"]["preset"] == "crate_debug"
+
+
+def test_cli_compile_flag_adds_a_row():
+    from cratevit.cli import build_parser
+    from cratevit.commands.bench import options_from_args
+
+    args = build_parser().parse_args(["bench", "--compile", "--preset", "crate_small", "--batch", "8"])
+    opts = options_from_args(args)
+    assert opts.models[:3] == ("reference", "cratevit", "cratevit+compile")
+    assert (opts.preset, opts.infer_batch, opts.train_batch) == ("crate_small", 8, 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "resnet50"], "unknown model 'resnet50'"),
+        (["--quick", "--gpu"], "--quick and --gpu exclude each other"),
+        (["--gpu"], "no CUDA device"),
+        (["--repeats", "0"], "repeats and batch sizes must be >= 1"),
+        (["--preset", "crate_huge"], "unknown CRATE preset 'crate_huge'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_options_validate_dtype():
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        BenchOptions(dtypes=("float16",))

@@ -1,0 +1,177 @@
+"""Attention maps, masks, PCA maps and the `cratevit attention` / `cratevit pca` commands on real photographs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from cratevit import create_model, save_checkpoint
+from cratevit.cli import main
+from cratevit.images import load_image, prepare
+from cratevit.visualize import cls_attention, first_component_foreground, mass_mask, pca_maps, upsample
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, object]:
+    """scikit-image photographs in the modes users have: RGB PNG, JPEG, grayscale, palette, RGBA (non-square)."""
+    d = tmp_path_factory.mktemp("photos")
+    files = {
+        "astronaut": d / "astronaut.png",  # 512x512 RGB
+        "chelsea": d / "chelsea.jpg",  # 451x300 JPEG
+        "camera": d / "camera.png",  # 512x512 grayscale
+        "coffee": d / "coffee.png",  # 600x400 palette PNG
+        "rocket": d / "rocket.png",  # RGBA, 300x180
+    }
+    Image.fromarray(data.astronaut()).save(files["astronaut"])
+    Image.fromarray(data.chelsea()).save(files["chelsea"], quality=90)
+    Image.fromarray(data.camera()).save(files["camera"])
+    Image.fromarray(data.coffee()).convert("P", palette=Image.Palette.ADAPTIVE).save(files["coffee"])
+    rgba = Image.fromarray(data.rocket()).convert("RGBA").resize((300, 180))
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (180, 1))))
+    rgba.save(files["rocket"])
+    (d / "notes.png").write_text("not an image")
+    return {**files, "not_image": d / "notes.png"}
+
+
+def test_load_image_modes(photos) -> None:
+    sizes = {"astronaut": (512, 512), "chelsea": (451, 300), "camera": (512, 512), "coffee": (600, 400),
+             "rocket": (300, 180)}  # fmt: skip
+    for name, size in sizes.items():
+        img = load_image(photos[name])
+        assert img.mode == "RGB" and img.size == size
+    # transparent pixels are composited on white
+    assert np.asarray(load_image(photos["rocket"]))[:, 0].min() == 255
+    with pytest.raises(ValueError, match=r"notes\.png is not a readable image file"):
+        load_image(photos["not_image"])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(photos["not_image"].parent / "missing.png")
+
+
+def test_prepare_sizes(photos) -> None:
+    img = load_image(photos["chelsea"])  # 451 x 300
+    p = prepare(img, (224, 224), (16, 16), "keep-aspect")
+    assert p.input_size == (224, 336) and p.tensor.shape == (3, 224, 336) and "interpolated" in p.how
+    p = prepare(img, (224, 224), (16, 16), "model")
+    assert p.input_size == (224, 224) and p.original_size == (300, 451)
+    assert abs(float(p.tensor.mean())) < 2.5
+
+
+def test_mass_mask_keeps_the_top_mass() -> None:
+    maps = torch.tensor([[[0.5, 0.3], [0.15, 0.05]]])
+    assert mass_mask(maps, 0.6).tolist() == [[[True, True], [False, False]]]  # 0.5 < 0.6 <= 0.8
+    assert mass_mask(maps, 0.5).tolist() == [[[True, False], [False, False]]]
+    assert mass_mask(maps, 1.0).all()
+    with pytest.raises(ValueError, match="threshold"):
+        mass_mask(maps, 0.0)
+    random = torch.rand(3, 7, 9).softmax(-1)
+    masks = mass_mask(random, 0.6)
+    kept = (random * masks).flatten(1).sum(1) / random.flatten(1).sum(1)
+    assert (kept >= 0.6).all()
+    # dropping the smallest kept entry falls below the threshold: the mask is minimal
+    smallest = torch.where(masks, random, torch.inf).flatten(1).min(1).values
+    assert ((kept - smallest / random.flatten(1).sum(1)) < 0.6).all()
+
+
+def test_cls_attention_and_upsample() -> None:
+    attn = torch.rand(2, 3, 1 + 4 * 6, 1 + 4 * 6)
+    maps = cls_attention(attn, (4, 6))
+    assert maps.shape == (2, 3, 4, 6) and maps[1, 2, 3, 5] == attn[1, 2, 0, -1]
+    up = upsample(maps, (40, 60))
+    assert up.shape == (2, 3, 40, 60) and up[0, 0, 9, 9] == maps[0, 0, 0, 0] and up[0, 0, 39, 59] == maps[0, 0, 3, 5]
+    with pytest.raises(ValueError, match="does not match"):
+        cls_attention(attn, (5, 5))
+
+
+def test_pca_maps_and_foreground() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for _ in range(2):
+        f = torch.randn(8, 10, 16, generator=g) * 0.1
+        f[2:6, 3:7] += torch.ones(16)  # an "object" in the middle
+        feats.append(f)
+    maps = pca_maps(feats, 3)
+    assert maps.rgb[0].shape == (8, 10, 3) and 0 <= maps.rgb[0].min() and maps.rgb[1].max() <= 1
+    assert maps.explained_variance_ratio[0] > 0.5
+    fg = first_component_foreground(maps.scores[0][..., 0])
+    expected = np.zeros((8, 10), bool)
+    expected[2:6, 3:7] = True
+    assert (fg == expected).all()
+    assert (first_component_foreground(-maps.scores[0][..., 0]) == expected).all()  # sign does not matter
+
+
+@pytest.mark.slow
+def test_attention_command_on_photos(tmp_path, photos, capsys) -> None:
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("crate_debug", image_size=64, patch_size=16,
+                                                             heads=3, dim_head=16, dim=48))  # fmt: skip
+    out = tmp_path / "att"
+    names = ["astronaut", "chelsea", "camera", "coffee", "rocket"]
+    assert main(["attention", str(ckpt), *[str(photos[n]) for n in names], "-o", str(out), "--size", "96"]) == 0
+    info = json.loads((out / "attention.json").read_text())
+    assert [r["heads"] for r in info["images"]] == [3] * 5
+    assert info["images"][1]["input_size"] == [96, 144] and "interpolated" in info["images"][1]["preprocessing"]
+    for name in names:
+        folder = out / name
+        size = load_image(photos[name]).size
+        heads = []
+        for k in range(3):
+            heat = Image.open(folder / f"attn-head{k}.png")
+            assert heat.size == size and heat.mode == "L"
+            a = np.asarray(heat)
+            assert a.min() == 0 and a.max() == 255
+            heads.append(a)
+            mask = np.asarray(Image.open(folder / f"mask-head{k}.png"))
+            assert set(np.unique(mask)) <= {0, 255} and 0 < (mask > 0).mean() < 1
+            ov = Image.open(folder / f"overlay-head{k}.png")
+            assert ov.size == size and ov.mode == "RGB"
+        assert not np.array_equal(heads[0], heads[1]) and not np.array_equal(heads[1], heads[2])
+        assert Image.open(folder / "heads.png").mode in ("RGBA", "RGB")
+        assert (folder / "heads.pdf").read_bytes().startswith(b"%PDF")
+        assert np.load(folder / "attention.npy").shape[0] == 3
+    # --checkpoint FILE IMAGE... and the model's own size (224-px-like: resize to the model)
+    out2 = tmp_path / "att2"
+    assert main(["attention", "--checkpoint", str(ckpt), str(photos["chelsea"]), "-o", str(out2), "--resize", "model",
+                 "--layer", "0", "--threshold", "0.3"]) == 0  # fmt: skip
+    info = json.loads((out2 / "attention.json").read_text())
+    assert info["images"][0]["input_size"] == [64, 64] and info["threshold"] == 0.3
+    capsys.readouterr()
+    assert main(["attention", str(ckpt), str(photos["not_image"]), "-o", str(out2)]) == 2
+    assert "notes.png is not a readable image file" in capsys.readouterr().err
+    assert main(["attention", str(ckpt), str(photos["camera"]), "-o", str(out2), "--layer", "5"]) == 2
+    assert "--layer 5 is out of range" in capsys.readouterr().err
+    assert main(["attention", str(photos["camera"]), "-o", str(out2)]) == 2
+    assert "at least one image" in capsys.readouterr().err
+
+
+def test_attention_at_224_with_a_preset(tmp_path, photos) -> None:
+    """A preset name instead of a file: random weights, at the 224-px size of the paper's models."""
+    out = tmp_path / "att"
+    assert main(["attention", "crate_debug", str(photos["astronaut"]), "-o", str(out), "--size", "224"]) == 0
+    info = json.loads((out / "attention.json").read_text())
+    assert info["images"][0]["input_size"] == [224, 224] and info["images"][0]["grid"] == [28, 28]
+    assert Image.open(out / "astronaut" / "attn-head1.png").size == (512, 512)
+
+
+def test_pca_command_on_photos(tmp_path, photos) -> None:
+    out = tmp_path / "pca"
+    names = ["astronaut", "chelsea", "coffee"]
+    assert main(["pca", "crate_debug", *[str(photos[n]) for n in names], "-o", str(out), "--size", "64"]) == 0
+    info = json.loads((out / "pca.json").read_text())
+    ratios = info["explained_variance_ratio"]
+    assert len(ratios) == 3 and ratios[0] >= ratios[1] >= ratios[2] > 0
+    maps = []
+    for name in names:
+        img = Image.open(out / name / "pca.png")
+        assert img.mode == "RGB" and img.size == load_image(photos[name]).size
+        a = np.asarray(img)
+        assert a.std() > 5  # not a constant image
+        maps.append(a)
+        fg = np.asarray(Image.open(out / name / "foreground.png"))
+        assert set(np.unique(fg)) <= {0, 255}
+    assert (out / "pca-grid.png").stat().st_size > 1000 and (out / "pca-grid.pdf").exists()
+    assert info["images"][1]["input_size"] == [64, 96]
