@@ -107,14 +107,20 @@ def test_cli_quick_writes_table_and_json(tmp_path, capsys):
     assert data["options"]["preset"] == "crate_debug"
 
 
-def test_cli_compile_flag_adds_a_row():
+def test_cli_flags_select_rows_and_sizes(monkeypatch):
     from cratevit.cli import build_parser
     from cratevit.commands.bench import options_from_args
 
-    args = build_parser().parse_args(["bench", "--compile", "--preset", "crate_small", "--batch", "8"])
-    opts = options_from_args(args)
-    assert opts.models[:3] == ("reference", "cratevit", "cratevit+compile")
-    assert (opts.preset, opts.infer_batch, opts.train_batch) == ("crate_small", 8, 16)
+    parser = build_parser()
+    opts = options_from_args(parser.parse_args(["bench", "--preset", "crate_small", "--batch", "8"]))
+    assert opts.models == ("reference", "cratevit", "cratevit+compile", "vit_tiny_patch16_224", "vit_small_patch16_224")
+    assert (opts.preset, opts.infer_batch, opts.train_batch, opts.dtypes) == ("crate_small", 8, 16, ("float32", "bfloat16"))
+    opts = options_from_args(parser.parse_args(["bench", "--no-compile", "--no-memory"]))
+    assert "cratevit+compile" not in opts.models and not opts.memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only builds the options
+    gpu = options_from_args(parser.parse_args(["bench", "--gpu"]))
+    assert gpu.models == ("reference", "cratevit", "vit_base_patch16_224")
+    assert (gpu.preset, gpu.train_batch, gpu.dtypes, gpu.device) == ("crate_base", 256, ("bfloat16",), "cuda")
 
 
 @pytest.mark.parametrize(
@@ -137,3 +143,17 @@ def test_cli_bad_input_is_one_line_error(argv, message, capsys, monkeypatch):
 def test_options_validate_dtype():
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         BenchOptions(dtypes=("float16",))
+
+
+def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
+    from cratevit.bench import BenchResult, Row
+
+    opts = quick_options(dtypes=("bfloat16",), coding_rate=False)
+    row = Row(mode="train", dtype="bfloat16", model="cratevit", batch=256, images_per_s=1000.0, gflops_per_image=33.0,
+              speedup=1.5, gflops_per_s=98_900.0, peak_fraction=0.2, peak_mib=12_345.0)  # fmt: skip
+    result = BenchResult(options=opts, device_name="NVIDIA H100 80GB HBM3", threads=1,
+                         matmul_peak_gflops={"bfloat16": 600_000.0}, rows=[row])  # fmt: skip
+    result.options.device = "cuda"  # as if measured on the card (no CUDA needed to format)
+    table = format_markdown(result)
+    assert "on NVIDIA H100 80GB HBM3" in table and "MFU (nominal bf16 peak)" in table
+    assert "| train | bfloat16 | cratevit | 256 | 1000.0 | 1.50x | 33 | 98900 | 20% | 10.0% | 12,345 |" in table

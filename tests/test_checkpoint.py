@@ -136,6 +136,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_atomic_save_keeps_previous_file_when_save_fails(tmp_path):
     path = tmp_path / "last.pt"
     atomic_save({"a": torch.ones(2)}, path)
+    assert path.stat().st_mode & 0o044  # readable by others like any new file (mkstemp alone gives 0600)
 
     class Boom:
         def __reduce__(self):

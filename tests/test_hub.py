@@ -1,6 +1,9 @@
 """save_pretrained / from_pretrained (huggingface_hub's mixin), offline."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -117,3 +120,12 @@ def test_missing_folder_or_files_are_clear_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"has config\.json but no model\.safetensors"):
         CRATE.from_pretrained(tmp_path / "m")
+
+
+def test_unreachable_hub_id_is_one_clear_error():
+    code = "import cratevit; cratevit.CRATE.from_pretrained('someone/crate-not-there')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never touches the network
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("FileNotFoundError: cannot fetch 'someone/crate-not-there' from the Hugging Face Hub")

@@ -205,3 +205,49 @@ def test_checkpoint_filter_fn_accepts_each_layout():
     for state in (ours, {"model": ours}, {"module." + k: v for k, v in ours.items()}, ref.state_dict(),
                   {"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}):  # fmt: skip
         assert set(checkpoint_filter_fn(state)) == set(ours)
+
+
+def test_forward_intermediates_agree_with_the_trace():
+    model = timm.create_model("crate_nano_patch4_32").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_trace(x)
+        final, maps = model.forward_intermediates(x, indices=[0, -1])
+        tokens = model.forward_intermediates(x, indices=2, output_fmt="NLC", norm=True, intermediates_only=True)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [m.shape for m in maps] == [(2, 96, 8, 8)] * 2
+    for got, layer in zip(maps, (0, 5), strict=True):
+        patches = trace.layers[layer].z_out[:, 1:]  # (b, 64, 96), row-major over the 8 x 8 grid
+        torch.testing.assert_close(got.flatten(2).transpose(1, 2), patches)
+    torch.testing.assert_close(tokens[1], model.fc_norm(trace.layers[5].z_out[:, 1:]))
+    assert len(tokens) == 2 and tokens[0].shape == (2, 64, 96)
+    with pytest.raises(ValueError, match="last 7 layers of a 6-layer model"):
+        model.forward_intermediates(x, indices=7)
+    with pytest.raises(ValueError, match=r"layer indices \[6\] must lie in -6..5"):
+        model.forward_intermediates(x, indices=[6])
+
+
+def test_features_only_backbone():
+    backbone = timm.create_model("crate_nano_patch4_32", features_only=True)
+    assert backbone.feature_info.channels() == [96, 96, 96] and backbone.feature_info.reduction() == [4, 4, 4]
+    feats = backbone(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in feats] == [(2, 96, 8, 8)] * 3
+    early = timm.create_model("crate_nano_patch4_32", features_only=True, out_indices=(0, 1))
+    assert len(early.model.blocks) == 2 and early.model.config.depth == 2  # later layers pruned
+    assert [f.shape for f in early(torch.randn(1, 3, 32, 32))] == [(1, 96, 8, 8)] * 2
+
+
+def test_layer_wise_lr_decay_groups_one_layer_at_a_time():
+    import timm.optim
+
+    model = timm.create_model("crate_nano_patch4_32")
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert set(scale_of) == set(names.values())
+    assert scale_of["head.weight"] == 1.0 and scale_of["fc_norm.weight"] == 0.5
+    for i in range(6):  # embedding at 0.5**7, layer i at 0.5**(6 - i)
+        assert scale_of[f"blocks.{i}.ista.dictionary"] == scale_of[f"blocks.{i}.norm1.weight"] == 0.5 ** (6 - i)
+    assert scale_of["cls_token"] == scale_of["patch_embed.proj.weight"] == 0.5**7
+    assert decay_of["pos_embed"] == decay_of["cls_token"] == 0.0 and decay_of["blocks.0.ista.dictionary"] == 0.05

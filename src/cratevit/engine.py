@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .model import CRATE
 __all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_config", "train"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PLOT_EVERY_S = 60.0  # redraw curves.png at most this often (and after the last epoch): plotting costs ~0.5 s
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap on the training steps of each epoch (quick runs)
     tensorboard: bool = False
     device: str = "auto"
+    threads: int | None = None  # torch intra-op CPU threads (default: the recipe's, else torch's)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -89,7 +91,7 @@ class TrainConfig:
 # The recipe of each kind of data; explicit options always win.
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": {"arch": "crate_digits", "epochs": 40, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
-               "warmup_epochs": 2.0, "workers": 0},
+               "warmup_epochs": 2.0, "workers": 0, "threads": 1},
     "shapes": {"arch": "crate_nano", "epochs": 30, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
                "warmup_epochs": 2.0},
     "folder": {"arch": "crate_tiny", "epochs": 200, "batch_size": 512, "optimizer": "lion", "lr": 2e-4,
@@ -241,10 +243,8 @@ class StopFlag:
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -253,6 +253,11 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def accuracy_counts(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -377,6 +382,8 @@ class Trainer:
         if cfg.batch_size % dist.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
         self.local_batch = cfg.batch_size // dist.world_size
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         if cfg.amp == "fp16" and dist.device.type != "cuda":
             raise ValueError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
 
@@ -434,7 +441,7 @@ class Trainer:
                              f"{cfg.batch_size}; lower the batch size")  # fmt: skip
         self.train_sampler = EpochSampler(len(train_ds), cfg.seed, True, dist.rank, dist.world_size)
         self.val_sampler = EpochSampler(len(val_ds), cfg.seed, False, dist.rank, dist.world_size, pad=False)
-        common = {"num_workers": cfg.workers, "collate_fn": collate_skip,
+        common = {"num_workers": cfg.workers, "collate_fn": collate_skip, "worker_init_fn": ignore_sigint,
                   "pin_memory": dist.device.type == "cuda", "persistent_workers": False}  # fmt: skip
         self.train_loader = torch.utils.data.DataLoader(SeededDataset(train_ds), batch_size=self.local_batch,
                                                         sampler=self.train_sampler, drop_last=True, **common)  # fmt: skip
@@ -494,7 +501,10 @@ class Trainer:
         else:
             self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(dict(ckpt["scheduler"]))
+        schedule = ("epochs", "warmup_epochs", "lr", "min_lr")
+        before = ckpt["train_config"]
+        if all(before.get(k) == getattr(self.cfg, k) for k in schedule):  # else: the new schedule (e.g. more epochs)
+            self.scheduler.load_state_dict(dict(ckpt["scheduler"]))
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
@@ -515,6 +525,7 @@ class Trainer:
         """Train to the last epoch; returns 0, or 128 + signal number if stopped by SIGTERM/SIGINT."""
         cfg = self.cfg
         self.log = MetricsLog(self.run_dir, cfg.tensorboard)
+        self._plotted = time.perf_counter()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -644,8 +655,10 @@ class Trainer:
         self.save("last.pt")
         if is_best:
             self.save("best.pt")
-        if self.run_dir is not None:
+        last = self.epoch == self.cfg.epochs
+        if self.run_dir is not None and (last or time.perf_counter() - self._plotted > PLOT_EVERY_S):
             plot_curves(self.log.history(), self.run_dir / "curves.png")
+            self._plotted = time.perf_counter()
         barrier(self.dist)
 
     @torch.no_grad()
@@ -673,6 +686,7 @@ class Trainer:
 def train(cfg: TrainConfig, resume: str | None = None, evaluate_only: bool = False) -> int:
     """Run (or continue, or only evaluate) a training run; the entry point of both commands."""
     dist = init_distributed(cfg.device)
+    threads = torch.get_num_threads()  # --threads applies to this run only
     try:
         trainer = Trainer(cfg, dist, resume=resume, evaluate_only=evaluate_only)
         if evaluate_only:
@@ -682,4 +696,5 @@ def train(cfg: TrainConfig, resume: str | None = None, evaluate_only: bool = Fal
             return 0
         return trainer.fit()
     finally:
+        torch.set_num_threads(threads)
         cleanup(dist)

@@ -15,19 +15,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_path
 from .model import CRATE
 
 __all__ = [
     "FORMATS",
     "ExportError",
     "check_writable",
-    "default_permissions",
     "export_model",
     "export_onnx",
     "export_pretrained",
@@ -76,35 +75,12 @@ def check_writable(path: str | Path, folder: bool = False) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it when the block succeeds and removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-        default_permissions(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def default_permissions(path: Path) -> None:
-    """Give a file written through ``mkstemp`` (mode 0600) the usual permissions of a new file (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
 def export_safetensors(model: CRATE, path: str | Path, reference_keys: bool = False) -> Path:
     """Write the weights as ``.safetensors`` (configuration in the metadata); ``reference_keys`` uses the
     original implementation's key names (``transformer.layers.3.1.fn.weight``)."""
     from .checkpoint import save_safetensors
 
-    path = save_safetensors(check_writable(path), model, reference_keys=reference_keys)
-    default_permissions(path)
-    return path
+    return save_safetensors(check_writable(path), model, reference_keys=reference_keys)
 
 
 def export_pretrained(model: CRATE, folder: str | Path) -> Path:
@@ -155,7 +131,7 @@ def export_onnx(model: CRATE, path: str | Path, batch_size: int = 2, opset: int 
     _require("onnx", "onnxscript")
     path = check_writable(path)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with _eval_mode(model), torch.no_grad(), _atomic_path(path) as tmp:
+    with _eval_mode(model), torch.no_grad(), atomic_path(path) as tmp:
         program = torch.onnx.export(
             model, (example_input(model, batch_size),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True, external_data=False, verbose=False,

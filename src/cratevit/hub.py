@@ -21,8 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
-__all__ = ["CONFIG_NAME", "MODEL_TYPE", "WEIGHTS_NAME", "CRATEHubMixin", "pretrained_cfg_for", "read_hub_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "MODEL_TYPE",
+    "WEIGHTS_NAME",
+    "CRATEHubMixin",
+    "check_hub_config",
+    "hub_config",
+    "merged_pretrained_cfg",
+    "pretrained_cfg_for",
+]
 
 MODEL_TYPE = "crate"
 CONFIG_NAME = constants.CONFIG_NAME  # config.json
@@ -31,6 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_URL = "https://arxiv.org/abs/2306.01129"
 REPO_URL = "https://github.com/Ma-Lab-Berkeley/CRATE"
+_HUB_ERRORS = (EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError)
 # timm's pretrained_cfg keys that say where weights come from; a saved folder must not point back to its source.
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag")
 
@@ -55,7 +72,7 @@ def pretrained_cfg_for(config: Any) -> dict[str, Any]:
         "std": std,
         "num_classes": int(config.num_classes),
         "pool_size": None,
-        "first_conv": None,  # the patch embedding is LayerNorm -> Linear: timm's conv-stem channel adaptation does not apply
+        "first_conv": None,  # patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply
         "classifier": "head",
         "license": "mit",
         "paper_name": "White-Box Transformers via Sparse Rate Reduction",
@@ -70,16 +87,6 @@ def merged_pretrained_cfg(stored: Mapping[str, Any] | None, config: Any) -> dict
     merged = {**current, **{k: v for k, v in dict(stored or {}).items() if k not in _SOURCE_KEYS}}
     merged.update({k: current[k] for k in ("input_size", "fixed_input_size", "num_classes")})
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k != "architecture"}
-
-
-def read_hub_config(path: str | Path) -> dict[str, Any]:
-    """Read a ``config.json`` and check that it describes a CRATE model; returns the dict."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable JSON file: {e}") from None
-    return check_hub_config(data, str(path))
 
 
 def check_hub_config(data: Any, where: str) -> dict[str, Any]:
@@ -129,9 +136,7 @@ class CRATEHubMixin(
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write ``model.safetensors`` and ``config.json`` (the mixin then adds a model card README.md)."""
         from .checkpoint import save_safetensors
-        from .export import default_permissions
-
-        default_permissions(save_safetensors(save_directory / WEIGHTS_NAME, self))  # type: ignore[arg-type]
+        save_safetensors(save_directory / WEIGHTS_NAME, self)  # type: ignore[arg-type]
         text = json.dumps(hub_config(self), indent=2, sort_keys=True)
         (save_directory / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
 
@@ -155,7 +160,14 @@ class CRATEHubMixin(
                 f"{source} is not a folder; pass a folder written by CRATE.save_pretrained or a Hub id 'user/repo' "
                 f"(single checkpoint files load with cratevit.load_checkpoint)"
             )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except _HUB_ERRORS as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise FileNotFoundError(
+                f"cannot fetch {source!r} from the Hugging Face Hub ({type(e).__name__}: {first[:160]}); check the "
+                f"repo id and the network, or pass a local folder written by save_pretrained"
+            ) from None
 
     @classmethod
     def _from_pretrained(
@@ -178,8 +190,8 @@ class CRATEHubMixin(
             raise FileNotFoundError(f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained")
         data = check_hub_config(config, f"{CONFIG_NAME} of {model_id}")
         # The mixin also passes every config.json entry as a keyword; only values that differ are user overrides.
+        model_kwargs.pop("strict", None)  # PyTorchModelHubMixin's option; loading here is always strict
         overrides = {k: v for k, v in model_kwargs.items() if not (k in data and data[k] == v)}
-        overrides = {k: v for k, v in overrides.items() if k not in ("strict",)}
         fields = set(CRATEConfig.__dataclass_fields__)
         unknown = sorted(set(overrides) - fields)
         if unknown:

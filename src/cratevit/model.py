@@ -184,8 +184,13 @@ class MSSA(nn.Module):
 
     def attend(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Explicit attention: returns (output, attention matrix), both per head."""
-        attn = torch.softmax((w @ w.transpose(-2, -1)) * self.scale, dim=-1)  # b h n n
-        return self.attn_drop(attn) @ w, attn
+        b, h, n, d = w.shape
+        w3 = w.reshape(b * h, n, d)  # one contiguous copy, shared by both products
+        empty = w3.new_empty(1, 1, 1)
+        dots = torch.baddbmm(empty, w3, w3.transpose(1, 2), beta=0.0, alpha=self.scale)  # (w w^T) * scale, fused
+        attn = torch.softmax(dots, dim=-1).view(b, h, n, n)
+        out = torch.bmm(self.attn_drop(attn).view(b * h, n, n), w3).view(b, h, n, d)
+        return out, attn
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.project(x)  # b h n d
@@ -212,9 +217,11 @@ class ISTA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         d, eta = self.dictionary, self.step_size
         x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view
-        residual = torch.addmm(x2, x2, d.t(), alpha=-1)  # x - x D^T, the subtraction fused into the product
+        # The sums ride in the products (addmm); the signs and eta scale the small dim x dim matrix, not the
+        # activations, so the backward pass has no extra elementwise products either.
+        residual = torch.addmm(x2, x2, -d.t())  # x - x D^T
         if residual.dtype == x2.dtype:
-            out = torch.addmm(x2, residual, d, alpha=eta)  # x + eta (x - x D^T) D, fused
+            out = torch.addmm(x2, residual, eta * d)  # x + eta (x - x D^T) D
         else:  # autocast: products in low precision, the sum kept in x's precision (float32 residual stream)
             out = torch.add(x2, residual @ d, alpha=eta)
         return F.relu(out.sub_(eta * self.lambd), inplace=True).view(x.shape)
@@ -483,6 +490,11 @@ class CRATE(nn.Module, CRATEHubMixin):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping (layer-wise lr decay): the embedding, one group per layer, then the head."""
+        blocks = r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^fc_norm|^pre_logits", (99999,))]
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": blocks}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .hub import pretrained_cfg_for
 from .model import CRATE, CRATEConfig
-from .presets import PRESETS, get_config
+from .presets import PRESETS
 
 __all__ = ["checkpoint_filter_fn", "register_timm_models", "timm_name", "timm_name_for"]
 
@@ -93,8 +93,8 @@ def _config_from_timm_kwargs(preset: str, kwargs: dict[str, Any]) -> CRATEConfig
             f"global_pool, drop_rate, pos_drop_rate or CRATE config fields {sorted(fields)}"
         )
     changes.update(kwargs)
-    name = changes.pop("name", preset)  # a saved folder records its own name (None: not a preset)
-    return get_config(preset, **changes).replace(name=name)
+    changes.setdefault("name", preset)  # a saved folder records its own name (None: not a preset)
+    return PRESETS[preset].replace(**changes)  # explicit None values count (head_hidden_dim=None)
 
 
 def _build(preset: str, **kwargs: Any) -> CRATE:

@@ -31,52 +31,102 @@ def _bool01(value: str) -> bool:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The options of both commands; each sets the TrainConfig field named by ``dest``."""
     m = p.add_argument_group("model")
-    m.add_argument("--arch", "-a", "--net", dest="arch", default=S,
-                   help="cratevit preset (crate_tiny, CRATE_small, crate_digits, ...) or a timm model name "
-                        "(vit_tiny_patch16_224, ...); default: the data's recipe")
-    m.add_argument("--pretrained", "--ckpt_dir", "--ckpt-dir", dest="pretrained", type=_none_or_str, default=S,
-                   help="checkpoint to start from (cratevit or reference CRATE); the head is replaced; None: random init")
+    m.add_argument(
+        "--arch",
+        "-a",
+        "--net",
+        dest="arch",
+        default=S,
+        help="cratevit preset (crate_tiny, CRATE_small, crate_digits, ...) or a timm model name "
+        "(vit_tiny_patch16_224, ...); default: the data's recipe",
+    )
+    m.add_argument(
+        "--pretrained",
+        "--ckpt_dir",
+        "--ckpt-dir",
+        dest="pretrained",
+        type=_none_or_str,
+        default=S,
+        help="checkpoint to start from (cratevit or reference CRATE); the head is replaced; None: random init",
+    )
     m.add_argument("--image-size", "--image_size", "--imsize", dest="image_size", type=int, default=S)
     m.add_argument("--patch-size", "--patch_size", "--patch", dest="patch_size", type=int, default=S)
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=S,
-                   help="digits (default), shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/")
-    d.add_argument("--data-dir", "--data_dir", dest="data_dir", default=S,
-                   help="folder of the torchvision datasets (cifar10, cifar100, flower, pets)")
+    d.add_argument(
+        "--data",
+        default=S,
+        help="digits (default), shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/",
+    )
+    d.add_argument(
+        "--data-dir",
+        "--data_dir",
+        dest="data_dir",
+        default=S,
+        help="folder of the torchvision datasets (cifar10, cifar100, flower, pets)",
+    )
     d.add_argument("--dummy", action="store_true", default=S, help="synthetic data, to benchmark the loop")
     d.add_argument("--num-classes", dest="num_classes", type=int, default=S, help="class count of --dummy data")
     d.add_argument("--randomaug", "--randaug", dest="randaug", type=_bool01, default=S, help="RandAugment: 1 or 0")
-    d.add_argument("--no-download", dest="download", action="store_false", default=S,
-                   help="never download datasets")
+    d.add_argument("--no-download", dest="download", action="store_false", default=S, help="never download datasets")
     d.add_argument("--workers", "-j", dest="workers", type=int, default=S, help="data loading processes")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", "--n_epochs", dest="epochs", type=int, default=S)
-    o.add_argument("--batch-size", "-b", "--bs", dest="batch_size", type=int, default=S,
-                   help="global batch size (divided among torchrun processes)")
+    o.add_argument(
+        "--batch-size",
+        "-b",
+        "--bs",
+        dest="batch_size",
+        type=int,
+        default=S,
+        help="global batch size (divided among torchrun processes)",
+    )
     o.add_argument("--optimizer", "--opt", dest="optimizer", default=S, help="timm optimizer: lion, adamw, sgd, ...")
     o.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=S)
     o.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=S, help="default 0.05")
     o.add_argument("--momentum", type=float, default=S, help="for SGD-type optimizers, default 0.9")
-    o.add_argument("--warmup-epochs", "--warmup", dest="warmup_epochs", type=float, default=S,
-                   help="linear warmup epochs before the cosine decay")
+    o.add_argument(
+        "--warmup-epochs",
+        "--warmup",
+        dest="warmup_epochs",
+        type=float,
+        default=S,
+        help="linear warmup epochs before the cosine decay",
+    )
     o.add_argument("--min-lr", dest="min_lr", type=float, default=S, help="end of the cosine decay, default 0")
     o.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max gradient norm, default 1; 0: off")
     o.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S, help="default 0.1")
     o.add_argument("--mixup", type=float, default=S, help="mixup alpha (timm Mixup), default 0: off")
     o.add_argument("--cutmix", type=float, default=S, help="cutmix alpha (timm Mixup), default 0: off")
-    o.add_argument("--amp", nargs="?", const="bf16", choices=("none", "bf16", "fp16"), default=S,
-                   help="mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling); default none")
+    o.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        choices=("none", "bf16", "fp16"),
+        default=S,
+        help="mixed precision: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling); default none",
+    )
     o.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    o.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true", default=S,
-                   help="recompute activations in the backward pass to save memory")
+    o.add_argument(
+        "--grad-checkpointing",
+        dest="grad_checkpointing",
+        action="store_true",
+        default=S,
+        help="recompute activations in the backward pass to save memory",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--output", "-o", dest="output", default=S, help="run directory (default runs/DATA-ARCH-TIME)")
     r.add_argument("--seed", type=int, default=S)
     r.add_argument("--print-freq", "-p", dest="print_freq", type=int, default=S, help="log every N steps")
-    r.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=S,
-                   help="stop each epoch after N steps (quick runs)")
+    r.add_argument(
+        "--steps-per-epoch",
+        dest="steps_per_epoch",
+        type=int,
+        default=S,
+        help="stop each epoch after N steps (quick runs)",
+    )
     r.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard scalars")
     r.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1")
+    r.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's; 1 on digits)")
     r.add_argument("--resume", default=None, metavar="PATH", help="continue a run: its directory or last.pt")
     r.add_argument("--evaluate", "-e", action="store_true", help="only evaluate (--resume or --pretrained weights)")
     r.add_argument("--config", default=None, metavar="FILE", help="start from a run's config.json")
@@ -89,12 +139,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     from dataclasses import fields, replace
 
-    from ..engine import TrainConfig, load_run_config, train
+    from ..engine import TrainConfig, load_run_config, read_resume_checkpoint, train
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    if args.resume:
-        base = load_run_config(args.resume)
+    if args.resume:  # the run's own configuration; options given now override it (e.g. more --epochs)
+        base = TrainConfig.from_dict(dict(read_resume_checkpoint(args.resume)["train_config"]))
     elif args.config:
         base = load_run_config(args.config)
     else:

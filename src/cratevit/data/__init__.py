@@ -86,7 +86,7 @@ def build_datasets(
     if info.kind == "digits":
         from .digits import MEAN, STD, DigitsDataset
 
-        return (DigitsDataset("train", image_size, T.digits_train(MEAN, STD)),
+        return (DigitsDataset("train", image_size, T.digits_train(image_size, MEAN, STD)),
                 DigitsDataset("val", image_size, T.digits_eval(MEAN, STD)))  # fmt: skip
     if info.kind == "shapes":
         from .shapes import ShapesDataset

@@ -45,17 +45,20 @@ def check_image_folder(root: str | Path) -> list[str]:
         )
     if not root.is_dir():
         raise NotADirectoryError(f"--data {root} is a file; pass a folder holding train/ and val/ class sub-folders")
-    classes: dict[str, list[str]] = {}
     for split in ("train", "val"):
-        split_dir = root / split
-        if not split_dir.is_dir():
+        if not (root / split).is_dir():
             raise FileNotFoundError(
                 f"{root} has no {split}/ folder; an image folder needs {root}/train/CLASS/*.jpg and "
                 f"{root}/val/CLASS/*.jpg (the ImageNet layout)"
             )
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        split_dir = root / split
         dirs = _class_dirs(split_dir)
         if not dirs:
-            raise FileNotFoundError(f"{split_dir} has no class sub-folders; put each class's images in {split_dir}/CLASS/")
+            raise FileNotFoundError(
+                f"{split_dir} has no class sub-folders; put each class's images in {split_dir}/CLASS/"
+            )
         empty = [d.name for d in dirs if not _has_image(d)]
         if empty:
             raise FileNotFoundError(

@@ -34,7 +34,7 @@ def imagenet_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: boo
 
 def imagenet_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """Reference ImageNet validation recipe: Resize(size / 0.875) + CenterCrop(size)."""
-    return v2.Compose([v2.Resize(int(round(size / CROP_PCT)), antialias=True), v2.CenterCrop(size),
+    return v2.Compose([v2.Resize(round(size / CROP_PCT), antialias=True), v2.CenterCrop(size),
                        *_to_tensor(mean, std)])  # fmt: skip
 
 
@@ -49,10 +49,12 @@ def transfer_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose
     return v2.Compose([v2.Resize((size, size), antialias=True), *_to_tensor(mean, std)])
 
 
-def digits_train(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """Small random affine jitter of the (already upscaled) digit, then 3 channels and normalisation."""
-    return v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), v2.RGB(),
-                       v2.Normalize(mean, std)])  # fmt: skip
+def digits_train(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Random shift of the (already upscaled) digit by up to 1/8 of its size, then 3 channels and normalisation.
+
+    (A padded random crop costs ~0.1 ms per image here; RandomAffine's resampling costs 100x more.)
+    """
+    return v2.Compose([v2.RandomCrop(size, padding=size // 8), v2.RGB(), v2.Normalize(mean, std)])
 
 
 def digits_eval(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:

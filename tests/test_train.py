@@ -1,0 +1,205 @@
+"""``cratevit train`` / ``cratevit finetune``: the reference command lines on small generated data, the run
+directory, checkpoints, resuming, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cratevit import create_model, load_checkpoint, save_checkpoint
+from cratevit.cli import main
+from test_data import no_checksums, write_cifar10, write_image_folder, write_truncated_jpeg  # noqa: F401
+
+QUICK = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# ------------------------------------------------------------------------------------------- reference commands
+def test_reference_train_command_on_an_image_folder(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "imagenet", classes=("n01", "n02", "n03"), per_class=4)
+    run = tmp_path / "run"
+    code = main(["train", "--arch", "CRATE_tiny", "--batch-size", "4", "--epochs", "1", "--optimizer", "Lion",
+                 "--lr", "0.0002", "--weight-decay", "0.05", "--print-freq", "25", "--data", str(data),
+                 "--image-size", "32", "--patch-size", "8", "--output", str(run), "--steps-per-epoch", "2",
+                 "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert [cfg[k] for k in ("arch", "optimizer", "lr", "batch_size", "epochs")] == ["CRATE_tiny", "Lion", 2e-4, 4, 1]
+    assert cfg["label_smoothing"] == 0.1 and cfg["clip_grad"] == 1.0
+    for name in ("metrics.jsonl", "last.pt", "best.pt", "curves.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (val,) = records(run, "val")
+    assert val["images"] == 12 and 0 <= val["top1"] <= 100 and val["top5"] == 100.0  # 3 classes: top-5 is all
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "cratevit" and (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 0, 2)
+    assert {"optimizer", "scheduler", "scaler", "rng", "train_config"} <= set(ckpt)
+    model = load_checkpoint(run / "best.pt")
+    assert model.config.num_classes == 3 and model.config.image_size == (32, 32) and model.config.dim == 384
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_reference_finetune_command_on_cifar_files(tmp_path, no_checksums):  # noqa: F811
+    data = write_cifar10(tmp_path / "cifar")
+    pretrained = create_model("crate_tiny", num_classes=1000, image_size=32, patch_size=8)
+    ckpt = save_checkpoint(tmp_path / "pretrained.pt", pretrained)
+    run = tmp_path / "ft"
+    code = main(["finetune", "--bs", "4", "--net", "CRATE_tiny", "--opt", "adamW", "--lr", "5e-5", "--n_epochs", "1",
+                 "--randomaug", "1", "--data", "cifar10", "--ckpt_dir", str(ckpt), "--data_dir", str(data),
+                 "--image-size", "32", "--patch-size", "8", "--output", str(run), *QUICK])  # fmt: skip
+    assert code == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["optimizer"], cfg["batch_size"], cfg["randaug"], cfg["pretrained"]) == ("adamW", 4, True, str(ckpt))
+    tuned = weights(run / "last.pt")
+    assert tuned["head.weight"].shape == (10, 384)  # the 1000-class head was replaced
+    start = pretrained.state_dict()["blocks.0.ista.dictionary"]
+    assert 0 < (tuned["blocks.0.ista.dictionary"] - start).abs().max() < 1e-2  # started from the checkpoint
+    assert records(run, "val")[0]["images"] == 8
+
+
+def test_finetune_ckpt_dir_none_means_random_init(tmp_path, no_checksums):  # noqa: F811
+    data = write_cifar10(tmp_path / "cifar")
+    run = tmp_path / "scratch"
+    assert main(["finetune", "--net", "crate_debug", "--bs", "4", "--n_epochs", "1", "--ckpt_dir", "None",
+                 "--data_dir", str(data), "--output", str(run), *QUICK]) == 0  # fmt: skip
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["pretrained"] is None and cfg["data"] == "cifar10" and cfg["lr"] == 5e-5  # the transfer recipe
+
+
+# ------------------------------------------------------------------------------------------- engine features
+def test_timm_model_with_the_same_recipe(tmp_path):
+    run = tmp_path / "vit"
+    assert main(["train", "--arch", "vit_tiny_patch16_224", "--image-size", "32", "--patch-size", "8",
+                 "--batch-size", "16", "--epochs", "1", "--output", str(run), *QUICK]) == 0  # fmt: skip
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "timm" and ckpt["arch"] == "vit_tiny_patch16_224"
+    assert ckpt["model"]["head.weight"].shape == (10, 192)
+    assert ckpt["model"]["pos_embed"].shape == (1, 17, 192)
+
+
+def test_tensorboard_bf16_compile_free_flags_and_evaluate(tmp_path, capsys):
+    run = tmp_path / "tb"
+    assert main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "1", "--amp", "bf16",
+                 "--tensorboard", "--grad-checkpointing", "--mixup", "0.8", "--cutmix", "1.0", "--warmup-epochs", "0",
+                 "--clip-grad", "0.5", "--output", str(run), *QUICK]) == 0  # fmt: skip
+    assert list(run.glob("events.out.tfevents.*"))
+    train = records(run, "train")
+    assert [r["step"] for r in train] == [1, 2] and all(r["loss"] > 0 for r in train)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--evaluate"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 360 and result["top1"] == pytest.approx(records(run, "val")[0]["top1"])
+
+
+def test_config_file_reruns_a_run(tmp_path):
+    first = tmp_path / "a"
+    assert main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "1", "--seed", "5",
+                 "--output", str(first), *QUICK]) == 0  # fmt: skip
+    second = tmp_path / "b"
+    assert main(["train", "--config", str(first / "config.json"), "--output", str(second)]) == 0
+    a, b = weights(first / "last.pt"), weights(second / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_image_in_a_run_is_counted_and_the_epoch_continues(tmp_path, capfd):
+    data = write_image_folder(tmp_path / "data", per_class=4, size=16)
+    bad = write_truncated_jpeg(data / "train" / "cat" / "zz_broken.jpg")
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "crate_debug", "--data", str(data), "--batch-size", "9", "--epochs", "1",
+                 "--image-size", "16", "--output", str(run), "--workers", "2", "--print-freq", "1"]) == 0  # fmt: skip
+    assert f"skipping unreadable image {bad}" in capfd.readouterr().err
+    (train,) = records(run, "train")
+    assert train["skipped_images"] == 1 and train["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "/no/such/folder"], "does not exist"),
+        (["--arch", "resnet_nonexistent_9"], "unknown --arch"),
+        (["--amp", "fp16", "--device", "cpu"], "needs a CUDA GPU"),
+        (["--batch-size", "5000"], "fewer than --batch-size"),
+        (["--optimizer", "notanoptimizer"], "--optimizer 'notanoptimizer'"),
+        (["--resume", "/no/such/run"], "no such checkpoint"),
+        (["--evaluate"], "--evaluate needs weights"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    assert main(["train", "--output", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--arch", "crate_debug", "--epochs", "1", "--output", str(run), *QUICK]
+    assert main(args) == 0
+    before = (run / "last.pt").read_bytes()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err and (run / "last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--arch", "crate_debug", "--epochs", "3", "--optimizer", "sgd", "--lr", "1e30",
+                 "--clip-grad", "0", "--warmup-epochs", "0", "--output", str(run), "--steps-per-epoch", "1",
+                 "--workers", "0"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan" in err.lower() or "the loss became inf" in err.lower()
+    assert "epoch 1 step 1" in err and str(run / "last.pt") in err
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ------------------------------------------------------------------------------------------- kill and resume
+def _cratevit(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cratevit", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    recipe = ["--arch", "crate_nano", "--batch-size", "32", "--epochs", "2", "--steps-per-epoch", "12",
+              "--print-freq", "1", "--seed", "3", "--threads", "1"]  # fmt: skip
+    full = _cratevit(*recipe, "--output", str(tmp_path / "full"))
+    killed_dir = tmp_path / "killed"
+    killed = _cratevit(*recipe, "--output", str(killed_dir))
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        metrics = killed_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x)["step"] >= 3 for x in metrics.read_text().splitlines() if x):
+            killed.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = killed.communicate(timeout=240)
+    assert killed.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "--resume" in out
+    state = torch.load(killed_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and 3 <= state["step_in_epoch"] < 12  # stopped mid-epoch
+
+    resumed = _cratevit("--resume", str(killed_dir))
+    out_resumed, _ = resumed.communicate(timeout=240)
+    out_full, _ = full.communicate(timeout=240)
+    assert resumed.returncode == 0 and full.returncode == 0, out_resumed + out_full
+    a, b = weights(tmp_path / "full" / "last.pt"), weights(killed_dir / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(killed_dir, "val")[-1]["top1"] == records(tmp_path / "full", "val")[-1]["top1"]
