@@ -88,7 +88,7 @@ def test_layerwise_stats_shapes_and_consistency() -> None:
 
 
 def test_load_model_errors() -> None:
-    with pytest.raises(FileNotFoundError, match="not found: missing.pth"):
+    with pytest.raises(FileNotFoundError, match=r"not found: missing\.pth"):
         load_model("missing.pth")
     with pytest.raises(ValueError, match="neither a checkpoint file nor a preset"):
         load_model("crate_tinyy")

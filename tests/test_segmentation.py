@@ -92,7 +92,7 @@ def test_voc_folder(tmp_path) -> None:
     assert samples[0].ignore.sum() == 20
     with pytest.raises(FileNotFoundError, match="not a PASCAL VOC 2012 folder"):
         VOCSegmentationFolder(tmp_path / "elsewhere")
-    with pytest.raises(FileNotFoundError, match="train.txt"):
+    with pytest.raises(FileNotFoundError, match=r"train\.txt"):
         VOCSegmentationFolder(tmp_path, split="train")
 
 

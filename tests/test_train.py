@@ -82,6 +82,22 @@ def test_finetune_ckpt_dir_none_means_random_init(tmp_path, no_checksums):  # no
     assert cfg["pretrained"] is None and cfg["data"] == "cifar10" and cfg["lr"] == 5e-5  # the transfer recipe
 
 
+def test_finetune_from_a_reference_layout_checkpoint(tmp_path, no_checksums):  # noqa: F811
+    from cratevit.checkpoint import to_reference_keys
+
+    data = write_cifar10(tmp_path / "cifar")
+    source = create_model("crate_debug", num_classes=100)
+    ref = {f"module.{k}": v for k, v in to_reference_keys(source.state_dict()).items()}
+    torch.save({"state_dict": ref, "epoch": 90, "arch": "CRATE_debug"}, tmp_path / "model_best.pth.tar")
+    run = tmp_path / "ft"
+    assert main(["finetune", "--net", "CRATE_debug", "--bs", "4", "--n_epochs", "1", "--lr", "1e-9",
+                 "--ckpt_dir", str(tmp_path / "model_best.pth.tar"), "--data_dir", str(data),
+                 "--output", str(run), *QUICK]) == 0  # fmt: skip
+    tuned, start = weights(run / "last.pt"), source.state_dict()
+    assert tuned["head.weight"].shape == (10, 32)
+    assert torch.allclose(tuned["blocks.1.mssa.subspace_proj.weight"], start["blocks.1.mssa.subspace_proj.weight"])
+
+
 # ------------------------------------------------------------------------------------------- engine features
 def test_timm_model_with_the_same_recipe(tmp_path):
     run = tmp_path / "vit"
@@ -128,6 +144,15 @@ def test_corrupt_image_in_a_run_is_counted_and_the_epoch_continues(tmp_path, cap
     assert train["skipped_images"] == 1 and train["step"] == 1
 
 
+def test_dummy_data_benchmarks_the_loop(tmp_path):
+    run = tmp_path / "bench"
+    assert main(["train", "--dummy", "--arch", "crate_debug", "--num-classes", "5", "--batch-size", "8",
+                 "--epochs", "1", "--output", str(run), *QUICK]) == 0  # fmt: skip
+    (train,) = [r for r in records(run, "train") if r["step"] == 2]
+    assert train["img_s"] > 0 and records(run, "val")[0]["images"] == 1000
+    assert weights(run / "last.pt")["head.weight"].shape == (5, 32)
+
+
 # ------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("argv", "message"),
@@ -145,6 +170,13 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     assert main(["train", "--output", str(tmp_path / "r"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_resume_from_a_weights_only_file_is_refused_clearly(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "weights.pt", create_model("crate_debug"))
+    assert main(["train", "--resume", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "not a cratevit training checkpoint" in err and "--pretrained" in err
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -203,3 +235,15 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     a, b = weights(tmp_path / "full" / "last.pt"), weights(killed_dir / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records(killed_dir, "val")[-1]["top1"] == records(tmp_path / "full", "val")[-1]["top1"]
+
+
+# ------------------------------------------------------------------------------------------- the main job
+@pytest.mark.slow
+def test_default_train_reaches_95_percent_on_held_out_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("digits-crate_digits-")
+    val = records(run, "val")
+    assert len(val) == 30 and val[-1]["images"] == 360
+    assert val[-1]["top1"] >= 95.0  # the final model, on the 360 held-out digits

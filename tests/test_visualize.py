@@ -48,7 +48,7 @@ def test_load_image_modes(photos) -> None:
     assert np.asarray(load_image(photos["rocket"]))[:, 0].min() == 255
     with pytest.raises(ValueError, match=r"notes\.png is not a readable image file"):
         load_image(photos["not_image"])
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         load_image(photos["not_image"].parent / "missing.png")
 
 
@@ -95,7 +95,7 @@ def test_pca_maps_and_foreground() -> None:
         f[2:6, 3:7] += torch.ones(16)  # an "object" in the middle
         feats.append(f)
     maps = pca_maps(feats, 3)
-    assert maps.rgb[0].shape == (8, 10, 3) and 0 <= maps.rgb[0].min() and maps.rgb[1].max() <= 1
+    assert maps.rgb[0].shape == (8, 10, 3) and maps.rgb[0].min() >= 0 and maps.rgb[1].max() <= 1
     assert maps.explained_variance_ratio[0] > 0.5
     fg = first_component_foreground(maps.scores[0][..., 0])
     expected = np.zeros((8, 10), bool)
@@ -175,3 +175,22 @@ def test_pca_command_on_photos(tmp_path, photos) -> None:
         assert set(np.unique(fg)) <= {0, 255}
     assert (out / "pca-grid.png").stat().st_size > 1000 and (out / "pca-grid.pdf").exists()
     assert info["images"][1]["input_size"] == [64, 96]
+
+
+def test_attention_and_pca_of_a_timm_vit_checkpoint(tmp_path, photos, capsys) -> None:
+    """The ViT baseline written by `cratevit train --arch test_vit` is shown the same way (at its own size)."""
+    import timm
+
+    vit = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=6)
+    ckpt = tmp_path / "vit.pt"
+    torch.save({"format": "timm", "arch": "test_vit", "model": vit.state_dict(),
+                "train_config": {"data": "shapes", "image_size": 32, "patch_size": 8}}, ckpt)  # fmt: skip
+    out = tmp_path / "vit-att"
+    assert main(["attention", str(ckpt), str(photos["chelsea"]), "-o", str(out)]) == 0
+    info = json.loads((out / "attention.json").read_text())
+    assert info["images"][0]["input_size"] == [32, 32] and info["images"][0]["heads"] == 2
+    assert info["mean"] == [0.5, 0.5, 0.5]
+    assert Image.open(out / "chelsea" / "attn-head1.png").size == (451, 300)
+    assert "timm model" in capsys.readouterr().out
+    assert main(["pca", str(ckpt), str(photos["chelsea"]), str(photos["camera"]), "-o", str(tmp_path / "p")]) == 0
+    assert Image.open(tmp_path / "p" / "camera" / "pca.png").size == (512, 512)

@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -121,7 +122,7 @@ class LayerwiseStats:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "definitions": DEFINITIONS | {"eps": self.eps},
+            "definitions": {**DEFINITIONS, "eps": self.eps},
             "num_images": self.num_images,
             "depth": self.depth,
             "layers": self.rows(),
@@ -142,13 +143,15 @@ class LayerwiseStats:
         return [csv_path, json_path]
 
 
-DEFINITIONS = {
-    "rc_in": "R^c(Z^l) = 1/2 sum_k logdet(I_n + p/(n eps) X_k X_k^T), X_k = U_k^T LN1(Z^l) with unit-length "
-    "token rows, p = dim_head, n tokens (class token included); Z^l is the input of layer l",
-    "rc_half": "the same measure on Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)), projected with layer l's LN1 and U_k",
-    "sparsity": "fraction of non-zero entries of Z^{l+1} = ISTA(LN2(Z^{l+1/2})), the output of layer l",
-    "std": "standard deviation over images (population)",
-}
+DEFINITIONS = MappingProxyType(
+    {
+        "rc_in": "R^c(Z^l) = 1/2 sum_k logdet(I_n + p/(n eps) X_k X_k^T), X_k = U_k^T LN1(Z^l) with unit-length "
+        "token rows, p = dim_head, n tokens (class token included); Z^l is the input of layer l",
+        "rc_half": "the same measure on Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)), projected with layer l's LN1 and U_k",
+        "sparsity": "fraction of non-zero entries of Z^{l+1} = ISTA(LN2(Z^{l+1/2})), the output of layer l",
+        "std": "standard deviation over images (population)",
+    }
+)
 
 
 @torch.no_grad()
@@ -210,7 +213,7 @@ def input_normalization(spec: str | Path) -> tuple[tuple[float, ...], tuple[floa
     data = None
     if path.is_file() and path.suffix != ".safetensors":
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors stay on disk
         except Exception:  # unreadable files are reported by the loader with a clear message
             obj = None
         config = obj.get("train_config") if isinstance(obj, dict) else None
@@ -218,4 +221,3 @@ def input_normalization(spec: str | Path) -> tuple[tuple[float, ...], tuple[floa
     if data in ("digits", "shapes"):
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return IMAGENET_MEAN, IMAGENET_STD
-

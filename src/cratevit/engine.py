@@ -90,7 +90,7 @@ class TrainConfig:
 
 # The recipe of each kind of data; explicit options always win.
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits": {"arch": "crate_digits", "epochs": 40, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
+    "digits": {"arch": "crate_digits", "epochs": 30, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3,
                "warmup_epochs": 2.0, "workers": 0, "threads": 1},
     "shapes": {"arch": "crate_nano", "epochs": 30, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3,
                "warmup_epochs": 2.0},

@@ -62,12 +62,19 @@ def split_inputs(args: argparse.Namespace) -> tuple[str, list[Path]]:
 
 
 def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
-    """The model (positional-embedding interpolation on) and the image files; checks ``--layer``."""
-    from ..analysis import load_model
+    """The model and the image files; checks ``--layer``. CRATE interpolates its positional embedding for other
+    sizes; a timm ViT (a ``cratevit train --arch vit_...`` checkpoint) gets its training size (``--resize model``)."""
     from ..cli import UserError
+    from ..model import CRATE
+    from ..segmentation import load_vision_model
 
     spec, files = split_inputs(args)
-    model = load_model(spec, arch=args.arch, dynamic_img_size=True).eval()
+    model = load_vision_model(spec, arch=args.arch).eval()
+    if isinstance(model, CRATE):
+        model.dynamic_img_size = True
+    elif args.resize != "model":
+        print(f"{spec}: a timm model; images are resized to its training size (--resize model)")
+        args.resize = "model"
     depth = len(model.blocks)
     if not -depth <= args.layer < depth:
         raise UserError(f"--layer {args.layer} is out of range for a {depth}-layer model; use 0..{depth - 1} or -1")
@@ -98,22 +105,21 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..images import load_image, prepare
-    from ..segmentation import attention_maps
+    from ..segmentation import attention_maps, model_geometry
     from ..visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
 
     model, spec, files = load_for_images(args)
     mean, std = normalization(args, spec)
-    cfg = model.config
+    size, patch = model_geometry(model)
     args.out.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
     for path in files:
         image = load_image(path)
-        prep = prepare(image, cfg.image_size, cfg.patch_size, args.resize, args.size, mean, std)
+        prep = prepare(image, size, patch, args.resize, args.size, mean, std)
         maps = attention_maps(model, prep.tensor[None], args.layer)[0]  # heads rows cols
         masks = mass_mask(maps, args.threshold)
-        size = prep.original_size
-        heat = upsample(maps, size).numpy()  # heads H W
-        mask_up = upsample(masks.float(), size).numpy() > 0.5
+        heat = upsample(maps, prep.original_size).numpy()  # heads H W
+        mask_up = upsample(masks.float(), prep.original_size).numpy() > 0.5
         folder = args.out / unique_stem(path, used)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / "image.png")

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import UserError
     from ..images import load_image, prepare
-    from ..segmentation import patch_features
+    from ..segmentation import model_geometry, patch_features
     from ..visualize import first_component_foreground, pca_figure, pca_maps, save_figure, upsample
     from .attention import load_for_images, normalization, unique_stem
 
@@ -31,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--components must be at least 1, got {args.components}")
     model, spec, files = load_for_images(args)
     mean, std = normalization(args, spec)
-    cfg = model.config
+    size, patch = model_geometry(model)
     images, preps, feats = [], [], []
     for path in files:
         image = load_image(path)
-        prep = prepare(image, cfg.image_size, cfg.patch_size, args.resize, args.size, mean, std)
+        prep = prepare(image, size, patch, args.resize, args.size, mean, std)
         images.append(image)
         preps.append(prep)
         feats.append(patch_features(model, prep.tensor[None], args.layer)[0])  # rows cols dim
@@ -43,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     records, used, shown = [], set(), []
     for path, image, prep, rgb, scores in zip(files, images, preps, result.rgb, result.scores, strict=True):
-        size = prep.original_size
-        rgb_up = upsample(torch.from_numpy(rgb).float().permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+        rgb_up = upsample(torch.from_numpy(rgb).float().permute(2, 0, 1), prep.original_size).permute(1, 2, 0).numpy()
         fg = first_component_foreground(scores[..., 0])
-        fg_up = upsample(torch.from_numpy(fg).float(), size).numpy() > 0.5
+        fg_up = upsample(torch.from_numpy(fg).float(), prep.original_size).numpy() > 0.5
         folder = args.out / unique_stem(path, used)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / "image.png")

@@ -40,19 +40,21 @@ def _samples(args: argparse.Namespace, image_size: int) -> Any:
 
 
 def _random_copy(model: Any, seed: int) -> Any:
+    """The same architecture with freshly initialised weights (seeded)."""
     import copy
 
     import torch
 
+    from ..model import CRATE
+
     torch.manual_seed(seed)
-    fresh = copy.deepcopy(model)
+    if isinstance(model, CRATE):
+        return CRATE(config=model.config)
+    fresh = copy.deepcopy(model)  # a timm ViT: re-run its own initialisation (which leaves norms alone)
+    fresh.init_weights()
     for module in fresh.modules():
-        if module is not fresh and hasattr(module, "reset_parameters"):
+        if isinstance(module, torch.nn.LayerNorm):
             module.reset_parameters()
-    if hasattr(fresh, "init_weights"):
-        fresh.init_weights()
-    elif hasattr(fresh, "config"):
-        fresh = type(model)(config=model.config)
     return fresh
 
 

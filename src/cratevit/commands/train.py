@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-HELP = "train a model (default: a small CRATE on the built-in digits data, ~1 minute on a CPU)"
+HELP = "train a model (default: a small CRATE on the built-in digits data, 1-2 minutes on 2 CPU cores)"
 
 S = argparse.SUPPRESS  # options not given keep the configuration's value (recipe, --config or --resume)
 

@@ -22,7 +22,7 @@ __all__ = ["CLASSES", "NUM_CLASSES", "SPLITS", "ShapesDataset", "render"]
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
 NUM_CLASSES = len(CLASSES)
-SPLITS = {"train": 0, "val": 1, "test": 2}
+SPLITS = ("train", "val", "test")  # disjoint random streams
 
 
 def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -76,7 +76,7 @@ def render(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarr
     """Item ``index`` of a split: (uint8 image HxWx3, label, bool mask HxW)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    rng = np.random.default_rng((seed, SPLITS[split], index))
+    rng = np.random.default_rng((seed, SPLITS.index(split), index))
     size = image_size
     label = index % NUM_CLASSES
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
@@ -85,11 +85,11 @@ def render(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarr
     bg1, bg2 = rng.random(3), rng.random(3)
     mix = _smooth_noise(rng, size, int(rng.integers(2, 6))) if rng.random() < 0.5 else _pattern(rng, yy, xx, size)
     img = bg1 * (1 - mix[..., None]) + bg2 * mix[..., None]
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(1, 4))):
         colour = rng.random(3)
         cy, cx = rng.uniform(0, size, 2)
         if rng.random() < 0.5:  # a small blob
-            blob = np.hypot(yy - cy, xx - cx) <= rng.uniform(0.03, 0.07) * size
+            blob = np.hypot(yy - cy, xx - cx) <= rng.uniform(0.03, 0.06) * size
         else:  # a thin line segment
             a, length = rng.uniform(0, np.pi), rng.uniform(0.15, 0.4) * size
             along = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
@@ -98,7 +98,7 @@ def render(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarr
         img[blob] = colour
 
     # the object
-    radius = rng.uniform(0.2, 0.36) * size
+    radius = rng.uniform(0.26, 0.42) * size
     cy, cx = rng.uniform(radius, size - radius, 2)
     theta = rng.uniform(0, 2 * np.pi)
     u = ((xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)) / radius
@@ -109,7 +109,7 @@ def render(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarr
     tex = _pattern(rng, yy, xx, size)[..., None]
     obj = fg1 * (1 - tex) + fg2 * tex
     img = np.where(mask[..., None], obj, img)
-    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     return (img * 255).round().astype(np.uint8), label, mask
 
 
