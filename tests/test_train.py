@@ -144,6 +144,16 @@ def test_corrupt_image_in_a_run_is_counted_and_the_epoch_continues(tmp_path, cap
     assert train["skipped_images"] == 1 and train["step"] == 1
 
 
+def test_shapes_data_trains_with_its_class_count(tmp_path):
+    from cratevit.data.shapes import NUM_CLASSES
+
+    run = tmp_path / "shapes"
+    assert main(["train", "--data", "shapes", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "1",
+                 "--output", str(run), *QUICK]) == 0  # fmt: skip
+    assert weights(run / "last.pt")["head.weight"].shape == (NUM_CLASSES, 32)
+    assert records(run, "val")[0]["images"] == 1200
+
+
 def test_dummy_data_benchmarks_the_loop(tmp_path):
     run = tmp_path / "bench"
     assert main(["train", "--dummy", "--arch", "crate_debug", "--num-classes", "5", "--batch-size", "8",

@@ -268,7 +268,7 @@ def accuracy_counts(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5
 
 
 def rng_state() -> dict[str, Any]:
-    cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
@@ -351,7 +351,7 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=True)
 
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
