@@ -126,7 +126,9 @@ def prepare(
     resized = img.resize((w, h), Image.Resampling.BICUBIC) if (h, w) != original else img
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # 3 H W
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    if (h, w) == tuple(model_size):
+    if (h, w) == original == tuple(model_size):
+        how = f"{w}x{h}, the model's input size (not resized)"
+    elif (h, w) == tuple(model_size):
         how = f"resized {original[1]}x{original[0]} -> {w}x{h} (the model's input size)"
     elif mode == "model":
         how = f"resized {original[1]}x{original[0]} -> {w}x{h}"
