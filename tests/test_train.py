@@ -102,11 +102,27 @@ def test_finetune_from_a_reference_layout_checkpoint(tmp_path, no_checksums):  #
 def test_timm_model_with_the_same_recipe(tmp_path):
     run = tmp_path / "vit"
     assert main(["train", "--arch", "vit_tiny_patch16_224", "--image-size", "32", "--patch-size", "8",
+                 "--model-kwargs", '{"embed_dim": 96, "depth": 2, "num_heads": 3}',
                  "--batch-size", "16", "--epochs", "1", "--output", str(run), *QUICK]) == 0  # fmt: skip
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["format"] == "timm" and ckpt["arch"] == "vit_tiny_patch16_224"
-    assert ckpt["model"]["head.weight"].shape == (10, 192)
-    assert ckpt["model"]["pos_embed"].shape == (1, 17, 192)
+    assert ckpt["model"]["head.weight"].shape == (10, 96)
+    assert ckpt["model"]["pos_embed"].shape == (1, 17, 96)
+    assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("blocks.")} == {"0", "1"}
+    from cratevit.segmentation import load_vision_model
+
+    vit = load_vision_model(str(run / "last.pt"))  # rebuilt with the same width and depth
+    assert len(vit.blocks) == 2 and vit.embed_dim == 96
+
+
+def test_model_kwargs_reach_crate_config_and_bad_json_is_one_line(tmp_path, capsys):
+    run = tmp_path / "crate"
+    assert main(["train", "--arch", "crate_debug", "--model-kwargs", '{"depth": 1}', "--batch-size", "16",
+                 "--epochs", "1", "--output", str(run), *QUICK]) == 0  # fmt: skip
+    assert load_checkpoint(run / "last.pt").config.depth == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--model-kwargs", "depth=1"])
+    assert "expected a JSON object" in capsys.readouterr().err
 
 
 def test_tensorboard_bf16_compile_free_flags_and_evaluate(tmp_path, capsys):

@@ -46,6 +46,7 @@ class TrainConfig:
     pretrained: str | None = None  # checkpoint to start from (reference or cratevit); its head is replaced
     image_size: int | None = None
     patch_size: int | None = None
+    model_kwargs: dict[str, Any] | None = None  # more model options: CRATEConfig fields or timm kwargs
     # data
     data: str = "digits"  # digits | shapes | cifar10 | cifar100 | flower | pets | a folder with train/ and val/
     data_dir: str | None = None  # where the torchvision datasets live (or are downloaded to)
@@ -173,7 +174,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if is_crate_arch(cfg.arch):
         from .presets import create_model
 
-        return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size, patch_size=cfg.patch_size)
+        return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                            **(cfg.model_kwargs or {}))  # fmt: skip
     import timm
 
     if not timm.is_model(cfg.arch):
@@ -181,7 +183,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
         raise ValueError(f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
                          f"nor a timm model name (see timm.list_models())")  # fmt: skip
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {**(cfg.model_kwargs or {}), "num_classes": num_classes}
     if cfg.image_size is not None:
         kwargs["img_size"] = cfg.image_size
     if cfg.patch_size is not None:

@@ -143,7 +143,9 @@ def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:
 
     state = dict(obj["model"])
     config = obj.get("train_config") or {}
-    kwargs: dict[str, Any] = {"num_classes": state["head.weight"].shape[0]} if "head.weight" in state else {}
+    kwargs: dict[str, Any] = dict(config.get("model_kwargs") or {})  # e.g. the width/depth of a matched baseline
+    if "head.weight" in state:
+        kwargs["num_classes"] = state["head.weight"].shape[0]
     for ours, theirs in (("image_size", "img_size"), ("patch_size", "patch_size")):
         if config.get(ours) is not None:
             kwargs[theirs] = config[ours]

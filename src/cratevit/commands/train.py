@@ -20,6 +20,18 @@ def _none_or_str(value: str) -> str | None:
     return None if value.strip().lower() in ("none", "") else value
 
 
+def _json_dict(value: str) -> dict[str, Any]:
+    import json
+
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {value!r} ({e})") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {value!r}")
+    return obj
+
+
 def _bool01(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True
@@ -51,6 +63,14 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--image-size", "--image_size", "--imsize", dest="image_size", type=int, default=S)
     m.add_argument("--patch-size", "--patch_size", "--patch", dest="patch_size", type=int, default=S)
+    m.add_argument(
+        "--model-kwargs",
+        dest="model_kwargs",
+        type=_json_dict,
+        default=S,
+        help='more model options as JSON, e.g. \'{"depth": 6}\' (CRATE config fields) or '
+        '\'{"embed_dim": 96, "depth": 6, "num_heads": 3}\' (timm)',
+    )
     d = p.add_argument_group("data")
     d.add_argument(
         "--data",
