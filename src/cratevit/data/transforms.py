@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
 __all__ = [
@@ -16,8 +17,7 @@ __all__ = [
     "transfer_train",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's constants
 CROP_PCT = 0.875  # 224 / 256: validation images are resized to 256 and centre-cropped to 224
 
 
