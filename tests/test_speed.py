@@ -86,7 +86,10 @@ def test_fused_adamw_step_equals_the_default_step():
     _, model = paired()
     other = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=f) for m, f in ((model, None), (other, True))]
+    opts = [
+        torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=f)
+        for m, f in ((model, None), (other, True))
+    ]
     for m, opt in zip((model, other), opts, strict=True):
         for _ in range(2):
             m(x).square().mean().backward()

@@ -94,7 +94,9 @@ class BenchOptions:
             raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         for name in self.models:
             if name not in CRATE_VARIANTS and not name.startswith("vit_"):
-                raise ValueError(f"unknown model {name!r}; choose from {', '.join(CRATE_VARIANTS)} or a timm vit_* name")
+                raise ValueError(
+                    f"unknown model {name!r}; choose from {', '.join(CRATE_VARIANTS)} or a timm vit_* name"
+                )
 
 
 @dataclass

@@ -216,7 +216,7 @@ class ISTA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d, eta = self.dictionary, self.step_size
-        x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view
+        x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view of the contiguous LayerNorm output
         # The sums ride in the products (addmm); the signs and eta scale the small dim x dim matrix, not the
         # activations, so the backward pass has no extra elementwise products either.
         residual = torch.addmm(x2, x2, -d.t())  # x - x D^T
