@@ -139,6 +139,16 @@ def first_component_foreground(component: np.ndarray | Tensor, threshold: float 
     return a > 0
 
 
+def _image_grid_done(fig: Figure, axes: np.ndarray, title: str) -> Figure:
+    """Finish a grid of image panels: no axes, the optional title, a tight layout."""
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def head_grid_figure(image: Image.Image, heat: np.ndarray, masks: np.ndarray | None = None, title: str = "") -> Figure:
     """The image, then one column per head: the heat map, and below it the image outside the mask darkened."""
     heads = heat.shape[0]
@@ -157,12 +167,7 @@ def head_grid_figure(image: Image.Image, heat: np.ndarray, masks: np.ndarray | N
     if masks is not None:
         axes[1, 0].imshow(masks.any(0), cmap="gray")
         axes[1, 0].set_title("union of masks", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _image_grid_done(fig, axes, title)
 
 
 def pca_figure(rows: Sequence[tuple[str, Image.Image, np.ndarray, np.ndarray]], title: str = "") -> Figure:
@@ -179,12 +184,7 @@ def pca_figure(rows: Sequence[tuple[str, Image.Image, np.ndarray, np.ndarray]], 
         ax[1].set_title("PCA components 1-3", fontsize=9)
         ax[2].imshow(fg, cmap="gray", vmin=0, vmax=1)
         ax[2].set_title("foreground (component 1)", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _image_grid_done(fig, axes, title)
 
 
 def layerwise_figure(
