@@ -183,7 +183,7 @@ def _project(block: torch.nn.Module, z: Tensor) -> Tensor:
     return block.mssa.project(block.norm1(z))
 
 
-def load_model(spec: str | Path, arch: str | None = None, **overrides: Any) -> CRATE:
+def load_model(spec: str | Path, arch: str | None = None, heads: int | None = None, **overrides: Any) -> CRATE:
     """A checkpoint file (``arch``: its preset, if the file does not record it), or a preset name (random
     weights). A missing file gets a clear error."""
     from .checkpoint import load_checkpoint
@@ -191,7 +191,7 @@ def load_model(spec: str | Path, arch: str | None = None, **overrides: Any) -> C
 
     path = Path(spec)
     if path.is_file():
-        return load_checkpoint(path, arch=arch, **overrides)
+        return load_checkpoint(path, arch=arch, heads=heads, **overrides)
     try:
         name = resolve_name(str(spec))
     except ValueError:

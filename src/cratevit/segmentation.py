@@ -117,7 +117,7 @@ def _pca_first_component(features: Tensor) -> np.ndarray:
     return (f @ vh[0]).reshape(features.shape[:2]).numpy()
 
 
-def load_vision_model(spec: str, arch: str | None = None) -> nn.Module:
+def load_vision_model(spec: str, arch: str | None = None, heads: int | None = None) -> nn.Module:
     """A CRATE (checkpoint file or preset) or a timm ViT (a ``cratevit train --arch vit_...`` checkpoint, or a
     timm model name: random weights)."""
     from .analysis import load_model
@@ -135,7 +135,7 @@ def load_vision_model(spec: str, arch: str | None = None) -> nn.Module:
 
         if timm.is_model(spec) and not spec.lower().startswith("crate"):
             return timm.create_model(spec, pretrained=False)
-    return load_model(spec, arch=arch)
+    return load_model(spec, arch=arch, heads=heads)
 
 
 def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:

@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output format; inferred from --output when omitted (a name without suffix: hf)")  # fmt: skip
     p.add_argument("--arch", default=None,
                    help="preset of a checkpoint that does not record its configuration (reference files)")  # fmt: skip
+    p.add_argument("--heads", type=int, default=None,
+                   help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")  # fmt: skip
     p.add_argument("--reference-keys", action="store_true",
                    help="safetensors: write the reference implementation's key names")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=2, help="onnx: example batch the graph is traced with")
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = args.format or format_for(args.output)
     source = Path(args.checkpoint)
-    model = CRATE.from_pretrained(source) if source.is_dir() else load_checkpoint(source, arch=args.arch)
+    model = CRATE.from_pretrained(source) if source.is_dir() else load_checkpoint(source, arch=args.arch, heads=args.heads)
     options: dict[str, object] = {}
     if fmt == "safetensors":
         options["reference_keys"] = args.reference_keys

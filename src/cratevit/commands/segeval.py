@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)")  # fmt: skip
     p.add_argument("--arch", default=None, help="preset of CRATE checkpoints that do not record their architecture")
+    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model import CRATE
     from ..segmentation import evaluate, load_vision_model, model_geometry
 
-    models = [(spec, load_vision_model(spec, arch=args.arch)) for spec in args.models]
+    models = [(spec, load_vision_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
     if args.with_random:
         models.append((f"{args.models[0]} (random init)", _random_copy(models[0][1], args.seed)))
     args.out.mkdir(parents=True, exist_ok=True)
