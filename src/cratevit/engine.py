@@ -375,9 +375,12 @@ class Progress:
 class Trainer:
     """Builds the model, data, optimiser and schedule of a run, and trains, evaluates and checkpoints it."""
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo, resume: str | None = None, evaluate_only: bool = False):
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, resume: str | None = None, evaluate_only: bool = False,
+                 resume_state: dict[str, Any] | None = None):  # fmt: skip
         self.dist = dist
-        self.resume_state = read_resume_checkpoint(resume) if resume else None
+        if resume and resume_state is None:
+            resume_state = read_resume_checkpoint(resume)
+        self.resume_state = resume_state
         self.info = data_info(cfg.data, cfg.dummy, cfg.num_classes)
         self.cfg = cfg = resolve_config(cfg, self.info)
         self.run_dir = self._run_dir(resume, evaluate_only)
@@ -685,12 +688,16 @@ class Trainer:
                 "images": int(totals[3].item()), "skipped_images": int(totals[4].item())}  # fmt: skip
 
 
-def train(cfg: TrainConfig, resume: str | None = None, evaluate_only: bool = False) -> int:
-    """Run (or continue, or only evaluate) a training run; the entry point of both commands."""
+def train(
+    cfg: TrainConfig, resume: str | None = None, evaluate_only: bool = False, resume_state: dict[str, Any] | None = None
+) -> int:
+    """Run (or continue, or only evaluate) a training run; the entry point of both commands.
+
+    ``resume_state`` is the already-read ``--resume`` checkpoint, so that it is not read twice."""
     dist = init_distributed(cfg.device)
     threads = torch.get_num_threads()  # --threads applies to this run only
     try:
-        trainer = Trainer(cfg, dist, resume=resume, evaluate_only=evaluate_only)
+        trainer = Trainer(cfg, dist, resume=resume, evaluate_only=evaluate_only, resume_state=resume_state)
         if evaluate_only:
             metrics = trainer.evaluate()
             if dist.is_main:

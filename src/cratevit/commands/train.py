@@ -163,8 +163,9 @@ def run_with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> int
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    if args.resume:  # the run's own configuration; options given now override it (e.g. more --epochs)
-        base = TrainConfig.from_dict(dict(read_resume_checkpoint(args.resume)["train_config"]))
+    state = read_resume_checkpoint(args.resume) if args.resume else None
+    if state is not None:  # the run's own configuration; options given now override it (e.g. more --epochs)
+        base = TrainConfig.from_dict(dict(state["train_config"]))
     elif args.config:
         base = load_run_config(args.config)
     else:
@@ -172,7 +173,7 @@ def run_with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> int
     cfg = replace(base, **given)
     if args.evaluate and not (args.resume or cfg.pretrained):
         raise ValueError("--evaluate needs weights: pass --resume RUN_DIR or --pretrained CHECKPOINT")
-    return train(cfg, resume=args.resume, evaluate_only=args.evaluate)
+    return train(cfg, resume=args.resume, evaluate_only=args.evaluate, resume_state=state)
 
 
 def run(args: argparse.Namespace) -> int:
