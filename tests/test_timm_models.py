@@ -77,8 +77,8 @@ def test_timm_keyword_arguments_map_onto_the_config():
 
 
 def test_bad_timm_arguments_are_clear_errors():
-    with pytest.raises(ValueError, match="no stochastic depth; drop_path_rate must be 0"):
-        timm.create_model("crate_debug_patch8_32", drop_path_rate=0.1)
+    with pytest.raises(ValueError, match=r"drop_path_rate must lie in \[0, 1\)"):
+        timm.create_model("crate_debug_patch8_32", drop_path_rate=1.5)
     with pytest.raises(ValueError, match=r"does not take \['bogus'\]"):
         timm.create_model("crate_debug_patch8_32", bogus=1)
     with pytest.raises(ValueError, match="global_pool must be"):
@@ -86,6 +86,24 @@ def test_bad_timm_arguments_are_clear_errors():
     with pytest.raises(RuntimeError, match="No pretrained weights"):
         timm.create_model("crate_debug_patch8_32", pretrained=True)
     assert timm.create_model("crate_debug_patch8_32", drop_path_rate=0.0).num_classes == 10
+
+
+def test_drop_path_rate_is_stochastic_depth_on_the_mssa_branch():
+    """timm's train.py --drop-path 0.1: an option (not in the paper), rising linearly to the last layer."""
+    model = timm.create_model("crate_nano_patch4_32", drop_path_rate=0.1)
+    assert model.config.drop_path_rate == 0.1
+    rates = [getattr(b.drop_path, "p", 0.0) for b in model.blocks]
+    assert rates == pytest.approx([0.1 * i / 5 for i in range(6)])
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()  # evaluation: no dropping, the same function as without the option
+    plain = timm.create_model("crate_nano_patch4_32").eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), plain(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))  # training: per-sample branches dropped at random
 
 
 @pytest.mark.parametrize("name", ["crate_debug_patch8_32", "crate_nano_patch4_32"])

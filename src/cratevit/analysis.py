@@ -116,7 +116,7 @@ class LayerwiseStats:
             for name in ("rc_in", "rc_half", "sparsity"):
                 col = getattr(self, name)[:, i]
                 row[f"{name}_mean"] = float(col.mean())
-                row[f"{name}_std"] = float(col.std(unbiased=False))
+                row[f"{name}_std"] = float(col.std(correction=STD_CORRECTION[name]) if len(col) > 1 else 0.0)
             rows.append(row)
         return rows
 
@@ -149,9 +149,13 @@ DEFINITIONS = MappingProxyType(
         "token rows, p = dim_head, n tokens (class token included); Z^l is the input of layer l",
         "rc_half": "the same measure on Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)), projected with layer l's LN1 and U_k",
         "sparsity": "fraction of non-zero entries of Z^{l+1} = ISTA(LN2(Z^{l+1/2})), the output of layer l",
-        "std": "standard deviation over images (population)",
+        "std": "standard deviation over images, in the reference code's convention for each measure: rc_in and "
+        "rc_half unbiased (divide by N - 1: torch.std, as the official CodingRate), sparsity population (divide by "
+        "N, as the official sparsity plot); 0 for one image",
     }
 )
+# Degrees-of-freedom correction of each measure's standard deviation (see DEFINITIONS["std"]).
+STD_CORRECTION = MappingProxyType({"rc_in": 1, "rc_half": 1, "sparsity": 0})
 
 
 @torch.no_grad()

@@ -72,7 +72,9 @@ def pretrained_cfg_for(config: Any) -> dict[str, Any]:
         "std": std,
         "num_classes": int(config.num_classes),
         "pool_size": None,
-        "first_conv": None,  # patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply
+        # The first learned projection (patches in (p1, p2, c) order -> LayerNorm -> Linear). timm's in_chans
+        # adaptation of pretrained weights is for Conv2d stems; for this Linear it re-initialises the layer.
+        "first_conv": "patch_embed.proj",
         "classifier": "head",
         "license": "mit",
         "paper_name": "White-Box Transformers via Sparse Rate Reduction",

@@ -23,12 +23,11 @@ This file holds the fast formulation of that exact math. ``tests/reference_crate
 reference formulation the tests compare it with.
 """
 
-from __future__ import annotations
-
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
@@ -78,6 +77,10 @@ class CRATEConfig:
     head_hidden_dim: int | None = None  # two-stage head (LN -> Linear(dim, hidden) -> Linear(hidden, classes))
     dynamic_img_size: bool = False  # interpolate the positional embedding for other input sizes
     attn_impl: AttnImpl = "auto"
+    # Stochastic depth on the MSSA residual branch, rising linearly to this rate at the last layer. NOT in the
+    # paper (its recipes train without it); offered so that timm recipes (`train.py --drop-path 0.1`) run. The ISTA
+    # step has no outer residual, so it is never skipped.
+    drop_path_rate: float = 0.0
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class CRATEConfig:
                 )
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if not 0.0 <= float(self.drop_path_rate) < 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate!r}")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'math', got {self.attn_impl!r}")
         for name in ("dim", "depth", "heads", "dim_head", "channels"):
@@ -125,15 +130,131 @@ class CRATEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CRATEConfig:
+    def from_dict(cls, d: dict[str, Any]) -> "CRATEConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown CRATE config keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> CRATEConfig:
+    def replace(self, **changes: Any) -> "CRATEConfig":
         return replace(self, **changes)
+
+
+def check_images(
+    x: Tensor, channels: int, image_size: tuple[int, int], patch_size: tuple[int, int], dynamic_img_size: bool
+) -> tuple[int, int]:
+    """Check an image batch against the model; returns its patch grid (rows, cols).
+
+    Kept out of the traced path: ``torch.fx`` records it as one call (:func:`torch.fx.wrap` below) and TorchScript
+    compiles it, so the checks still run in traced and scripted models.
+    """
+    if x.dim() != 4:
+        raise ValueError(
+            "expected a batch of images of shape (batch, " + str(channels) + ", H, W), got " + str(list(x.shape))
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            "expected " + str(channels) + "-channel images, got " + str(x.shape[1]) + " channels (input shape "
+            + str(list(x.shape)) + "); convert the images or build the model with channels=" + str(x.shape[1])
+        )  # fmt: skip
+    h, w = x.shape[2], x.shape[3]
+    ph, pw = patch_size
+    if h % ph != 0 or w % pw != 0:
+        raise ValueError(
+            "image size " + str(h) + "x" + str(w) + " is not divisible by the patch size " + str(ph) + "x"
+            + str(pw) + "; resize or crop the input"
+        )  # fmt: skip
+    if (h != image_size[0] or w != image_size[1]) and not dynamic_img_size:
+        raise ValueError(
+            "expected " + str(image_size[0]) + "x" + str(image_size[1]) + " images, got " + str(h) + "x" + str(w)
+            + "; resize the input, or set model.dynamic_img_size = True to interpolate the positional embedding"
+        )  # fmt: skip
+    return h // ph, w // pw
+
+
+def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int], base_grid: tuple[int, int]) -> Tensor:
+    """Positional embedding ``(1, 1 + n, dim)`` for another patch grid: bicubic interpolation of the patch part
+    (as DINO); the class token's entry is kept. Returns ``pos_embed`` itself when the grid is unchanged."""
+    if grid[0] == base_grid[0] and grid[1] == base_grid[1]:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.reshape(1, base_grid[0], base_grid[1], -1).permute(0, 3, 1, 2)  # 1 dim gh gw
+    patch_pos = F.interpolate(patch_pos.float(), size=[grid[0], grid[1]], mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def explicit_attention(w: Tensor, scale: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``softmax(w w^T * scale) w`` per head for ``w`` (b, h, n, d); returns (output, attention matrix).
+
+    ``dropout_p`` drops attention weights for the output (0 in evaluation); the returned matrix is undropped.
+    """
+    b, h, n, d = w.shape
+    w3 = w.reshape(b * h, n, d)  # one contiguous copy, shared by both products
+    empty = w3.new_empty(1, 1, 1)
+    dots = torch.baddbmm(empty, w3, w3.transpose(1, 2), beta=0.0, alpha=scale)  # (w w^T) * scale, fused
+    attn = torch.softmax(dots, dim=-1).view(b, h, n, n)
+    weights = F.dropout(attn, p=dropout_p, training=True) if dropout_p > 0.0 else attn
+    out = torch.bmm(weights.view(b * h, n, n), w3).view(b, h, n, d)
+    return out, attn
+
+
+def use_fused_attention(w: Tensor, impl: str) -> bool:
+    """Whether ``attn_impl=impl`` runs the fused kernel on ``w``. ``"auto"``: measured (see benchmarks/), on CPU
+    the fused kernel wins in float32 but loses to the explicit softmax in bfloat16/float16; on GPUs the fused
+    (flash / memory-efficient) kernels win."""
+    if impl != "auto":
+        return impl == "sdpa"
+    return w.device.type != "cpu" or w.dtype == torch.float32
+
+
+def subspace_attention(w: Tensor, scale: float, dropout_p: float, impl: str) -> Tensor:
+    """The MSSA attention output for ``w = U_k^T x`` (b, h, n, d): fused kernel or explicit softmax."""
+    if use_fused_attention(w, impl):
+        return F.scaled_dot_product_attention(w, w, w, dropout_p=dropout_p, scale=scale)
+    out, _ = explicit_attention(w, scale, dropout_p)
+    return out
+
+
+def ista_step(x: Tensor, d: Tensor, eta: float, lambd: float) -> Tensor:
+    """``relu(x + eta * (x - x D^T) D - eta * lambda)`` over the last axis of ``x`` (see :class:`ISTA`)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view of the contiguous LayerNorm output
+    # The sums ride in the products (addmm); the signs and eta scale the small dim x dim matrix, not the
+    # activations, so the backward pass has no extra elementwise products either.
+    residual = torch.addmm(x2, x2, -d.t())  # x - x D^T
+    if residual.dtype == x2.dtype:  # noqa: SIM108 (the two branches explain themselves)
+        out = torch.addmm(x2, residual, eta * d)  # x + eta (x - x D^T) D
+    else:  # autocast: products in low precision, the sum kept in x's precision (float32 residual stream)
+        out = torch.add(x2, residual @ d, alpha=eta)
+    return F.relu(out.sub_(eta * lambd), inplace=True).view(x.shape)
+
+
+# Shape checks and shape-dependent branches stay out of torch.fx graphs (timm's create_feature_extractor,
+# torch.fx.symbolic_trace): each is recorded as one opaque call, evaluated when the graph runs.
+torch.fx.wrap("check_images")
+torch.fx.wrap("resample_pos_embed")
+torch.fx.wrap("subspace_attention")
+torch.fx.wrap("ista_step")  # branches on the dtype (autocast)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth for a residual branch of token tensors (b, n, dim): in training, each sample's branch is
+    zeroed with probability ``p`` and the kept ones scaled by ``1 / (1 - p)``; the identity in evaluation."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class PatchEmbed(nn.Module):
@@ -176,29 +297,15 @@ class MSSA(nn.Module):
         return self.subspace_proj(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
     def _use_sdpa(self, w: Tensor) -> bool:
-        if self.attn_impl != "auto":
-            return self.attn_impl == "sdpa"
-        # Measured (MEASURED.md, benchmarks/): on CPU the fused kernel wins in float32 but loses to the explicit
-        # softmax in bfloat16/float16; on GPUs the fused (flash / memory-efficient) kernels win.
-        return w.device.type != "cpu" or w.dtype == torch.float32
+        return use_fused_attention(w, self.attn_impl)
 
     def attend(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Explicit attention: returns (output, attention matrix), both per head."""
-        b, h, n, d = w.shape
-        w3 = w.reshape(b * h, n, d)  # one contiguous copy, shared by both products
-        empty = w3.new_empty(1, 1, 1)
-        dots = torch.baddbmm(empty, w3, w3.transpose(1, 2), beta=0.0, alpha=self.scale)  # (w w^T) * scale, fused
-        attn = torch.softmax(dots, dim=-1).view(b, h, n, n)
-        out = torch.bmm(self.attn_drop(attn).view(b * h, n, n), w3).view(b, h, n, d)
-        return out, attn
+        return explicit_attention(w, self.scale, self.attn_drop.p if self.training else 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.project(x)  # b h n d
-        if self._use_sdpa(w):
-            p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(w, w, w, dropout_p=p)
-        else:
-            out, _ = self.attend(w)
+        out = subspace_attention(w, self.scale, self.attn_drop.p if self.training else 0.0, self.attn_impl)
         out = out.transpose(1, 2).flatten(2)  # b n (h d)
         return self.proj_drop(self.out_proj(out))
 
@@ -215,37 +322,32 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.dictionary)
 
     def forward(self, x: Tensor) -> Tensor:
-        d, eta = self.dictionary, self.step_size
-        x2 = x.reshape(-1, x.shape[-1])  # (b n) dim, a view of the contiguous LayerNorm output
-        # The sums ride in the products (addmm); the signs and eta scale the small dim x dim matrix, not the
-        # activations, so the backward pass has no extra elementwise products either.
-        residual = torch.addmm(x2, x2, -d.t())  # x - x D^T
-        if residual.dtype == x2.dtype:
-            out = torch.addmm(x2, residual, eta * d)  # x + eta (x - x D^T) D
-        else:  # autocast: products in low precision, the sum kept in x's precision (float32 residual stream)
-            out = torch.add(x2, residual @ d, alpha=eta)
-        return F.relu(out.sub_(eta * self.lambd), inplace=True).view(x.shape)
+        return ista_step(x, self.dictionary, self.step_size, self.lambd)
 
 
 class CRATEBlock(nn.Module):
-    """``z_half = z + MSSA(LN1(z))``; ``z_next = ISTA(LN2(z_half))``."""
+    """``z_half = z + MSSA(LN1(z))``; ``z_next = ISTA(LN2(z_half))``.
 
-    def __init__(self, cfg: CRATEConfig) -> None:
+    ``drop_path`` (stochastic depth on the MSSA branch, not in the paper) is the identity unless asked for.
+    """
+
+    def __init__(self, cfg: CRATEConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.mssa = MSSA(cfg.dim, cfg.heads, cfg.dim_head, cfg.dropout, cfg.attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.ista = ISTA(cfg.dim, cfg.ista, cfg.lambd)
 
     def forward(self, z: Tensor) -> Tensor:
-        z_half = z + self.mssa(self.norm1(z))
+        z_half = z + self.drop_path(self.mssa(self.norm1(z)))
         return self.ista(self.norm2(z_half))
 
-    def trace(self, z: Tensor) -> tuple[Tensor, LayerTrace]:
+    def trace(self, z: Tensor) -> tuple[Tensor, "LayerTrace"]:
         """The same step, returning every intermediate (explicit attention, so the matrix exists)."""
         proj = self.mssa.project(self.norm1(z))
         attn_out, attn = self.mssa.attend(proj)
-        z_half = z + self.mssa.proj_drop(self.mssa.out_proj(attn_out.transpose(1, 2).flatten(2)))
+        z_half = z + self.drop_path(self.mssa.proj_drop(self.mssa.out_proj(attn_out.transpose(1, 2).flatten(2))))
         z_next = self.ista(self.norm2(z_half))
         return z_next, LayerTrace(z_in=z, proj=proj, attn=attn, z_half=z_half, z_out=z_next)
 
@@ -278,7 +380,13 @@ class CRATETrace:
 class CRATE(nn.Module, CRATEHubMixin):
     """The CRATE vision transformer. Accepts the original constructor arguments unchanged::
 
-    CRATE(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, dim_head=64)
+    CRATE(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, dropout=0.0,
+          emb_dropout=0.0, dim_head=64, mlp_dim=384 * 4)
+
+    ``mlp_dim`` is accepted and ignored: CRATE's ISTA block has no hidden width (its dictionary is ``dim x dim``),
+    and the original code ignores it too. ``forward`` compiles with TorchScript and traces with ``torch.fx``: it
+    reads plain attributes copied from the configuration (``in_chans``, ``img_size``, ``patch_size``,
+    ``grid_size``, ``global_pool``), never the dataclass.
     """
 
     def __init__(
@@ -295,11 +403,13 @@ class CRATE(nn.Module, CRATEHubMixin):
         dropout: float = 0.0,
         emb_dropout: float = 0.0,
         ista: float = 0.1,
+        mlp_dim: int | None = None,
         *,
         config: CRATEConfig | None = None,
         **extra: Any,
     ) -> None:
         super().__init__()
+        del mlp_dim  # the original constructor's hidden width: the ISTA block has none (see the class docstring)
         if config is None:
             config = CRATEConfig(
                 image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, depth=depth,
@@ -314,6 +424,7 @@ class CRATE(nn.Module, CRATEHubMixin):
         self.head_hidden_size = cfg.head_hidden_dim or cfg.dim  # width right before the classifier
         self.dynamic_img_size = cfg.dynamic_img_size
         self.grad_checkpointing = False
+        self._copy_config_attributes()
         self.pretrained_cfg = self.default_cfg = pretrained_cfg_for(cfg)  # timm metadata; timm.create_model replaces it
         self.feature_info = [{"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]}
                              for i in range(cfg.depth)]  # timm's features_only metadata  # fmt: skip
@@ -322,51 +433,36 @@ class CRATE(nn.Module, CRATEHubMixin):
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(CRATEBlock(cfg) for _ in range(cfg.depth))
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # timm's linear rule
+        self.blocks = nn.ModuleList(CRATEBlock(cfg, drop_path=rate) for rate in rates)
         self.fc_norm = nn.LayerNorm(cfg.dim)
         self.pre_logits = nn.Linear(cfg.dim, cfg.head_hidden_dim) if cfg.head_hidden_dim else nn.Identity()
         self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
 
+    def _copy_config_attributes(self) -> None:
+        """Plain attributes that ``forward`` reads (TorchScript cannot read the dataclass); kept in step with
+        ``self.config`` by every method that changes it."""
+        cfg = self.config
+        self.in_chans: int = cfg.channels
+        self.img_size: tuple[int, int] = cfg.image_size
+        self.patch_size: tuple[int, int] = cfg.patch_size
+        self.grid_size: tuple[int, int] = cfg.grid_size
+        self.global_pool: str = cfg.pool
+
     # ----------------------------------------------------------------------------------------------- embedding
     def _check_input(self, x: Tensor) -> tuple[int, int]:
-        cfg = self.config
-        if x.ndim != 4:
-            raise ValueError(f"expected a batch of images of shape (batch, {cfg.channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[1] != cfg.channels:
-            raise ValueError(
-                f"expected {cfg.channels}-channel images, got {x.shape[1]} channels (input shape {tuple(x.shape)}); "
-                f"convert the images or build the model with channels={x.shape[1]}"
-            )
-        h, w = x.shape[-2:]
-        ph, pw = cfg.patch_size
-        if h % ph or w % pw:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop the input"
-            )
-        if (h, w) != cfg.image_size and not self.dynamic_img_size:
-            raise ValueError(
-                f"expected {cfg.image_size[0]}x{cfg.image_size[1]} images, got {h}x{w}; resize the input, or set "
-                f"model.dynamic_img_size = True to interpolate the positional embedding"
-            )
-        return h // ph, w // pw
+        return check_images(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
 
     def interpolate_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Positional embedding for another patch grid: bicubic interpolation of the patch part (as DINO)."""
-        if grid == self.config.grid_size:
-            return self.pos_embed
-        gh, gw = self.config.grid_size
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # 1 dim gh gw
-        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, grid, self.grid_size)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images (b, c, H, W) -> tokens Z^0 (b, 1 + n_patches, dim) and the patch grid."""
-        grid = self._check_input(x)
+        grid = check_images(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = x + self.interpolate_pos_embed(grid)
+        x = x + resample_pos_embed(self.pos_embed, grid, self.grid_size)
         return self.pos_drop(x), grid
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -374,14 +470,16 @@ class CRATE(nn.Module, CRATEHubMixin):
         """Images -> tokens after the last layer, (b, 1 + n_patches, dim)."""
         z, _ = self.embed(x)
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
                 z = torch.utils.checkpoint.checkpoint(block, z, use_reentrant=False)
             else:
                 z = block(z)
         return z
 
     def pool(self, z: Tensor) -> Tensor:
-        return z.mean(dim=1) if self.config.pool == "mean" else z[:, 0]
+        if self.global_pool == "mean":
+            return z.mean(dim=1)
+        return z[:, 0]
 
     def forward_head(self, z: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens -> logits (or, with ``pre_logits=True``, the normalised pooled features)."""
@@ -391,7 +489,7 @@ class CRATE(nn.Module, CRATEHubMixin):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_trace(self, x: Tensor, layers: list[int] | None = None) -> CRATETrace:
+    def forward_trace(self, x: Tensor, layers: list[int] | None = None) -> "CRATETrace":
         """Run the network and return every layer's intermediates: ``Z^l``, the per-head projections
         ``U_k^T LN(Z^l)``, the attention matrices, ``Z^{l+1/2}`` and ``Z^{l+1}`` (see :class:`LayerTrace`).
 
@@ -410,9 +508,17 @@ class CRATE(nn.Module, CRATEHubMixin):
                 z = block(z)
         return CRATETrace(embedding=z0, layers=traces, features=z, grid_size=grid)
 
-    def get_last_selfattention(self, x: Tensor) -> Tensor:
-        """Attention matrices of the last layer, (b, heads, n, n) (DINO's name for it)."""
-        return self.forward_trace(x, layers=[-1]).layers[0].attn
+    def get_last_selfattention(self, x: Tensor, layer: int = -1) -> Tensor:
+        """Attention matrices of one layer, (b, heads, n, n) (DINO's name for it): the last layer by default.
+
+        ``layer`` is a 0-based block index (negative counts from the end), as in the CRATE emergence demo's
+        ``get_last_selfattention(img, layer=5)``; note that the demo's DEFAULT is ``layer=5`` (the sixth block),
+        ours is the last block, so pass ``layer=5`` to reproduce a demo notebook exactly.
+        """
+        depth = len(self.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer={layer} is outside this {depth}-layer model; use 0..{depth - 1} or -{depth}..-1")
+        return self.forward_trace(x, layers=[layer]).layers[0].attn
 
     # ----------------------------------------------------------------------------------------------- timm features
     def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
@@ -459,6 +565,7 @@ class CRATE(nn.Module, CRATEHubMixin):
         take = self._take_indices(indices)
         self.blocks = self.blocks[: take[-1] + 1]
         self.config = self.config.replace(depth=len(self.blocks))
+        self._copy_config_attributes()
         self.feature_info = self.feature_info[: len(self.blocks)]
         if prune_head:
             self.pre_logits = nn.Identity()
@@ -483,6 +590,7 @@ class CRATE(nn.Module, CRATEHubMixin):
         device = self.fc_norm.weight.device
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
+        self._copy_config_attributes()
         self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -14,6 +14,7 @@ timm                                CRATEConfig
 ``global_pool`` (token/avg)         ``pool`` (cls/mean)
 ``drop_rate``, ``proj_drop_rate``   ``dropout``
 ``pos_drop_rate``                   ``emb_dropout``
+``drop_path_rate``                  ``drop_path_rate`` (not in the paper: stochastic depth on the MSSA branch)
 ==================================  ============================
 
 Any :class:`CRATEConfig` field may also be passed by its own name (``dim=``, ``ista=``, ``dynamic_img_size=``).
@@ -71,9 +72,6 @@ def _config_from_timm_kwargs(preset: str, kwargs: dict[str, Any]) -> CRATEConfig
     """Translate timm's keyword arguments (see the module docstring) into a CRATEConfig for ``preset``."""
     kwargs = dict(kwargs)
     changes: dict[str, Any] = {}
-    drop_path = kwargs.pop("drop_path_rate", 0.0)
-    if drop_path:
-        raise ValueError(f"CRATE has no stochastic depth; drop_path_rate must be 0, got {drop_path}")
     if "global_pool" in kwargs:
         pool = kwargs.pop("global_pool")
         if pool not in _POOL:
