@@ -111,8 +111,42 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: CRATE | None = No
     return strip_prefix(state_dict)
 
 
+def _classes_in_file(path: str) -> int | None:
+    """The class count of a weights file's classifier (None: the file has no ``head``)."""
+    from .checkpoint import read_checkpoint
+
+    state, _, _ = read_checkpoint(path)
+    head = state.get("head.weight")
+    return int(head.shape[0]) if head is not None and head.ndim == 2 else None
+
+
+def _overlay_with_file_classes(preset: str, kwargs: dict[str, Any]) -> None:
+    """``pretrained_cfg_overlay=dict(file=...)``: record the file's class count in the overlay.
+
+    timm keeps a classifier only when the model's class count equals ``pretrained_cfg["num_classes"]``, which
+    would otherwise be the preset's (1000): a fine-tuned 3-class head loaded with ``num_classes=3`` was silently
+    re-initialised. Now ``num_classes`` equal to the file's keeps the head, another value re-initialises it
+    (fine-tuning), and leaving it out when the counts differ is a one-line error.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if not overlay.get("file") or "num_classes" in overlay:
+        return
+    in_file = _classes_in_file(overlay["file"])
+    if in_file is None:
+        return
+    if "num_classes" not in kwargs and in_file != PRESETS[preset].num_classes:
+        raise ValueError(
+            f"{overlay['file']} has a {in_file}-class classifier, {timm_name(preset)} has "
+            f"{PRESETS[preset].num_classes}; pass num_classes={in_file} to load the file's classifier, or another "
+            f"num_classes to re-initialise it"
+        )
+    kwargs["pretrained_cfg_overlay"] = {**overlay, "num_classes": in_file}
+
+
 def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> CRATE:
     """timm entry point body: timm handles pretrained_cfg and weights, :func:`_build` the configuration."""
+    if pretrained:
+        _overlay_with_file_classes(preset, kwargs)
     for ours, timm_key in (("image_size", "img_size"), ("channels", "in_chans")):
         if ours in kwargs:  # use timm's names so that timm's defaults and traits see them
             kwargs[timm_key] = kwargs.pop(ours)
