@@ -93,7 +93,10 @@ class BenchOptions:
             raise UserError("repeats and batch sizes must be >= 1 and warmup >= 0")
         get_config(self.preset, image_size=self.image_size)  # an unknown preset or size fails here, with its fix
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+            raise UserError(
+                "a CUDA device was asked for (cratevit bench --gpu) but torch sees none; run `cratevit bench` "
+                "without --gpu for the CPU comparison"
+            )
         for name in self.models:
             if name not in CRATE_VARIANTS and not name.startswith("vit_"):
                 raise UserError(f"unknown model {name!r}; choose from {', '.join(CRATE_VARIANTS)} or a timm vit_* name")

@@ -58,9 +58,10 @@ ZOO: tuple[ZooEntry, ...] = (
         "CRATE-S/16",
         "ImageNet-1K (1000 classes)",
         CRATE_S_WEIGHTS,
-        "emergence-demo",
-        note="the README's download link, reported unreachable since 2025 (CRATE issue #30); the original "
-        "finetune.py reads this file's weights from its 'model' entry without prefix",
+        "reference",
+        note="the README's download link, reported unreachable since 2025 (CRATE issue #30); an ImageNet-1K "
+        "checkpoint of the original main.py (weights under 'state_dict', keys prefixed 'module.'), the layout the "
+        "official scripts read; a file with the finetune.py layout ('model', no prefix) loads the same way",
     ),
     ZooEntry(
         "crate_base",

@@ -94,7 +94,10 @@ def load_state_dict_strict(
         )
         only_head = not missing and not unexpected and all(w.split(":")[0] in HEAD_KEYS for w in wrong)
         if only_head:
-            hint = "the classifier has another class count; pass drop_head=True (or num_classes=) to re-initialise it"
+            hint = (
+                "the classifier has another class count; pass num_classes (create_model(name, num_classes=N, "
+                "checkpoint=FILE)): the file's count keeps its classifier, another re-initialises it"
+            )
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit the model ({'; '.join(parts)}); {hint}")
     with torch.no_grad():
@@ -150,6 +153,9 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     shapes). By default the file's stored configuration is used, else its ``arch`` entry, else ``"auto"``.
     ``heads`` gives the head count where shapes cannot (6 heads of 128 and 12 of 64 have the same tensors).
     ``overrides`` change the configuration (e.g. ``dynamic_img_size=True``).
+
+    The model comes back in evaluation mode, ready for inference, as ``from_pretrained`` returns it (and the Hub
+    does); call ``model.train()`` before fine-tuning it.
     """
     state, stored, meta = read_checkpoint(path)
     cfg = resolve_config(path, state, stored, meta, arch=arch, heads=heads)
@@ -160,7 +166,7 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     hint = _misfit_hint(arch, stored, meta)
     namer = key_namer(meta, state, family)
     load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint)
-    return _set_pretrained_cfg(model, pretrained_cfg_from_meta(meta, model.config))
+    return _set_pretrained_cfg(model, pretrained_cfg_from_meta(meta, model.config)).eval()
 
 
 def load_folder(

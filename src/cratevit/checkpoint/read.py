@@ -21,6 +21,7 @@ A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``sav
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,23 @@ def config_from_dict(d: Mapping[str, Any], family: str = "crate") -> Any:
     return get_family(family).config_cls.from_dict(dict(d))
 
 
+def _safe_globals() -> list[Any]:
+    """Harmless Python objects that checkpoints of other projects store beside their weights, allowed through
+    ``weights_only`` loading: ``argparse.Namespace`` (FAIR MAE-style files keep their ``args``), numpy scalars and
+    dtypes (accuracies stored as numpy floats). Unpickling them builds plain data and runs no code of the file."""
+    import argparse
+
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed np.core
+        allowed += [multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "bool")}]
+    except (ImportError, AttributeError):
+        pass
+    return allowed
+
+
 def load_file(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with one clear :class:`CheckpointError` per failure."""
     path = Path(path)
@@ -76,13 +94,22 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is a directory; pass the checkpoint file inside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here; turn each into one clear line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
+        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsupported:
             raise CheckpointError(
-                f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
-                f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
+                f"{path} stores a Python object of type {unsupported.group(1)} beside its weights; cratevit never "
+                f"unpickles arbitrary objects (that could run code from the file). Re-save it without that entry, "
+                f"e.g. torch.save({{'model': state_dict}}, NEW_PATH), where you trust the file"
+            ) from None
+        if "weights_only" in text:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects other than tensors and plain containers; cratevit loads "
+                f"checkpoints with weights_only=True and never runs code from a file"
             ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): {msg[:200]}"

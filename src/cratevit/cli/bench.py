@@ -112,8 +112,16 @@ def run(args: argparse.Namespace) -> int:
 
     format_markdown, run_benchmark = harness().format_markdown, harness().run_benchmark
     opts = options_from_args(args)
+    smoke = (
+        "SMOKE TEST (--quick): the debug preset at batch 4, 2 repeats; it checks that every model and mode runs, "
+        "its ratios and percentages are not measurements (run `cratevit bench` for those)"
+    )
+    if args.quick:
+        print(smoke, file=sys.stderr, flush=True)
     result = run_benchmark(opts, log=lambda line: print(line, file=sys.stderr, flush=True))
     table = format_markdown(result)
+    if args.quick:
+        table = f"{smoke}.\n\n{table}"
     print(table)
     if args.out:
         out = Path(args.out)

@@ -32,6 +32,7 @@ __all__ = [
     "EpochSampler",
     "SeededDataset",
     "build_datasets",
+    "build_eval_dataset",
     "collate_skip",
     "data_info",
 ]
@@ -50,8 +51,9 @@ class DataInfo:
     classes: tuple[str, ...] = ()
 
 
-def data_info(data: str, dummy: bool = False, num_classes: int | None = None) -> DataInfo:
-    """Resolve ``--data`` (and check a folder's layout) without loading any image."""
+def data_info(data: str, dummy: bool = False, num_classes: int | None = None, evaluate_only: bool = False) -> DataInfo:
+    """Resolve ``--data`` (and check a folder's layout) without loading any image. ``evaluate_only``: a folder
+    needs its ``val/`` split only, or may itself be the validation folder (class sub-folders of images)."""
     from .transfer import TRANSFER
 
     if dummy:
@@ -69,7 +71,7 @@ def data_info(data: str, dummy: bool = False, num_classes: int | None = None) ->
         return DataInfo("transfer", data, TRANSFER[data].num_classes)
     from .folder import check_image_folder
 
-    classes = check_image_folder(data)
+    classes = check_image_folder(data, evaluate_only=evaluate_only)
     return DataInfo("folder", str(Path(data)), len(classes), tuple(classes))
 
 
@@ -122,6 +124,20 @@ def build_datasets(
         SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug)),
         SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std)),
     )
+
+
+def build_eval_dataset(
+    info: DataInfo, image_size: int, data_dir: str | None = None, download: bool = True, seed: int = 0
+) -> Dataset:
+    """The validation split alone (``--evaluate``): a folder's ``val/``, or the folder itself when it has none."""
+    if info.kind != "folder":
+        return build_datasets(info, image_size, data_dir, False, download, seed)[1]
+    from .folder import SafeImageFolder
+
+    prep = data_preprocessing(info.kind)
+    root = Path(info.name)
+    val = root / "val" if (root / "val").is_dir() else root
+    return SafeImageFolder(val, T.imagenet_eval(image_size, prep.mean, prep.std))
 
 
 # ------------------------------------------------------------------------------------ deterministic loading

@@ -37,8 +37,11 @@ def _has_image(folder: Path) -> bool:
     return any(p.is_file() and p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*"))
 
 
-def check_image_folder(root: str | Path) -> list[str]:
-    """Check ``root/train`` and ``root/val`` before any work starts; returns the class names."""
+def check_image_folder(root: str | Path, evaluate_only: bool = False) -> list[str]:
+    """Check ``root/train`` and ``root/val`` before any work starts; returns the class names.
+
+    ``evaluate_only`` (scoring a checkpoint): ``root/val`` alone, or ``root`` itself as the validation folder
+    when it has neither ``train/`` nor ``val/``."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(
@@ -47,27 +50,20 @@ def check_image_folder(root: str | Path) -> list[str]:
         )
     if not root.is_dir():
         raise NotADirectoryError(f"--data {root} is a file; pass a folder holding train/ and val/ class sub-folders")
-    for split in ("train", "val"):
+    splits: tuple[str, ...] = ("train", "val")
+    if evaluate_only:
+        if not (root / "val").is_dir() and not (root / "train").is_dir():
+            return _class_names(root)
+        splits = ("val",)
+    for split in splits:
         if not (root / split).is_dir():
             raise FileNotFoundError(
                 f"{root} has no {split}/ folder; an image folder needs {root}/train/CLASS/*.jpg and "
                 f"{root}/val/CLASS/*.jpg (the ImageNet layout)"
             )
-    classes: dict[str, list[str]] = {}
-    for split in ("train", "val"):
-        split_dir = root / split
-        dirs = _class_dirs(split_dir)
-        if not dirs:
-            raise FileNotFoundError(
-                f"{split_dir} has no class sub-folders; put each class's images in {split_dir}/CLASS/"
-            )
-        empty = [d.name for d in dirs if not _has_image(d)]
-        if empty:
-            raise FileNotFoundError(
-                f"class folder(s) {', '.join(empty[:5])} in {split_dir} hold no images "
-                f"({', '.join(sorted(IMG_EXTENSIONS))}); add images or remove the folders"
-            )
-        classes[split] = [d.name for d in dirs]
+    classes = {split: _class_names(root / split) for split in splits}
+    if evaluate_only:
+        return classes["val"]
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
@@ -76,6 +72,20 @@ def check_image_folder(root: str | Path) -> list[str]:
             f"{only_val[:5]}); both need the same class sub-folders"
         )
     return classes["train"]
+
+
+def _class_names(split_dir: Path) -> list[str]:
+    """The class sub-folders of one split, each checked to hold images."""
+    dirs = _class_dirs(split_dir)
+    if not dirs:
+        raise FileNotFoundError(f"{split_dir} has no class sub-folders; put each class's images in {split_dir}/CLASS/")
+    empty = [d.name for d in dirs if not _has_image(d)]
+    if empty:
+        raise FileNotFoundError(
+            f"class folder(s) {', '.join(empty[:5])} in {split_dir} hold no images "
+            f"({', '.join(sorted(IMG_EXTENSIONS))}); add images or remove the folders"
+        )
+    return [d.name for d in dirs]
 
 
 class SafeImageFolder(ImageFolder):

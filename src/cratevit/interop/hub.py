@@ -147,17 +147,30 @@ def from_pretrained(pretrained_model_name_or_path: str | Path, **kwargs: Any) ->
         RepositoryNotFoundError,
     )
     source = str(pretrained_model_name_or_path)
-    looks_local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
+    # A Hub id is "user/repo". Anything else (no slash, an absolute or relative path, more than one slash, or a
+    # first part that is a local folder) is a local path: a mistyped one fails here at once instead of going to
+    # the Hub and retrying.
+    looks_local = (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or source.count("/") != 1
+        or os.path.isdir(source.split("/")[0])
+    )
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, CONFIG_NAME)):
             raise FileNotFoundError(
                 f"{source} has no {CONFIG_NAME}; pass a folder written by CRATE.save_pretrained or "
                 f"`cratevit export --format hf` (training checkpoints load with cratevit.load_checkpoint)"
             )
-    elif looks_local or os.path.exists(source):
+    elif os.path.exists(source):
         raise FileNotFoundError(
             f"{source} is not a folder; pass a folder written by CRATE.save_pretrained or a Hub id 'user/repo' "
             f"(single checkpoint files load with cratevit.load_checkpoint)"
+        )
+    elif looks_local:
+        raise FileNotFoundError(
+            f"{source} is not a folder here (nor a Hub id of the form 'user/repo'); check the path, or pass a "
+            f"folder written by CRATE.save_pretrained"
         )
     try:
         return _adapter_class().from_pretrained(pretrained_model_name_or_path, **kwargs)

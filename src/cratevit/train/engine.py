@@ -35,12 +35,13 @@ from ..checkpoint import (
     load_into,
     load_state_dict_strict,
 )
-from ..data import Batch, EpochSampler, SeededDataset, build_datasets, collate_skip, data_info
+from ..data import Batch, EpochSampler, SeededDataset, build_datasets, build_eval_dataset, collate_skip, data_info
 from ..errors import UserError
 from ..presets import data_preprocessing, list_models, pretrained_cfg_for, resolve_name
 from ..registry import is_family_model
 from .config import RECIPES, TrainConfig, resolve_config
 from .distributed import DistInfo, all_reduce_sum, any_true, barrier, cleanup, init_distributed
+from .memory import check_training_memory
 
 __all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_config", "train"]
 
@@ -281,10 +282,15 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=True)
 
-    def update(self, step: int, stats: dict[str, float]) -> None:
+    def update(self, step: int, stats: dict[str, float] | None = None, text: str | None = None) -> None:
         if not self.enabled:
             return
-        text = f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} {stats['img_s']:.0f} img/s"
+        if text is None and stats is not None:
+            text = (
+                f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} "
+                f"{stats['img_s']:.0f} img/s"
+            )
+        text = text or ""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
@@ -312,7 +318,8 @@ class Trainer:
         if resume and resume_state is None:
             resume_state = read_resume_checkpoint(resume)
         self.resume_state = resume_state
-        self.info = data_info(cfg.data, cfg.dummy, cfg.num_classes)
+        self.evaluate_only = evaluate_only
+        self.info = data_info(cfg.data, cfg.dummy, cfg.num_classes, evaluate_only=evaluate_only)
         self.cfg = cfg = resolve_config(cfg, self.info)
         self.run_dir = self._run_dir(resume, evaluate_only)
         if cfg.batch_size % dist.world_size:
@@ -331,8 +338,12 @@ class Trainer:
             )
         if cfg.pretrained and self.resume_state is None:
             load_pretrained(self.model, cfg.pretrained)
+        if is_family_model(self.model) and self.info.classes:  # predict / export name the classes
+            self.model.pretrained_cfg = {**self.model.pretrained_cfg, "label_names": list(self.info.classes)}
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if not evaluate_only:  # a run the machine cannot hold says so now, not after the kernel kills it
+            check_training_memory(self.model, cfg, self.local_batch, dist.device)
         self.model.to(dist.device)
         self.image_size = model_image_size(self.model)
         self.forward_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
@@ -376,13 +387,21 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed)
-        if len(train_ds) < cfg.batch_size:
+        if self.evaluate_only:  # the validation split alone (a folder may be the val folder itself)
+            train_ds, val_ds = (
+                None,
+                build_eval_dataset(self.info, self.image_size, cfg.data_dir, cfg.download, cfg.seed),
+            )
+        else:
+            train_ds, val_ds = build_datasets(
+                self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed
+            )
+        if train_ds is not None and len(train_ds) < cfg.batch_size:
             raise UserError(
                 f"the training set has {len(train_ds)} images, fewer than --batch-size "
                 f"{cfg.batch_size}; lower the batch size"
             )
-        self.train_sampler = EpochSampler(len(train_ds), cfg.seed, True, dist.rank, dist.world_size)
+        self.train_sampler = EpochSampler(len(train_ds or val_ds), cfg.seed, True, dist.rank, dist.world_size)
         self.val_sampler = EpochSampler(len(val_ds), cfg.seed, False, dist.rank, dist.world_size, pad=False)
         common = {
             "num_workers": cfg.workers,
@@ -392,7 +411,11 @@ class Trainer:
             "persistent_workers": False,
         }
         self.train_loader = torch.utils.data.DataLoader(
-            SeededDataset(train_ds), batch_size=self.local_batch, sampler=self.train_sampler, drop_last=True, **common
+            SeededDataset(train_ds if train_ds is not None else val_ds),
+            batch_size=self.local_batch,
+            sampler=self.train_sampler,
+            drop_last=train_ds is not None,
+            **common,
         )
         self.val_loader = torch.utils.data.DataLoader(
             SeededDataset(val_ds), batch_size=self.local_batch, sampler=self.val_sampler, **common
@@ -524,6 +547,14 @@ class Trainer:
             f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
             f"{self.dist.device.type}; run directory {self.run_dir}"
         )
+        if cfg.warmup_epochs >= cfg.epochs and not self.evaluate_only:
+            self._say(
+                f"warning: --warmup-epochs {cfg.warmup_epochs:g} is not shorter than the run ({cfg.epochs} epochs): "
+                f"the learning rate never reaches --lr {cfg.lr:g} and the cosine decay never starts; pass "
+                f"--warmup-epochs below {cfg.epochs}"
+            )
+        if cfg.compile and not self.evaluate_only:
+            self._say("torch.compile: the first steps compile the model (about 30-80 s on a CPU) before any progress")
 
     def _batches(self) -> Iterator[Batch]:
         self.train_sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.local_batch)
@@ -669,7 +700,10 @@ class Trainer:
         self.forward_model.eval()
         dev = self.dist.device
         totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
-        for batch in self.val_loader:
+        progress = Progress(self.dist.is_main, len(self.val_loader), 0, "validation", self.cfg.print_freq)
+        for step, batch in enumerate(self.val_loader, 1):
+            if totals[3] > 0:
+                progress.update(step - 1, text=f"top-1 so far {100 * totals[1].item() / totals[3].item():.2f}%")
             totals[4] += batch.skipped
             if len(batch.targets) == 0:
                 continue
@@ -679,6 +713,8 @@ class Trainer:
             totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             top1, top5 = accuracy_counts(logits, y)
             totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
+        progress.update(len(self.val_loader), text="done")
+        progress.close()
         totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
         n = max(totals[3].item(), 1.0)
         return {

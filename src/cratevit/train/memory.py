@@ -22,14 +22,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_memory", "estimate_training_memory", "largest_batch", "per_image_bytes"]
+from ..errors import UserError
+from ..registry import is_family_model
+
+__all__ = [
+    "available_memory",
+    "check_training_memory",
+    "estimate_training_memory",
+    "largest_batch",
+    "per_image_bytes",
+]
 
 MIB = 1024**2
 BASE_BYTES = 800 * MIB  # Python + torch + timm + the data pipeline, measured before the first step
 
 
-def per_image_bytes(cfg: Any, amp: str | None) -> int:
-    """Activation bytes one image keeps for the backward pass of a CRATE configuration."""
+def per_image_bytes(cfg: Any, amp: str | None, checkpointing: bool = False) -> int:
+    """Activation bytes one image keeps for the backward pass of a CRATE configuration (with activation
+    checkpointing: each layer's input, plus one layer's activations recomputed at a time)."""
     n = cfg.grid_size[0] * cfg.grid_size[1] + 1
     d, heads, inner = cfg.dim, cfg.heads, cfg.heads * cfg.dim_head
     if amp in ("bf16", "fp16"):
@@ -37,18 +47,22 @@ def per_image_bytes(cfg: Any, amp: str | None) -> int:
     else:
         per_layer = 4 * (6 * n * d + 3 * n * inner)
     image = 4 * cfg.channels * cfg.image_size[0] * cfg.image_size[1] * 2  # the batch and its normalised copy
+    if checkpointing:
+        return cfg.depth * 4 * n * d + per_layer + image
     return cfg.depth * per_layer + image
 
 
-def estimate_training_memory(cfg: Any, num_params: int, batch_size: int, amp: str | None) -> int:
+def estimate_training_memory(
+    cfg: Any, num_params: int, batch_size: int, amp: str | None, checkpointing: bool = False
+) -> int:
     """Estimated peak bytes of a CRATE training step on the CPU (AdamW; see the module docstring)."""
-    return BASE_BYTES + 16 * num_params + batch_size * per_image_bytes(cfg, amp)
+    return BASE_BYTES + 16 * num_params + batch_size * per_image_bytes(cfg, amp, checkpointing)
 
 
-def largest_batch(cfg: Any, num_params: int, amp: str | None, budget: int) -> int:
+def largest_batch(cfg: Any, num_params: int, amp: str | None, budget: int, checkpointing: bool = False) -> int:
     """The largest batch whose estimate fits in ``budget`` bytes (0 if none)."""
     room = budget - BASE_BYTES - 16 * num_params
-    return max(room // per_image_bytes(cfg, amp), 0)
+    return max(room // per_image_bytes(cfg, amp, checkpointing), 0)
 
 
 def available_memory() -> int | None:
@@ -72,3 +86,30 @@ def available_memory() -> int | None:
         with contextlib.suppress(ValueError, OSError):
             limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     return min(limits) if limits else None
+
+
+def check_training_memory(model: Any, cfg: Any, local_batch: int, device: Any) -> int | None:
+    """Stop a CPU run of a CRATE model whose estimated peak exceeds the memory this process may use, with the
+    largest batch that fits; warn above 80%. Returns the estimate in bytes (None where none is made)."""
+    if getattr(device, "type", str(device)) != "cpu" or not is_family_model(model) or not hasattr(model, "blocks"):
+        return None
+    available = available_memory()
+    if available is None:
+        return None
+    amp = cfg.amp if cfg.amp != "none" else None
+    n_params = sum(p.numel() for p in model.parameters())
+    ckpt = bool(getattr(model, "grad_checkpointing", False))
+    need = estimate_training_memory(model.config, n_params, local_batch, amp, ckpt)
+    gib = lambda b: f"{b / 1024**3:.1f} GiB"
+    what = f"{cfg.arch} at {model.config.image_size[0]} px, batch {local_batch}, {cfg.amp}"
+    if need > available:
+        fits = largest_batch(model.config, n_params, amp, int(available * 0.8), ckpt)
+        fix = f"use --batch-size {fits} or less" if fits else "use a smaller model or image size"
+        more = "" if ckpt else ", or --grad-checkpointing"
+        raise UserError(
+            f"this run needs about {gib(need)} of memory ({what}; estimate from cratevit.train.memory) but "
+            f"{gib(available)} is available; {fix}{more}"
+        )
+    if need > 0.8 * available:
+        print(f"warning: this run needs about {gib(need)} of the {gib(available)} available ({what})", flush=True)
+    return need
