@@ -10,14 +10,40 @@ Layers, top to bottom; each imports only the layers below it (``tests/test_layer
     registry
     models (torch only)
     errors, version
+
+``import cratevit`` is instant: it imports neither torch nor timm nor huggingface_hub. Each public name below is
+imported on first use (``cratevit.CRATE``, ``from cratevit import create_model``), which also attaches
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to the model classes. The presets are registered with
+timm as soon as both are imported, in either order (``import cratevit, timm`` or ``import timm, cratevit``).
 """
 
-from .checkpoint import CheckpointError, create_model, load_checkpoint, load_model, save_checkpoint, save_safetensors
-from .errors import UserError
-from .interop import register_timm_models  # importing cratevit registers the presets with timm, attaches Hub methods
-from .models import CRATE, CRATEConfig, CRATETrace, LayerTrace, forward_flops
-from .presets import get_config, list_models
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these names are imported on first use
+    from .checkpoint import create_model, load_checkpoint, load_model, save_checkpoint, save_safetensors
+    from .errors import CheckpointError, UserError
+    from .interop import register_timm_models
+    from .models import CRATE, CRATEConfig, CRATETrace, LayerTrace, forward_flops
+    from .presets import get_config, list_models
+
+# public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("CRATE", "CRATEConfig", "CRATETrace", "LayerTrace", "forward_flops"), "cratevit.models"),
+    **dict.fromkeys(
+        ("create_model", "load_checkpoint", "load_model", "save_checkpoint", "save_safetensors"), "cratevit.checkpoint"
+    ),
+    **dict.fromkeys(("CheckpointError", "UserError"), "cratevit.errors"),
+    **dict.fromkeys(("get_config", "list_models"), "cratevit.presets"),
+    "register_timm_models": "cratevit.interop.timm_models",
+}
 
 __all__ = [
     "CRATE",
@@ -37,3 +63,48 @@ __all__ = [
     "save_checkpoint",
     "save_safetensors",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cratevit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    importlib.import_module("cratevit.interop.hub")  # attaches the Hub methods to the model classes (light)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _register_with_timm() -> None:
+    importlib.import_module("cratevit.interop.timm_models")  # registers every preset on import
+
+
+class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
+    """Registers the presets with timm right after timm's own import finishes, so that ``import cratevit`` does
+    not import timm (seconds: timm imports torchvision) and ``import cratevit, timm`` still finds the models."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)  # once; and let the other finders locate timm
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register_with_timm()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if "timm" in sys.modules:
+    _register_with_timm()
+elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTimmLoads())

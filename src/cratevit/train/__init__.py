@@ -1,8 +1,19 @@
-"""Training: the run configuration and recipes (:mod:`.config`), the engine (:mod:`.engine`) and the
-multi-process helpers (:mod:`.distributed`)."""
+"""Training: the run configuration and recipes (:mod:`.config`), the engine (:mod:`.engine`), the memory
+estimate (:mod:`.memory`) and the multi-process helpers (:mod:`.distributed`).
 
-from .config import COMMAND_BASES, RECIPES, TrainConfig, base_config, resolve_config
-from .engine import Trainer, load_run_config, read_resume_checkpoint, train
+The names below are imported on first use, so that ``cratevit train --help`` (which reads the defaults from
+:mod:`.config`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    **dict.fromkeys(("COMMAND_BASES", "RECIPES", "TrainConfig", "base_config", "resolve_config"), ".config"),
+    **dict.fromkeys(("Trainer", "load_run_config", "read_resume_checkpoint", "train"), ".engine"),
+}
 
 __all__ = [
     "COMMAND_BASES",
@@ -15,3 +26,9 @@ __all__ = [
     "resolve_config",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cratevit.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)

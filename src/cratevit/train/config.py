@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import MISSING, dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import DataInfo
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..data import DataInfo
 
 __all__ = ["COMMAND_BASES", "RECIPES", "TrainConfig", "base_config", "default_of", "resolve_config"]
 
