@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "Prepared",
+    "eval_transform",
     "find_images",
     "load_image",
     "prepare",
@@ -139,3 +140,26 @@ def prepare(
             f"interpolated (bicubic) from {model_size[1]}x{model_size[0]}"
         )
     return Prepared(x, resized, original, (h, w), how)
+
+
+def eval_transform(model: Any, mean: Any = None, std: Any = None) -> tuple[Any, str]:
+    """timm's evaluation transform from the model's preprocessing metadata (``pretrained_cfg``: crop_pct,
+    interpolation, and mean/std unless given), and a description of it. For the 224-px presets this is the
+    reference evaluation, Resize(256) + CenterCrop(224), bilinear."""
+    import timm.data
+
+    size = tuple(model.config.image_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = mean if mean is not None else cfg.get("mean", IMAGENET_MEAN)
+    std = std if std is not None else cfg.get("std", IMAGENET_STD)
+    crop_pct = float(cfg.get("crop_pct") or (0.875 if min(size) >= 128 else 1.0))
+    interpolation = str(cfg.get("interpolation") or "bilinear")
+    transform = timm.data.create_transform(
+        input_size=(3, *size), interpolation=interpolation, mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
+        crop_mode="center",
+    )  # fmt: skip
+    scale = int(size[0] / crop_pct)  # timm's rule: floor(size / crop_pct)
+    return (
+        transform,
+        f"Resize({scale}) + CenterCrop({size[0]}), {interpolation} (crop_pct {crop_pct:g}: the model's metadata)",
+    )

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..presets import merged_pretrained_cfg, timm_name_for
 from ..registry import family_for
+from ..version import __version__
 from .keys import to_reference_keys
 from .read import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 
@@ -121,12 +122,83 @@ def hub_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
+PAPER_URL = "https://arxiv.org/abs/2306.01129"
+ORIGINAL_CODE_URL = "https://github.com/Ma-Lab-Berkeley/CRATE"
+
+
+def _project_url() -> str | None:
+    """This project's address as its package metadata declares it (``[project.urls]``), if it does."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("cratevit").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    return urls[0].split(",", 1)[-1].strip() if urls else None
+
+
+def model_card(model: nn.Module) -> str:
+    """The ``README.md`` of a ``save_pretrained`` folder: what the model is, how to load it and feed it, and
+    where it comes from (the paper, the original code, this project)."""
+    cfg, prep = model.config, _pretrained_cfg(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    names = prep.get("label_names") or []
+    classes = f"{cfg.num_classes} classes" + (f": {', '.join(map(str, names))}" if 0 < len(names) <= 20 else "")
+    project = _project_url()
+    made_with = f"[cratevit]({project})" if project else "cratevit (`pip install cratevit`)"
+    crop = prep.get("crop_pct", 1.0)
+    size = cfg.image_size
+    resize = f"Resize({int(size[0] / crop)}) + CenterCrop({size[0]})" if crop < 1 else f"resize to {size[1]}x{size[0]}"
+    lines = [
+        "---",
+        "library_name: cratevit",
+        "license: mit",
+        "pipeline_tag: image-classification",
+        "tags: [image-classification, timm, crate, white-box-transformer]",
+        "---",
+        "",
+        f"# {cfg.name or timm_name_for(cfg)}: a CRATE white-box vision transformer",
+        "",
+        "CRATE (Coding RAte reduction TransformEr) is a white-box transformer: each layer is one step of an "
+        "optimiser of the sparse rate reduction objective, a multi-head subspace self-attention (compression) "
+        f"followed by one ISTA step (sparsification). Paper: [White-Box Transformers via Sparse Rate Reduction]"
+        f"({PAPER_URL}) (Yu et al., NeurIPS 2023); original code: <{ORIGINAL_CODE_URL}>.",
+        "",
+        "## This model",
+        "",
+        f"- {cfg.depth} layers, width {cfg.dim}, {cfg.heads} heads of {cfg.dim_head}, "
+        f"{cfg.patch_size[0]}x{cfg.patch_size[1]} patches at {size[1]}x{size[0]} px, {n_params:,} parameters",
+        f"- classifier: {classes} ({'class token' if cfg.pool == 'cls' else 'mean token'})",
+        f"- input: RGB, {resize} ({prep.get('interpolation', 'bilinear')}), mean {tuple(prep.get('mean', ()))}, "
+        f"std {tuple(prep.get('std', ()))}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from cratevit import CRATE",
+        'model = CRATE.from_pretrained("THIS_FOLDER_OR_HUB_ID")   # eval mode, weights loaded strictly',
+        "",
+        "import cratevit, timm                                    # or through timm",
+        'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
+        "```",
+        "",
+        "`cratevit predict THIS_FOLDER IMAGE...` prints the top-5 classes of images.",
+        "",
+        f"Made with {made_with}, version {__version__}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def save_folder(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (created if needed)."""
+    """Write ``model.safetensors``, ``config.json`` and a model card ``README.md`` into ``folder`` (created if
+    needed); an existing README.md is kept."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(folder / WEIGHTS_NAME, model)
     text = json.dumps(hub_config(model), indent=2, sort_keys=True)
     with atomic_path(folder / CONFIG_NAME) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
+    if not (folder / "README.md").exists():
+        with atomic_path(folder / "README.md") as tmp:
+            tmp.write_text(model_card(model), encoding="utf-8")
     return folder

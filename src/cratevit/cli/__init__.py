@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "pca": "cratevit.cli.pca",
     "segeval": "cratevit.cli.segeval",
     "export": "cratevit.cli.export",
+    "predict": "cratevit.cli.predict",
 }
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)

@@ -29,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "recursively, e.g. an ImageFolder)",
     )
     p.add_argument("--images", nargs="+", type=Path, default=None, help="image files to use instead of --data")
+    p.add_argument(
+        "--resize",
+        choices=("crop", "direct"),
+        default="crop",
+        help="image files (a folder, --images): 'crop' = the model's evaluation preprocessing from its metadata "
+        "(Resize(size / crop_pct) + CenterCrop, its interpolation: Resize(256) + CenterCrop(224), bilinear, for the "
+        "224-px presets, as the reference evaluation); 'direct' = resize straight to the model's size",
+    )
     p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +81,7 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
     import torch
 
     from ..analysis import input_normalization
-    from ..analysis.images import find_images, load_image, prepare
+    from ..analysis.images import eval_transform, find_images, load_image, prepare
     from ..errors import UserError
 
     size, patch = model.config.image_size, model.config.patch_size
@@ -98,6 +106,10 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
         files = list(args.images) if args.images is not None else find_images(args.data)
         files = [files[i] for i in _subset(len(files), args.num_images, args.seed)]
         pils = [load_image(f) for f in files]
+        mean, std = input_normalization(spec)
+        if args.resize == "crop":
+            transform, how = eval_transform(model, mean, std)
+            return torch.stack([transform(im.convert("RGB")) for im in pils]), f"{len(files)} image files, {how}"
         what = f"{len(files)} image files resized to {size[1]}x{size[0]}"
     mean, std = input_normalization(spec)
     return torch.stack([prepare(im, size, patch, mode="model", mean=mean, std=std).tensor for im in pils]), what

@@ -95,8 +95,30 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="folder of the torchvision datasets (cifar10, cifar100, flower, pets)",
     )
     d.add_argument("--dummy", action="store_true", default=S, help="synthetic data, to benchmark the loop")
-    d.add_argument("--num-classes", dest="num_classes", type=int, default=S, help="class count of --dummy data")
+    d.add_argument(
+        "--num-classes",
+        "--classes",
+        dest="num_classes",
+        type=int,
+        default=S,
+        help="class count: of --dummy data; for other data (the original finetune.py's --classes, the new head's "
+        "size) it must match the data's",
+    )
     d.add_argument("--randomaug", "--randaug", dest="randaug", type=_bool01, default=S, help="RandAugment: 1 or 0")
+    d.add_argument(
+        "--rand_aug_n", "--randaug-n", dest="randaug_n", type=int, default=S, help="RandAugment operations (default 2)"
+    )
+    d.add_argument(
+        "--rand_aug_m", "--randaug-m", dest="randaug_m", type=int, default=S, help="RandAugment magnitude (default 14)"
+    )
+    d.add_argument(
+        "--erase_prob",
+        "--erase-prob",
+        dest="erase_prob",
+        type=float,
+        default=S,
+        help="RandomErasing probability after normalisation (default 0)",
+    )
     d.add_argument("--no-download", dest="download", action="store_false", default=S, help="never download datasets")
     d.add_argument("--workers", "-j", dest="workers", type=int, default=S, help="data loading processes")
     o = p.add_argument_group("optimisation")

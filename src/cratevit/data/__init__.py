@@ -82,12 +82,14 @@ def build_datasets(
     randaug: bool = False,
     download: bool = True,
     seed: int = 0,
+    augment: dict[str, Any] | None = None,
 ) -> tuple[Dataset, Dataset]:
     """(train, val) datasets returning ``(image tensor, label)``, ``None`` for an unreadable file.
 
     Images are normalised with the data's own mean/std (:func:`cratevit.presets.data_preprocessing`)."""
     prep = data_preprocessing(info.kind)
     mean, std = prep.mean, prep.std
+    aug = dict(augment or {})  # randaug_n, randaug_m, erase_prob (the original finetune.py's flags)
     if info.kind == "digits":
         from .digits import DigitsDataset
 
@@ -100,13 +102,21 @@ def build_datasets(
 
         make = ShapesDataset  # (split, size, image_size, seed, transform)
         return (
-            make("train", SHAPES_SIZES["train"], image_size, seed, T.transfer_train(image_size, mean, std, randaug)),
+            make(
+                "train",
+                SHAPES_SIZES["train"],
+                image_size,
+                seed,
+                T.transfer_train(image_size, mean, std, randaug, **aug),
+            ),
             make("val", SHAPES_SIZES["val"], image_size, seed, T.transfer_eval(image_size, mean, std)),
         )
     if info.kind == "transfer":
         from .transfer import make_transfer
 
-        train = make_transfer(info.name, data_dir, True, T.transfer_train(image_size, mean, std, randaug), download)
+        train = make_transfer(
+            info.name, data_dir, True, T.transfer_train(image_size, mean, std, randaug, **aug), download
+        )
         return train, make_transfer(info.name, data_dir, False, T.transfer_eval(image_size, mean, std), download)
     if info.kind == "dummy":
         from torchvision.datasets import FakeData
@@ -121,7 +131,7 @@ def build_datasets(
 
     root = Path(info.name)
     return (
-        SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug)),
+        SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug, **aug)),
         SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std)),
     )
 

@@ -28,11 +28,30 @@ def _to_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Trans
     return [v2.ToImage(), v2.RGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def imagenet_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
-    """Reference ImageNet training recipe: RandomResizedCrop + horizontal flip (+ RandAugment)."""
-    aug = [v2.RandAugment()] if randaug else []
+def _erase(erase_prob: float) -> list[v2.Transform]:
+    """The original finetune.py's RandomErasing(p) on the normalised tensor (nothing at p = 0)."""
+    return [v2.RandomErasing(p=erase_prob)] if erase_prob > 0 else []
+
+
+def imagenet_train(
+    size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    randaug: bool = False,
+    randaug_n: int = 2,
+    randaug_m: int = 9,
+    erase_prob: float = 0.0,
+) -> v2.Compose:
+    """Reference ImageNet training recipe: RandomResizedCrop + horizontal flip (+ RandAugment, + RandomErasing)."""
+    aug = [v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m)] if randaug else []
     return v2.Compose(
-        [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *aug, *_to_tensor(mean, std)]
+        [
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *aug,
+            *_to_tensor(mean, std),
+            *_erase(erase_prob),
+        ]
     )
 
 
@@ -41,9 +60,18 @@ def imagenet_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose
     return v2.Compose([v2.Resize(round(size / CROP_PCT), antialias=True), v2.CenterCrop(size), *_to_tensor(mean, std)])
 
 
-def transfer_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
-    """Fine-tuning recipe: resize to the model's size, padded random crop, flip, RandAugment(2, 14) if asked."""
-    aug = [v2.RandAugment(num_ops=2, magnitude=14)] if randaug else []
+def transfer_train(
+    size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    randaug: bool = False,
+    randaug_n: int = 2,
+    randaug_m: int = 14,
+    erase_prob: float = 0.0,
+) -> v2.Compose:
+    """Fine-tuning recipe: resize to the model's size, padded random crop, flip, RandAugment(n, m) if asked
+    (the original finetune.py's 2, 14 by default), RandomErasing(p) after normalisation if asked."""
+    aug = [v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m)] if randaug else []
     return v2.Compose(
         [
             v2.Resize((size, size), antialias=True),
@@ -51,6 +79,7 @@ def transfer_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: boo
             v2.RandomHorizontalFlip(),
             *aug,
             *_to_tensor(mean, std),
+            *_erase(erase_prob),
         ]
     )
 

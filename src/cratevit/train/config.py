@@ -39,8 +39,11 @@ class TrainConfig:
     data: str = "digits"  # digits | shapes | cifar10 | cifar100 | flower | pets | a folder with train/ and val/
     data_dir: str | None = None  # where the torchvision datasets live (or are downloaded to)
     dummy: bool = False  # synthetic data, for benchmarking the loop
-    num_classes: int | None = None  # only for --dummy (default 1000)
+    num_classes: int | None = None  # --dummy: its class count (default 1000); other data: checked against it
     randaug: bool = False
+    randaug_n: int = 2  # RandAugment operations per image (the original finetune.py's --rand_aug_n)
+    randaug_m: int = 14  # RandAugment magnitude (--rand_aug_m)
+    erase_prob: float = 0.0  # RandomErasing probability after normalisation (--erase_prob)
     download: bool = True
     workers: int | None = None
     # optimisation
@@ -102,6 +105,13 @@ def resolve_config(cfg: TrainConfig, info: DataInfo) -> TrainConfig:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.num_classes is not None and info.kind != "dummy" and cfg.num_classes != info.num_classes:
+        raise UserError(
+            f"--classes/--num-classes {cfg.num_classes} does not match {info.name}, which has {info.num_classes} "
+            f"classes; leave it out (the head follows the data) or pass {info.num_classes}"
+        )
+    if not 0.0 <= cfg.erase_prob <= 1.0:
+        raise UserError(f"--erase_prob must lie in [0, 1], got {cfg.erase_prob}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"--mixup/--cutmix need an even batch size, got {cfg.batch_size}")
     return cfg

@@ -393,8 +393,11 @@ class Trainer:
                 build_eval_dataset(self.info, self.image_size, cfg.data_dir, cfg.download, cfg.seed),
             )
         else:
+            augment = {"randaug_n": cfg.randaug_n, "erase_prob": cfg.erase_prob}
+            if self.info.kind != "folder" or cfg.randaug_m != 14:  # ImageNet keeps torchvision's magnitude 9
+                augment["randaug_m"] = cfg.randaug_m
             train_ds, val_ds = build_datasets(
-                self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed
+                self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed, augment
             )
         if train_ds is not None and len(train_ds) < cfg.batch_size:
             raise UserError(
