@@ -260,3 +260,21 @@ def test_bench_gpu_without_a_gpu_names_a_real_option():
     with pytest.raises(UserError) as info:
         cratebench.gpu_options()
     assert "--device" not in str(info.value) and "without --gpu" in str(info.value)
+
+
+@pytest.mark.slow
+def test_notebook_trains_the_small_model_it_shows_when_no_checkpoint_is_given(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = Path(__file__).resolve().parents[1] / "examples" / "emergence.ipynb"
+    monkeypatch.delenv("CRATEVIT_CHECKPOINT", raising=False)
+    monkeypatch.setenv("CRATEVIT_TRAIN_EPOCHS", "1")
+    monkeypatch.setenv("CRATEVIT_STEPS_PER_EPOCH", "3")  # the test's shortcut; the notebook trains 2 full epochs
+    monkeypatch.setenv("CRATEVIT_SHORT_SIDE", "48")
+    monkeypatch.setenv("PYTHONPATH", SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert (tmp_path / "runs" / "notebook-shapes" / "best.pt").is_file()
+    assert "runs/notebook-shapes/best.pt: 6 layers, 3 heads" in text and "random init R^c" in text

@@ -17,7 +17,7 @@ HELP = "fine-tune a pretrained model (--ckpt_dir) on cifar10, cifar100, flower o
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
+    add_config_arguments(p, "finetune")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,8 +50,11 @@ def _bool01(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> None:
     """The options of both commands; each sets the TrainConfig field named by ``dest``."""
+    from ..train.config import COMMAND_BASES
+
+    data_default = COMMAND_BASES[command].get("data", "digits")
     m = p.add_argument_group("model")
     m.add_argument(
         "--arch",
@@ -85,7 +88,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--data",
         default=S,
-        help="digits (default), shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/",
+        help=f"digits, shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/ (default "
+        f"{data_default})",
     )
     d.add_argument(
         "--data-dir",
@@ -185,7 +189,11 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="stop each epoch after N steps (quick runs)",
     )
     r.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard scalars")
-    r.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1")
+    r.add_argument(
+        "--device",
+        default=S,
+        help="where to train: auto (default: this process's GPU if there is one, else cpu), cpu, cuda, cuda:1",
+    )
     r.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's; 1 on digits)")
     r.add_argument("--resume", default=None, metavar="PATH", help="continue a run: its directory or last.pt")
     r.add_argument("--evaluate", "-e", action="store_true", help="only evaluate (--resume or --pretrained weights)")
