@@ -94,8 +94,8 @@ class BenchOptions:
         get_config(self.preset, image_size=self.image_size)  # an unknown preset or size fails here, with its fix
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(
-                "a CUDA device was asked for (cratevit bench --gpu) but torch sees none; run `cratevit bench` "
-                "without --gpu for the CPU comparison"
+                "cratevit bench --gpu needs a GPU but torch sees no CUDA device; run `cratevit bench` without --gpu "
+                "for the CPU comparison"
             )
         for name in self.models:
             if name not in CRATE_VARIANTS and not name.startswith("vit_"):
