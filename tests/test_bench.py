@@ -87,13 +87,9 @@ def test_training_peak_memory_probe_runs_in_a_fresh_process():
     assert 100 < peak < 4000
 
 
-def test_coding_rate_gram_form_agrees_with_direct_under_two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        rc = coding_rate_timings(images=4, tokens=197, heads=6, dim_head=64, repeats=1)
-    finally:
-        torch.set_num_threads(before)
+def test_coding_rate_gram_form_agrees_with_direct_under_two_threads(torch_threads):
+    torch_threads(2)
+    rc = coding_rate_timings(images=4, tokens=197, heads=6, dim_head=64, repeats=1)
     assert rc["nan"] == 0.0
     assert rc["max_rel_diff"] < 1e-10
     assert rc["direct"] > 0 and rc["gram"] > 0
