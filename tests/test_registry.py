@@ -59,6 +59,7 @@ class ToyModel(nn.Module):
 @pytest.fixture
 def toy_family(monkeypatch):
     """The toy family and its preset ``toy_small``, registered for one test (the registries are restored)."""
+    import cratevit.presets as presets
     import cratevit.registry as registry
 
     monkeypatch.setitem(registry._FAMILIES, "toy", Family("toy", ToyModel, ToyConfig, "a toy family", trace=None))
@@ -67,11 +68,14 @@ def toy_family(monkeypatch):
         "toy",
         KeyTable(body=(("emb.{p}", "embed.{p}"), ("fc.{p}", "head.{p}")), reference_markers=("emb.",)),
     )
-    monkeypatch.setattr("cratevit.presets.PRESETS", dict(PRESETS))
-    monkeypatch.setattr("cratevit.presets.PRESET_INFO", dict(PRESET_INFO))
+    tables = (PRESETS, PRESET_INFO, presets._ALIASES)  # shared by every module: restored in place
+    saved = [dict(t) for t in tables]
     register_preset("toy_small", ToyConfig(), preprocessing=HALF)
     attach_hub_methods()
     yield
+    for table, before in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(before)
     for name in ("save_pretrained", "push_to_hub", "from_pretrained"):
         delattr(ToyModel, name)
 
