@@ -80,3 +80,25 @@ def test_the_dev_extra_installs_every_other_extra():
     (dev_extras,) = re.findall(r'"cratevit\[([^\]]+)\]"', section)
     assert {"dev", "tensorboard", "onnx"} <= extras
     assert set(dev_extras.split(",")) == extras - {"dev"}
+
+
+def test_a_library_bug_keeps_its_traceback_and_says_so(monkeypatch, capsys):
+    """Only UserError (CheckpointError, ExportError ...) and missing/unreadable files become one line; a bare
+    ValueError from library code is a bug: traceback, then a line asking to report it."""
+    import cratevit.cli.info
+
+    def broken(args):
+        raise ValueError("internal inconsistency")
+
+    monkeypatch.setattr(cratevit.cli.info, "run", broken)
+    assert main(["info", "crate_debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: internal inconsistency" in err
+    assert "this is a bug in cratevit" in err.splitlines()[-1]
+
+    def missing(args):
+        raise FileNotFoundError("no x.pt")
+
+    monkeypatch.setattr(cratevit.cli.info, "run", missing)
+    assert main(["info", "crate_debug"]) == 2
+    assert capsys.readouterr().err.strip() == "cratevit info: error: no x.pt"
