@@ -183,7 +183,7 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here; turn each into one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL " in str(e):  # a class or function the file wants to import
             raise CheckpointError(
                 f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
                 f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
@@ -513,7 +513,27 @@ def load_checkpoint(
     model = CRATE(config=cfg)
     hint = _misfit_hint(arch, stored, meta)
     load_state_dict_strict(model, state, source=str(path), name_in_file=_namer(state, meta), hint=hint)
+    warn_non_finite(state, path)
     return model
+
+
+def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """The floating-point tensors that hold NaN or infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
+def warn_non_finite(state: Mapping[str, Tensor], path: str | Path) -> list[str]:
+    """Warn (once, one line) when a checkpoint's weights hold NaN or infinity: its outputs will be NaN."""
+    bad = non_finite_keys(state)
+    if bad:
+        import warnings
+
+        from .cli import CratevitWarning
+
+        warnings.warn(f"{path} holds non-finite weights (NaN or infinity in {len(bad)} of {len(state)} tensors, "
+                      f"e.g. {bad[0]}): the model's outputs will not be numbers; use an earlier checkpoint",
+                      CratevitWarning, stacklevel=3)  # fmt: skip
+    return bad
 
 
 # --------------------------------------------------------------------------------------------- writing

@@ -9,8 +9,10 @@ one line, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import warnings
 
 # name -> module; the order is the order of ``cratevit --help``.
 COMMANDS: dict[str, str] = {
@@ -29,6 +31,23 @@ COMMANDS: dict[str, str] = {
 
 class UserError(Exception):
     """An error whose message tells the user what to fix; printed without a traceback."""
+
+
+class CratevitWarning(UserWarning):
+    """A warning for the user (non-finite weights, a skipped file); the command prints it as one line."""
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # plus PermissionError (EACCES, EPERM)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, CratevitWarning):
+        print(f"cratevit: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("cratevit: interrupted", file=sys.stderr)
         return 130
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"cratevit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk while writing outputs
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"cratevit {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free "
+              f"space or choose another output folder", file=sys.stderr)  # fmt: skip
         return 2

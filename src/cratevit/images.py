@@ -21,7 +21,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "ImageTooLarge",
     "Prepared",
+    "check_size",
     "find_images",
     "load_image",
     "prepare",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's constants
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (~89.5 Mpx): --max-pixels
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ResizeMode = Literal["keep-aspect", "model"]
 
@@ -49,21 +53,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; errors name the file."""
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than the limit: it is refused before it is decoded."""
+
+
+def check_size(img: Image.Image, path: str | Path, max_pixels: int | None) -> None:
+    """Refuse (before decoding) an image larger than ``max_pixels`` (``None``: no limit)."""
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise ImageTooLarge(f"{path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), more than "
+                            f"--max-pixels {max_pixels} ({max_pixels / 1e6:.1f} Mpx); downscale it, or raise "
+                            f"--max-pixels if you have the memory and time")  # fmt: skip
+
+
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Open an image file as RGB; errors name the file. Images over ``max_pixels`` are refused before decoding
+    (a 140 KB PNG can claim 12000x12000 pixels)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; pass image files (or use the folder option of the command)")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit applies (PIL's would only warn between 1x and 2x of it)
         with Image.open(path) as img:
+            check_size(img, path, max_pixels)
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageTooLarge):
+            raise
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise ValueError(f"{path} is not a readable image file ({reason}); pass a PNG, JPEG or other image") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def find_images(folder: str | Path) -> list[Path]:

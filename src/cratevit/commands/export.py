@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or format_for(args.output)
     source = Path(args.checkpoint)
     model = CRATE.from_pretrained(source) if source.is_dir() else load_checkpoint(source, arch=args.arch, heads=args.heads)
+    if source.is_dir():
+        from ..checkpoint import warn_non_finite
+
+        warn_non_finite(model.state_dict(), source)
     options: dict[str, object] = {}
     if fmt == "safetensors":
         options["reference_keys"] = args.reference_keys

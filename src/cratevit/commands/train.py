@@ -144,6 +144,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="stop each epoch after N steps (quick runs)",
     )
+    r.add_argument(
+        "--save-every",
+        dest="save_every",
+        type=int,
+        default=S,
+        help="also write last.pt every N steps (default: every 10 minutes; 0: at epoch ends only)",
+    )
     r.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard scalars")
     r.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1")
     r.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's; 1 on digits)")
@@ -158,14 +165,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     from dataclasses import fields, replace
+    from pathlib import Path
 
-    from ..engine import TrainConfig, load_run_config, read_resume_checkpoint, train
+    from ..engine import TrainConfig, load_run_config, read_resume_checkpoint, resume_path, train
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     state = read_resume_checkpoint(args.resume) if args.resume else None
     if state is not None:  # the run's own configuration; options given now override it (e.g. more --epochs)
-        base = TrainConfig.from_dict(dict(state["train_config"]))
+        base = TrainConfig.from_dict(dict(state["train_config"]), source=f"--resume {args.resume}")
+        if "output" not in given:  # continue in the run's own directory, from whatever working directory
+            given["output"] = str(Path(resume_path(args.resume).parent).absolute())
     elif args.config:
         base = load_run_config(args.config)
     else:
