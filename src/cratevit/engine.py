@@ -452,7 +452,7 @@ class MetricsLog:
         self.lines = 0
         self.writer = None
         if self.path is not None:
-            old = self.path.read_text().splitlines(keepends=True)[:keep] if self.path.exists() else []
+            old = self.path.read_text().splitlines(keepends=True)[:keep] if keep != 0 and self.path.exists() else []
             old = [line for line in old if line.endswith("\n")]  # a line cut by a kill is not a record
             with writing(self.path):
                 self.path.write_text("".join(old))
