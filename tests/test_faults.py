@@ -3,6 +3,7 @@ two runs on one directory, unreadable data, full disks) and one clear line for e
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -50,10 +51,8 @@ def last_logged_step(run: Path) -> int:
         return 0
     steps = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
             steps.append(json.loads(line)["global_step"])
-        except json.JSONDecodeError:  # a line being written
-            pass
     return max(steps, default=0)
 
 
@@ -364,14 +363,17 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
 
 
 TRAIN_CASES = [
-    (["--config", "{yaml}"], "--config {yaml} is not valid YAML/JSON at line 2, column 3 (expected ',' or ']', but got ':')"),
+    (
+        ["--config", "{yaml}"],
+        "--config {yaml} is not valid YAML/JSON at line 2, column 3 (expected ',' or ']', but got ':')",
+    ),
     (["--config", "{typed}"], "option 'epochs' in --config {typed} must be an integer or null, got '3' (str)"),
     (["--config", "{list}"], "--config {list} holds a list, not a mapping of training options"),
     (["--config", "{unknown}"], "unknown training option(s) ['epoch'] in --config {unknown}"),
     (["--config", "{random}"], "--config {random} is not a readable checkpoint (truncated, corrupt"),
     (["--resume", "{random}"], "--resume {random} is not a readable checkpoint (truncated, corrupt"),
     (["--model-kwargs", '{"bogus": 1}'], "--model-kwargs: unknown CRATE option(s) ['bogus']; CRATE options:"),
-    (["--model-kwargs", '{"depth": "x"}'], "cannot build crate_debug with --model-kwargs {\"depth\": \"x\"}"),
+    (["--model-kwargs", '{"depth": "x"}'], 'cannot build crate_debug with --model-kwargs {"depth": "x"}'),
     (["--threads", "-2"], "--threads must be a positive number of CPU threads, got -2"),
     (["--steps-per-epoch", "-1"], "--steps-per-epoch must be a positive number of steps, got -1"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
