@@ -198,6 +198,10 @@ def test_a_nan_checkpoint_is_warned_about(tmp_path, capsys):
     assert main(["export", str(path), "--output", str(tmp_path / "nan.safetensors")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cratevit: warning: ") and "blocks.0.ista.dictionary" in err[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["attention", str(path), str(tmp_path / "x.png"), "-o", str(tmp_path / "att")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cratevit: warning: {path} holds non-finite weights")
 
 
 # ------------------------------------------------------------------------------------------- the run directory
