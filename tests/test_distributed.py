@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cratevit import create_model
-from cratevit.distributed import DistInfo, all_reduce_sum, any_true, init_distributed
+from cratevit.train.distributed import DistInfo, all_reduce_sum, any_true, init_distributed
 
 # The default digits recipe (crate_digits, AdamW, label smoothing, clipping), three steps of the global batch 64.
 RECIPE = ["--epochs", "1", "--steps-per-epoch", "3", "--seed", "1", "--workers", "0", "--print-freq", "1"]

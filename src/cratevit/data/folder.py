@@ -13,13 +13,15 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UserError
+
 __all__ = ["SafeImageFolder", "check_image_folder", "load_image"]
 
 
 def load_image(path: str) -> Image.Image | None:
     """The image as 8-bit RGB (16-bit and float images scaled to their range, as ``cratevit attention`` does), or
     ``None`` (with a warning naming the file) if it cannot be decoded or has more pixels than PIL's limit."""
-    from ..images import MAX_PIXELS, check_size, to_rgb
+    from .decode import MAX_PIXELS, check_size, to_rgb
 
     try:
         with open(path, "rb") as f:
@@ -74,7 +76,7 @@ def check_image_folder(root: str | Path) -> list[str]:
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise ValueError(
+        raise UserError(
             f"train/ and val/ of {root} have different classes (only in train: {only_train[:5]}, only in val: "
             f"{only_val[:5]}); both need the same class sub-folders"
         )
