@@ -326,8 +326,8 @@ def test_one_unreadable_image_among_many_is_skipped_and_the_rest_finished(tmp_pa
 
 
 def test_max_pixels_default_is_pils_limit():
-    from cratevit.cli.attention import MAX_PIXELS
     from cratevit.analysis.images import MAX_PIXELS as LIMIT
+    from cratevit.cli.attention import MAX_PIXELS
 
     assert MAX_PIXELS == LIMIT == Image.MAX_IMAGE_PIXELS
 
