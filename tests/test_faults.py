@@ -374,9 +374,18 @@ TRAIN_CASES = [
     (["--config", "{typed}"], "option 'epochs' in --config {typed} must be an integer or null, got '3' (str)"),
     (["--config", "{list}"], "--config {list} holds a list, not a mapping of training options"),
     (["--config", "{unknown}"], "unknown training option(s) ['epoch'] in --config {unknown}"),
-    (["--config", "{random}"], "--config {random} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): Unsupported operand"),
-    (["--resume", "{random}"], "--resume {random} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): Unsupported operand"),
-    (["--model-kwargs", '{"bogus": 1}'], "--model-kwargs: unknown crate_debug option(s) ['bogus']; its options: ['attn_impl',"),
+    (
+        ["--config", "{random}"],
+        "--config {random} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): Unsupported operand",
+    ),
+    (
+        ["--resume", "{random}"],
+        "--resume {random} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): Unsupported operand",
+    ),
+    (
+        ["--model-kwargs", '{"bogus": 1}'],
+        "--model-kwargs: unknown crate_debug option(s) ['bogus']; its options: ['attn_impl',",
+    ),
     (["--model-kwargs", '{"depth": "x"}'], 'cannot build crate_debug with --model-kwargs {"depth": "x"}'),
     (["--threads", "-2"], "--threads must be a positive number of CPU threads, got -2"),
     (["--steps-per-epoch", "-1"], "--steps-per-epoch must be a positive number of steps, got -1"),
