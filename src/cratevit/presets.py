@@ -56,8 +56,13 @@ class Preprocessing:
     interpolation: str = "bilinear"  # torchvision's default, which the reference used
 
     def to_cfg(self) -> dict[str, Any]:
-        return {"mean": tuple(self.mean), "std": tuple(self.std), "crop_pct": self.crop_pct,
-                "crop_mode": "center", "interpolation": self.interpolation}  # fmt: skip
+        return {
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "interpolation": self.interpolation,
+        }
 
 
 IMAGENET = Preprocessing()
@@ -105,8 +110,16 @@ def register_preset(
     return cfg
 
 
-def _vit(name: str, dim: int, heads: int, depth: int, patch: int = 16, image: int = 224,
-         preprocessing: Preprocessing | None = None, **kw: Any) -> None:  # fmt: skip
+def _vit(
+    name: str,
+    dim: int,
+    heads: int,
+    depth: int,
+    patch: int = 16,
+    image: int = 224,
+    preprocessing: Preprocessing | None = None,
+    **kw: Any,
+) -> None:
     register_preset(
         name,
         CRATEConfig(image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw),
@@ -188,7 +201,11 @@ def pretrained_cfg_for(config: Any, preprocessing: Preprocessing | Mapping[str, 
     if preprocessing is None:
         preprocessing = preprocessing_for(config)
     prep = preprocessing.to_cfg() if isinstance(preprocessing, Preprocessing) else dict(preprocessing)
-    return {**geometry_cfg(config), **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}, **family.paper}
+    return {
+        **geometry_cfg(config),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()},
+        **family.paper,
+    }
 
 
 # timm's pretrained_cfg keys that say where weights come from; a saved folder must not point back to its source.

@@ -73,9 +73,12 @@ def load_state_dict_strict(
                 del state[k]
     missing = [k for k in own if k not in state and not (drop_head and k in HEAD_KEYS)]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             + (f" ({name_in_file(k)} in the file)" if name_in_file and name_in_file(k) != k else "")
-             for k in state if k in own and state[k].shape != own[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        + (f" ({name_in_file(k)} in the file)" if name_in_file and name_in_file(k) != k else "")
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -86,9 +89,12 @@ def load_state_dict_strict(
                 names = [name_in_file(k) for k in keys[:6]] if name_in_file else keys[:6]
                 if names != keys[:6]:
                     parts[-1] += f" (in the file: {names})"
-        hint = hint or ("the checkpoint is for another architecture; build the matching preset, or load it with "
-                        "load_checkpoint(path, arch='auto')" if not drop_head
-                        else "the checkpoint body does not match this architecture")  # fmt: skip
+        hint = hint or (
+            "the checkpoint is for another architecture; build the matching preset, or load it with "
+            "load_checkpoint(path, arch='auto')"
+            if not drop_head
+            else "the checkpoint body does not match this architecture"
+        )
         only_head = not missing and not unexpected and all(w.split(":")[0] in HEAD_KEYS for w in wrong)
         if only_head:
             hint = "the classifier has another class count; pass drop_head=True (or num_classes=) to re-initialise it"
@@ -133,8 +139,10 @@ def _misfit_hint(arch: Any, stored: Any, meta: Mapping[str, Any]) -> str | None:
     if arch is not None and arch != "auto":
         return None
     if arch is None and stored is None and recorded_preset(meta) is not None:
-        return (f"the file's arch entry {meta['arch']!r} does not fit its tensors: the file is damaged, or load it "
-                f"with load_checkpoint(path, arch='auto') to read the architecture from the shapes")  # fmt: skip
+        return (
+            f"the file's arch entry {meta['arch']!r} does not fit its tensors: the file is damaged, or load it "
+            f"with load_checkpoint(path, arch='auto') to read the architecture from the shapes"
+        )
     return "the file is damaged or incomplete: its tensors do not match the architecture it describes"
 
 
@@ -168,9 +176,12 @@ def warn_non_finite(state: Mapping[str, Tensor], path: str | Path) -> list[str]:
     """Warn (one line) when a checkpoint's weights hold NaN or infinity: the model's outputs will be NaN."""
     bad = non_finite_keys(state)
     if bad:
-        warnings.warn(f"{path} holds non-finite weights (NaN or infinity in {len(bad)} of {len(state)} tensors, "
-                      f"e.g. {bad[0]}): the model's outputs will not be numbers; use an earlier checkpoint",
-                      CratevitWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{path} holds non-finite weights (NaN or infinity in {len(bad)} of {len(state)} tensors, "
+            f"e.g. {bad[0]}): the model's outputs will not be numbers; use an earlier checkpoint",
+            CratevitWarning,
+            stacklevel=3,
+        )
     return bad
 
 

@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        print(f"cratevit {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free "
-              f"space or choose another output folder", file=sys.stderr)  # fmt: skip
+        print(
+            f"cratevit {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free "
+            f"space or choose another output folder",
+            file=sys.stderr,
+        )
         return 2
     except Exception:
         traceback.print_exc()

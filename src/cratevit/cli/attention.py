@@ -11,17 +11,27 @@ HELP = "per-head [CLS] attention maps of images: heat maps, top-mass masks, over
 
 def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared with ``cratevit pca``: ``[CKPT] IMAGE...``, ``--checkpoint``, sizes, layer, output."""
-    p.add_argument("inputs", nargs="+", metavar="[CKPT] IMAGE",
-                   help="a checkpoint file (or a preset name: random weights) followed by image files or folders; "
-                        "without the checkpoint when --checkpoint is given")  # fmt: skip
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[CKPT] IMAGE",
+        help="a checkpoint file (or a preset name: random weights) followed by image files or folders; "
+        "without the checkpoint when --checkpoint is given",
+    )
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="the checkpoint (instead of the first input)")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--layer", type=int, default=-1, help="layer index (0-based; negative counts from the end)")
-    p.add_argument("--resize", choices=("keep-aspect", "model"), default="keep-aspect",
-                   help="keep-aspect: scale the shorter side to --size and interpolate the positional embedding; "
-                        "model: resize to the model's training size")  # fmt: skip
+    p.add_argument(
+        "--resize",
+        choices=("keep-aspect", "model"),
+        default="keep-aspect",
+        help="keep-aspect: scale the shorter side to --size and interpolate the positional embedding; "
+        "model: resize to the model's training size",
+    )
     p.add_argument("--size", type=int, default=None, help="shorter side for keep-aspect (default: the model's size)")
     add_max_pixels_argument(p)
     p.add_argument(
@@ -44,9 +54,14 @@ MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXEL
 
 
 def add_max_pixels_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=MAX_PIXELS,
-                   help="refuse images with more pixels than this before decoding them (default: PIL's "
-                        "decompression-bomb limit); 0: no limit")  # fmt: skip
+    p.add_argument(
+        "--max-pixels",
+        dest="max_pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="refuse images with more pixels than this before decoding them (default: PIL's "
+        "decompression-bomb limit); 0: no limit",
+    )
 
 
 def read_images(args: argparse.Namespace, files: list) -> tuple[list, list, list[dict[str, str]]]:
@@ -82,8 +97,10 @@ def fail_if_skipped(skipped: list[dict[str, str]], total: int, summary: Path) ->
         raise UserError(f"none of the {total} images could be read (first: {skipped[0]['error']})")
     if skipped:
         names = ", ".join(s["image"] for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        raise UserError(f"{len(skipped)} of {total} images could not be read ({names}); the other {total - len(skipped)} "
-                        f"are done and listed in {summary}")  # fmt: skip
+        raise UserError(
+            f"{len(skipped)} of {total} images could not be read ({names}); the other {total - len(skipped)} "
+            f"are done and listed in {summary}"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,12 +195,27 @@ def run(args: argparse.Namespace) -> int:
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
         title = f"{path.name}: layer {args.layer % len(model.blocks)}, top {args.threshold:.0%} of attention mass"
         save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
-        records.append({"image": str(path), "folder": str(folder), "preprocessing": prep.how,
-                        "input_size": list(prep.input_size), "grid": list(maps.shape[1:]), "heads": int(maps.shape[0])})  # fmt: skip
+        records.append(
+            {
+                "image": str(path),
+                "folder": str(folder),
+                "preprocessing": prep.how,
+                "input_size": list(prep.input_size),
+                "grid": list(maps.shape[1:]),
+                "heads": int(maps.shape[0]),
+            }
+        )
         print(f"{path}: {maps.shape[0]} heads, {prep.how} -> {folder}")
-    info = {"checkpoint": spec, "layer": args.layer, "threshold": args.threshold, "mean": mean, "std": std,
-            "maps": "class-token attention to each patch, upsampled (nearest) to the image size", "images": records,
-            "skipped": skipped}  # fmt: skip
+    info = {
+        "checkpoint": spec,
+        "layer": args.layer,
+        "threshold": args.threshold,
+        "mean": mean,
+        "std": std,
+        "maps": "class-token attention to each patch, upsampled (nearest) to the image size",
+        "images": records,
+        "skipped": skipped,
+    }
     (args.out / "attention.json").write_text(json.dumps(info, indent=2))
     fail_if_skipped(skipped, len(files), args.out / "attention.json")
     return 0

@@ -42,6 +42,8 @@ class ImageTooLarge(UserError):
 def check_size(img: Image.Image, path: str | Path, max_pixels: int | None) -> None:
     """Refuse (before decoding) an image larger than ``max_pixels`` (``None``: no limit)."""
     if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageTooLarge(f"{path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), more than "
-                            f"--max-pixels {max_pixels} ({max_pixels / 1e6:.1f} Mpx); downscale it, or raise "
-                            f"--max-pixels if you have the memory and time")  # fmt: skip
+        raise ImageTooLarge(
+            f"{path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} Mpx), more than "
+            f"--max-pixels {max_pixels} ({max_pixels / 1e6:.1f} Mpx); downscale it, or raise "
+            f"--max-pixels if you have the memory and time"
+        )

@@ -83,8 +83,13 @@ class TrainConfig:
         return cls(**d)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-                                       "dict[str, Any]": (dict,)}  # fmt: skip
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "dict[str, Any]": (dict,),
+}
 
 
 def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
@@ -95,8 +100,13 @@ def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
         return
     ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
     if not ok:
-        want = {"dict[str, Any]": "a mapping", "str": "a string", "int": "an integer", "float": "a number",
-                "bool": "true or false"}[base] + (" or null" if optional else "")  # fmt: skip
+        want = {
+            "dict[str, Any]": "a mapping",
+            "str": "a string",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+        }[base] + (" or null" if optional else "")
         raise UserError(f"option {name!r} in {source} must be {want}, got {value!r} ({type(value).__name__})")
 
 

@@ -82,11 +82,13 @@ def load_run_config(path: str | Path) -> TrainConfig:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
             reason = getattr(e, "problem", None) or type(e).__name__
-            raise UserError(f"--config {path} is not valid YAML/JSON{at} ({reason}); fix the file or pass a "
-                            f"run's config.json") from None  # fmt: skip
+            raise UserError(
+                f"--config {path} is not valid YAML/JSON{at} ({reason}); fix the file or pass a run's config.json"
+            ) from None
         return TrainConfig.from_dict(obj, source=f"--config {path}")
-    return TrainConfig.from_dict(dict(read_resume_checkpoint(path, option="--config")["train_config"]),
-                                 source=f"--config {path}")  # fmt: skip
+    return TrainConfig.from_dict(
+        dict(read_resume_checkpoint(path, option="--config")["train_config"]), source=f"--config {path}"
+    )
 
 
 def resume_path(path: str | Path, option: str = "--resume") -> Path:
@@ -107,8 +109,10 @@ def read_resume_checkpoint(path: str | Path, option: str = "--resume") -> dict[s
     except CheckpointError as e:  # corrupt, truncated, or not a checkpoint: one line
         raise UserError(f"{option} {e}") from None
     if not isinstance(obj, dict) or "train_config" not in obj or "optimizer" not in obj:
-        raise UserError(f"{option} {path} is not a cratevit training checkpoint (no optimizer state); "
-                        f"use --pretrained to start from its weights instead")  # fmt: skip
+        raise UserError(
+            f"{option} {path} is not a cratevit training checkpoint (no optimizer state); "
+            f"use --pretrained to start from its weights instead"
+        )
     return obj
 
 
@@ -129,16 +133,23 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         if unknown:
             raise UserError(f"--model-kwargs: unknown {cfg.arch} option(s) {unknown}; its options: {sorted(known)}")
         try:
-            return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size,
-                                patch_size=cfg.patch_size, **(cfg.model_kwargs or {}))  # fmt: skip
+            return create_model(
+                cfg.arch,
+                num_classes=num_classes,
+                image_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+                **(cfg.model_kwargs or {}),
+            )
         except (TypeError, ValueError) as e:
             given = f" with --model-kwargs {json.dumps(cfg.model_kwargs)}" if cfg.model_kwargs else ""
             raise UserError(f"cannot build {cfg.arch}{given}: {e}") from None
     import timm
 
     if not timm.is_model(cfg.arch):
-        raise UserError(f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
-                         f"nor a timm model name (see timm.list_models())")  # fmt: skip
+        raise UserError(
+            f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
+            f"nor a timm model name (see timm.list_models())"
+        )
     kwargs: dict[str, Any] = {**(cfg.model_kwargs or {}), "num_classes": num_classes}
     if cfg.image_size is not None:
         kwargs["img_size"] = cfg.image_size
@@ -244,8 +255,10 @@ class RunLock:
             self.file.seek(0)
             pid = self.file.read().strip() or "?"
             self.file.close()
-            raise UserError(f"{run_dir} is in use by another cratevit run (pid {pid}); wait for it to end, or "
-                            f"choose another --output") from None  # fmt: skip
+            raise UserError(
+                f"{run_dir} is in use by another cratevit run (pid {pid}); wait for it to end, or "
+                f"choose another --output"
+            ) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")
@@ -338,9 +351,14 @@ class MetricsLog:
             self.writer.close()
 
 
-WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied", errno.EFBIG: "the file is too large"}  # fmt: skip
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EFBIG: "the file is too large",
+}
 
 
 @contextmanager
@@ -351,8 +369,9 @@ def writing(path: Path, note: str = "") -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
-        raise UserError(f"cannot write {path}: {WRITE_ERRORS[e.errno]} ({e.strerror}){note}; free space or choose "
-                        f"another --output") from None  # fmt: skip
+        raise UserError(
+            f"cannot write {path}: {WRITE_ERRORS[e.errno]} ({e.strerror}){note}; free space or choose another --output"
+        ) from None
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
@@ -400,8 +419,7 @@ class Progress:
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
             return
-        text = (f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} "
-                f"{stats['img_s']:.0f} img/s")  # fmt: skip
+        text = f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} {stats['img_s']:.0f} img/s"
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
@@ -417,8 +435,14 @@ class Progress:
 class Trainer:
     """Builds the model, data, optimiser and schedule of a run, and trains, evaluates and checkpoints it."""
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo, resume: str | None = None, evaluate_only: bool = False,
-                 resume_state: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        resume: str | None = None,
+        evaluate_only: bool = False,
+        resume_state: dict[str, Any] | None = None,
+    ):
         self.dist = dist
         if resume and resume_state is None:
             resume_state = read_resume_checkpoint(resume)
@@ -484,30 +508,47 @@ class Trainer:
         if self.dist.is_main and run_dir.is_dir():
             RunLock.check(run_dir)  # another run is writing there: say so before anything else
         if not resume and (run_dir / "last.pt").exists():
-            raise UserError(f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir}, "
-                             f"or choose another --output")  # fmt: skip
+            raise UserError(
+                f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir}, "
+                f"or choose another --output"
+            )
         return run_dir if self.dist.is_main else None
 
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download,
-                                          cfg.seed)  # fmt: skip
+        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed)
         if len(train_ds) < cfg.batch_size:
-            raise UserError(f"the training set has {len(train_ds)} images, fewer than --batch-size "
-                             f"{cfg.batch_size}; lower the batch size")  # fmt: skip
+            raise UserError(
+                f"the training set has {len(train_ds)} images, fewer than --batch-size "
+                f"{cfg.batch_size}; lower the batch size"
+            )
         self.train_sampler = EpochSampler(len(train_ds), cfg.seed, True, dist.rank, dist.world_size)
         self.val_sampler = EpochSampler(len(val_ds), cfg.seed, False, dist.rank, dist.world_size, pad=False)
-        common = {"num_workers": cfg.workers, "collate_fn": collate_skip, "worker_init_fn": ignore_stop_signals,
-                  "pin_memory": dist.device.type == "cuda", "persistent_workers": False}  # fmt: skip
+        common = {
+            "num_workers": cfg.workers,
+            "collate_fn": collate_skip,
+            "worker_init_fn": ignore_stop_signals,
+            "pin_memory": dist.device.type == "cuda",
+            "persistent_workers": False,
+        }
         # Each loader draws its workers' base seed from its own generator, not from the global RNG: creating an
         # iterator after --resume restored the RNG state must not shift the dropout masks of the next steps.
         # (Augmentation does not depend on it: SeededDataset seeds every sample.)
-        self.train_loader = torch.utils.data.DataLoader(SeededDataset(train_ds), batch_size=self.local_batch,
-                                                        sampler=self.train_sampler, drop_last=True,
-                                                        generator=torch.Generator().manual_seed(cfg.seed), **common)  # fmt: skip
-        self.val_loader = torch.utils.data.DataLoader(SeededDataset(val_ds), batch_size=self.local_batch,
-                                                      sampler=self.val_sampler,
-                                                      generator=torch.Generator().manual_seed(cfg.seed), **common)  # fmt: skip
+        self.train_loader = torch.utils.data.DataLoader(
+            SeededDataset(train_ds),
+            batch_size=self.local_batch,
+            sampler=self.train_sampler,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **common,
+        )
+        self.val_loader = torch.utils.data.DataLoader(
+            SeededDataset(val_ds),
+            batch_size=self.local_batch,
+            sampler=self.val_sampler,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **common,
+        )
         self.steps_per_epoch = len(self.train_loader)
         if cfg.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
@@ -520,19 +561,30 @@ class Trainer:
 
         cfg = self.cfg
         try:
-            self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer.lower(), lr=cfg.lr,
-                                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum)  # fmt: skip
+            self.optimizer = create_optimizer_v2(
+                self.model, opt=cfg.optimizer.lower(), lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            )
         except (AssertionError, ValueError) as e:
             raise UserError(f"--optimizer {cfg.optimizer!r}: {e}; try lion, adamw or sgd") from None
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.lr * 0.01, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
-        )  # fmt: skip
+            self.optimizer,
+            sched="cosine",
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.01,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                               num_classes=self.info.num_classes)  # fmt: skip
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.info.num_classes,
+            )
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         elif cfg.label_smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
@@ -549,13 +601,21 @@ class Trainer:
         """A checkpoint that :meth:`_load_state` continues from exactly (``rng_ranks``: every process's RNG)."""
         log = getattr(self, "log", None)
         return checkpoint_payload(
-            self.model, self.cfg.arch,
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            batch_in_epoch=self.batch_in_epoch, global_step=self.global_step, best_top1=self.best_top1,
-            rng=rng_state(), rng_ranks=rng_ranks, metrics_lines=log.lines if log else 0,
+            self.model,
+            self.cfg.arch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            global_step=self.global_step,
+            best_top1=self.best_top1,
+            rng=rng_state(),
+            rng_ranks=rng_ranks,
+            metrics_lines=log.lines if log else 0,
             train_config=asdict(self.cfg),
-        )  # fmt: skip
+        )
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
         if is_family_model(self.model):
@@ -606,8 +666,10 @@ class Trainer:
         if self.run_dir is None:
             kept = "the first process writes the checkpoints; lower --lr or set --clip-grad"
         elif (self.run_dir / "last.pt").exists():
-            kept = (f"the last good checkpoint {self.run_dir / 'last.pt'} is kept: continue from it with --resume "
-                    f"{self.run_dir} and a lower --lr (or set --clip-grad)")  # fmt: skip
+            kept = (
+                f"the last good checkpoint {self.run_dir / 'last.pt'} is kept: continue from it with --resume "
+                f"{self.run_dir} and a lower --lr (or set --clip-grad)"
+            )
         else:
             kept = f"no checkpoint was written yet in {self.run_dir}: start again with a lower --lr or set --clip-grad"
         return Diverged(f"the {what} became {value} at {where}; stopped before saving non-finite weights; {kept}")
@@ -634,8 +696,9 @@ class Trainer:
             with writing(self.run_dir / "config.json"):
                 (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         resumed = self.global_step > 0 or self.epoch > 0
-        self.log = MetricsLog(self.run_dir, cfg.tensorboard, keep=self.metrics_lines,
-                              purge_step=self.global_step + 1 if resumed else None)  # fmt: skip
+        self.log = MetricsLog(
+            self.run_dir, cfg.tensorboard, keep=self.metrics_lines, purge_step=self.global_step + 1 if resumed else None
+        )
         self._plotted = time.perf_counter()
         self._announce()
         try:
@@ -644,9 +707,11 @@ class Trainer:
                     signum = self.train_epoch(stop)
                     if signum:
                         self.save("last.pt")
-                        self._say(f"stopped by signal {signal_name(signum)} at epoch {self.epoch} step "
-                                  f"{self.step_in_epoch}; saved {self.run_dir / 'last.pt' if self.run_dir else ''}; "
-                                  f"continue with --resume {self.run_dir}")  # fmt: skip
+                        self._say(
+                            f"stopped by signal {signal_name(signum)} at epoch {self.epoch} step "
+                            f"{self.step_in_epoch}; saved {self.run_dir / 'last.pt' if self.run_dir else ''}; "
+                            f"continue with --resume {self.run_dir}"
+                        )
                         return 128 + signum
                     self.end_epoch()
         finally:
@@ -661,10 +726,12 @@ class Trainer:
     def _announce(self) -> None:
         cfg = self.cfg
         n_params = sum(p.numel() for p in self.model.parameters())
-        self._say(f"cratevit: {cfg.arch} ({n_params:,} params, {self.image_size}px) on {self.info.name} "
-                  f"({self.info.num_classes} classes), {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
-                  f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
-                  f"{self.dist.device.type}; run directory {self.run_dir}")  # fmt: skip
+        self._say(
+            f"cratevit: {cfg.arch} ({n_params:,} params, {self.image_size}px) on {self.info.name} "
+            f"({self.info.num_classes} classes), {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+            f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
+            f"{self.dist.device.type}; run directory {self.run_dir}"
+        )
 
     def _batches(self) -> Iterator[Batch]:
         self.train_sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.local_batch)
@@ -689,8 +756,13 @@ class Trainer:
         """Train the rest of the current epoch; returns 0, or the number of a signal that asked to stop."""
         cfg, dist = self.cfg, self.dist
         self.train_model.train()
-        progress = Progress(dist.is_main, self.steps_per_epoch, self.step_in_epoch,
-                            f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.print_freq)  # fmt: skip
+        progress = Progress(
+            dist.is_main,
+            self.steps_per_epoch,
+            self.step_in_epoch,
+            f"epoch {self.epoch + 1}/{cfg.epochs}",
+            cfg.print_freq,
+        )
         batches = self._batches()
         window = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "t0": time.perf_counter()}
         try:
@@ -722,29 +794,51 @@ class Trainer:
         finally:
             progress.close()
         if self.step_in_epoch == 0:
-            raise UserError(f"no training image of {self.info.name} could be read in epoch {self.epoch + 1} "
-                            f"({self.batch_in_epoch} batches, {int(window['skipped'])} unreadable images skipped, "
-                            f"see the warnings); fix or remove the files")  # fmt: skip
+            raise UserError(
+                f"no training image of {self.info.name} could be read in epoch {self.epoch + 1} "
+                f"({self.batch_in_epoch} batches, {int(window['skipped'])} unreadable images skipped, "
+                f"see the warnings); fix or remove the files"
+            )
         return 0  # a signal during the last step is seen before the next epoch's first step
 
     def _window_stats(self, w: dict[str, Any]) -> dict[str, float]:
         totals = torch.tensor([w["loss"], w["correct"], w["seen"], w["skipped"]], dtype=torch.float64)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         seen = max(totals[2].item(), 1.0)
-        return {"loss": totals[0].item() / seen, "acc": totals[1].item() / seen,
-                "lr": self.optimizer.param_groups[0]["lr"], "img_s": seen * self.dist.world_size / dt,
-                "skipped": totals[3].item(), "seen": seen}  # fmt: skip
+        return {
+            "loss": totals[0].item() / seen,
+            "acc": totals[1].item() / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_s": seen * self.dist.world_size / dt,
+            "skipped": totals[3].item(),
+            "seen": seen,
+        }
 
     def _log_train(self, stats: dict[str, float]) -> None:
         if self.dist.enabled:  # average over ranks
-            t = torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"],
-                              stats["skipped"]], dtype=torch.float64)  # fmt: skip
+            t = torch.tensor(
+                [stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"], stats["skipped"]],
+                dtype=torch.float64,
+            )
             t = all_reduce_sum(t.to(self.dist.device), self.dist).cpu()
-            stats = {**stats, "loss": t[0].item() / t[2].item(), "acc": t[1].item() / t[2].item(),
-                     "skipped": t[3].item()}  # fmt: skip
-        record = {"kind": "train", "epoch": self.epoch, "step": self.step_in_epoch, "steps": self.steps_per_epoch,
-                  "global_step": self.global_step, "loss": stats["loss"], "acc": stats["acc"], "lr": stats["lr"],
-                  "img_s": stats["img_s"], "skipped_images": int(stats["skipped"])}  # fmt: skip
+            stats = {
+                **stats,
+                "loss": t[0].item() / t[2].item(),
+                "acc": t[1].item() / t[2].item(),
+                "skipped": t[3].item(),
+            }
+        record = {
+            "kind": "train",
+            "epoch": self.epoch,
+            "step": self.step_in_epoch,
+            "steps": self.steps_per_epoch,
+            "global_step": self.global_step,
+            "loss": stats["loss"],
+            "acc": stats["acc"],
+            "lr": stats["lr"],
+            "img_s": stats["img_s"],
+            "skipped_images": int(stats["skipped"]),
+        }
         self.log.write(record, self.global_step)
 
     def train_step(self, batch: Batch) -> tuple[float, int]:
@@ -782,11 +876,18 @@ class Trainer:
         self.best_top1 = max(self.best_top1, metrics["top1"])
         self.epoch += 1
         self.step_in_epoch = self.batch_in_epoch = 0
-        record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics,
-                  "best_top1": self.best_top1}  # fmt: skip
+        record = {
+            "kind": "val",
+            "epoch": self.epoch - 1,
+            "global_step": self.global_step,
+            **metrics,
+            "best_top1": self.best_top1,
+        }
         self.log.write(record, self.global_step)
-        self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% "
-                  f"top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)")  # fmt: skip
+        self._say(
+            f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% "
+            f"top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)"
+        )
         self.save("last.pt")
         if is_best:
             self.save("best.pt")
@@ -816,11 +917,18 @@ class Trainer:
             totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
         totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
         if totals[3] == 0:
-            raise UserError(f"none of the {int(totals[4])} validation images of {self.info.name} could be read (see "
-                            f"the warnings); fix or remove the files")  # fmt: skip
+            raise UserError(
+                f"none of the {int(totals[4])} validation images of {self.info.name} could be read (see "
+                f"the warnings); fix or remove the files"
+            )
         n = totals[3].item()
-        return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
-                "images": int(totals[3].item()), "skipped_images": int(totals[4].item())}  # fmt: skip
+        return {
+            "loss": totals[0].item() / n,
+            "top1": 100 * totals[1].item() / n,
+            "top5": 100 * totals[2].item() / n,
+            "images": int(totals[3].item()),
+            "skipped_images": int(totals[4].item()),
+        }
 
 
 def train(
