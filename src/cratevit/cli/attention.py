@@ -81,7 +81,7 @@ def read_images(args: argparse.Namespace, files: list) -> tuple[list, list, list
         try:
             images.append(load_image(path, limit))
             good.append(path)
-        except (ValueError, FileNotFoundError, PermissionError) as e:
+        except (UserError, FileNotFoundError, PermissionError) as e:
             if len(files) == 1:
                 raise
             print(f"cratevit: warning: skipping {path}: {e}", file=sys.stderr, flush=True)

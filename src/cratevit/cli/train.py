@@ -16,6 +16,12 @@ HELP = "train a model (default: a small CRATE on the built-in digits data, ~30 s
 S = argparse.SUPPRESS  # options not given keep the configuration's value (recipe, --config or --resume)
 
 
+def _save_minutes() -> str:
+    from ..train.config import SAVE_EVERY_MINUTES
+
+    return f"{SAVE_EVERY_MINUTES:g}"
+
+
 def _default(name: str) -> str:
     """``default X``: the TrainConfig default (cratevit.train.config), for help texts."""
     from ..train.config import default_of
@@ -167,7 +173,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         dest="save_every",
         type=int,
         default=S,
-        help="also write last.pt every N steps (default: every 10 minutes; 0: at epoch ends only)",
+        help=f"also write last.pt every N steps (default: every {_save_minutes()} minutes; 0: at epoch ends only)",
     )
     r.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard scalars")
     r.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1")

@@ -22,7 +22,16 @@ from typing import Any
 from ..data import DataInfo
 from ..errors import UserError
 
-__all__ = ["COMMAND_BASES", "RECIPES", "TrainConfig", "base_config", "check_config", "default_of", "resolve_config"]
+__all__ = [
+    "COMMAND_BASES",
+    "RECIPES",
+    "SAVE_EVERY_MINUTES",
+    "TrainConfig",
+    "base_config",
+    "check_config",
+    "default_of",
+    "resolve_config",
+]
 
 
 @dataclass
@@ -64,7 +73,7 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 10
     steps_per_epoch: int | None = None  # cap on the training steps of each epoch (quick runs)
-    save_every: int | None = None  # write last.pt every N steps too (None: every 10 minutes; 0: at epoch ends only)
+    save_every: int | None = None  # write last.pt every N steps too (None: every SAVE_EVERY_MINUTES; 0: epoch ends)
     tensorboard: bool = False
     device: str = "auto"
     threads: int | None = None  # torch intra-op CPU threads (default: the recipe's, else torch's)
@@ -109,6 +118,9 @@ def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
         }[base] + (" or null" if optional else "")
         raise UserError(f"option {name!r} in {source} must be {want}, got {value!r} ({type(value).__name__})")
 
+
+# Without --save-every, last.pt is also written within an epoch this often (a kill -9 loses at most this much).
+SAVE_EVERY_MINUTES = 10.0
 
 # The recipe of each kind of data; explicit options always win.
 RECIPES: dict[str, dict[str, Any]] = {

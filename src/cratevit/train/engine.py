@@ -44,7 +44,7 @@ from ..data import Batch, EpochSampler, SeededDataset, build_datasets, collate_s
 from ..errors import UserError
 from ..presets import data_preprocessing, get_config, list_models, pretrained_cfg_for, resolve_name
 from ..registry import is_family_model
-from .config import RECIPES, TrainConfig, resolve_config
+from .config import RECIPES, SAVE_EVERY_MINUTES, TrainConfig, resolve_config
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -60,7 +60,6 @@ __all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_conf
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PLOT_EVERY_S = 60.0  # redraw curves.png at most this often (and after the last epoch): plotting costs ~0.5 s
-SAVE_EVERY_S = 600.0  # without --save-every, last.pt is also written every 10 minutes within an epoch
 LOCK_NAME = ".lock"  # the run directory's lock file (fcntl.flock, held for the run's lifetime)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -140,9 +139,12 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                 patch_size=cfg.patch_size,
                 **(cfg.model_kwargs or {}),
             )
-        except (TypeError, ValueError) as e:
-            given = f" with --model-kwargs {json.dumps(cfg.model_kwargs)}" if cfg.model_kwargs else ""
-            raise UserError(f"cannot build {cfg.arch}{given}: {e}") from None
+        except (TypeError, ValueError) as e:  # a value of the wrong type or out of range in --model-kwargs
+            if not cfg.model_kwargs:
+                raise
+            raise UserError(
+                f"cannot build {cfg.arch} with --model-kwargs {json.dumps(cfg.model_kwargs)}: {e}"
+            ) from None
     import timm
 
     if not timm.is_model(cfg.arch):
@@ -744,7 +746,7 @@ class Trainer:
         if self.step_in_epoch == 0 or self.global_step == self._saved_step:
             due = False  # just started, resumed, or saved at the epoch's end
         elif cfg.save_every is None:
-            due = time.monotonic() - self._saved_time >= SAVE_EVERY_S
+            due = time.monotonic() - self._saved_time >= SAVE_EVERY_MINUTES * 60
         else:
             due = cfg.save_every > 0 and self.global_step % cfg.save_every == 0
         if not self.dist.enabled:
