@@ -357,6 +357,7 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
         "unknown": tmp / "unknown.json",
         "random": tmp / "random.pt",
         "huge": write_png_header(tmp / "huge.png", 50000, 50000),
+        "big": write_png_header(tmp / "big.png", 12000, 12000),  # took 432 s and 14.3 GB before the cap
     }
     files["yaml"].write_text("epochs: [1, 2\nlr: 0.1\n")
     files["typed"].write_text('{"epochs": "3", "lr": 0.001}')
@@ -422,6 +423,7 @@ def test_bad_training_input_is_one_line_exit_2(tmp_path, capsys, argv, message, 
 
 IMAGE_CASES = [
     (["attention", "crate_debug", "{huge}", "-o", "{out}"], "{huge} is 50000x50000 (2500.0 Mpx), more than --max-pixels 89478485"),
+    (["attention", "crate_debug", "{big}", "-o", "{out}"], "{big} is 12000x12000 (144.0 Mpx), more than --max-pixels 89478485"),
     (["pca", "crate_debug", "{huge}", "-o", "{out}"], "{huge} is 50000x50000 (2500.0 Mpx), more than --max-pixels 89478485"),
     (["analyze", "crate_debug", "--images", "{huge}", "-o", "{out}"], "{huge} is 50000x50000 (2500.0 Mpx), more than --max-pixels 89478485"),
     (["attention", "crate_debug", "{huge}", "-o", "{out}", "--max-pixels", "-1"], "--max-pixels must be 0 (no limit) or a positive pixel count, got -1"),

@@ -371,9 +371,9 @@ def writing(path: Path, note: str = "") -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
-        raise UserError(
-            f"cannot write {path}: {WRITE_ERRORS[e.errno]} ({e.strerror}){note}; free space or choose another --output"
-        ) from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = "free space or choose another --output" if full else "choose another --output or fix its permissions"
+        raise UserError(f"cannot write {path}: {WRITE_ERRORS[e.errno]} ({e.strerror}){note}; {fix}") from None
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
