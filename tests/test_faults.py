@@ -135,18 +135,46 @@ def _poison_gradients_at(monkeypatch, bad_step: int) -> None:
 
 
 @pytest.mark.parametrize("clip", ["0", "1"])
-def test_nan_gradients_with_a_finite_loss_never_reach_a_checkpoint(tmp_path, monkeypatch, capsys, clip):
-    _poison_gradients_at(monkeypatch, 4)  # epoch 2's last step: last.pt and best.pt were written by epoch 1
+@pytest.mark.parametrize(
+    ("bad_step", "where", "saved"),
+    [(4, "epoch 1 step 2 (global step 4)", 2), (6, "epoch 2 step 2 (global step 6)", 4)],  # an epoch's / the run's end
+)
+def test_nan_gradients_with_a_finite_loss_never_reach_a_checkpoint(
+    tmp_path, monkeypatch, capsys, clip, bad_step, where, saved
+):
+    _poison_gradients_at(monkeypatch, bad_step)
     run = tmp_path / "run"
     code = main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "3", "--steps-per-epoch", "2",
                  "--clip-grad", clip, "--output", str(run), *QUICK])  # fmt: skip
     assert code == 2
-    err = one_line_error(capsys)
-    assert "the gradient norm became nan at epoch 1 step 2 (global step 4)" in err
-    assert f"the last good checkpoint {run / 'last.pt'} is kept" in err and "done" not in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "done" not in out
+    assert f"the gradient norm became nan at {where}" in err
+    assert f"the last good checkpoint {run / 'last.pt'} is kept" in err
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["global_step"] == saved
     for name in ("last.pt", "best.pt"):
         state = torch.load(run / name, map_location="cpu", weights_only=True)
-        assert state["global_step"] == 2 and all(v.isfinite().all() for v in state["model"].values())
+        assert state["global_step"] <= saved and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_without_save_every_last_pt_is_written_every_few_minutes(tmp_path, monkeypatch, capsys):
+    """The default: a step checkpoint once SAVE_EVERY_MINUTES have passed (here 0: after every step)."""
+    import cratevit.train.engine as engine
+
+    monkeypatch.setattr(engine, "SAVE_EVERY_MINUTES", 0.0)
+    step = engine.Trainer.train_step
+
+    def crash_at_step_4(self, batch):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, batch)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", crash_at_step_4)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "5",
+                 "--output", str(run), *QUICK]) == 1  # fmt: skip
+    assert "simulated crash" in capsys.readouterr().err
+    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 3
 
 
 def test_nan_gradients_before_any_checkpoint_say_so(tmp_path, monkeypatch, capsys):
