@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["CheckpointError", "UserError", "require"]
+__all__ = ["CheckpointError", "CratevitWarning", "UserError", "require"]
 
 
 class UserError(ValueError):
@@ -18,6 +18,10 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the problem and the fix."""
+
+
+class CratevitWarning(UserWarning):
+    """Something the user should know (non-finite weights, a skipped file); the CLI prints it as one line."""
 
 
 def require(module: str, extra: str, what: str) -> None:
