@@ -37,7 +37,6 @@ __all__ = [
     "CONFIG_NAME",
     "FAMILIES",
     "FORMAT",
-    "MODEL_TYPE",
     "WEIGHTS_NAME",
     "check_hub_config",
     "config_from_dict",
@@ -51,7 +50,6 @@ __all__ = [
 FORMAT = "cratevit"
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
-MODEL_TYPE = "crate"  # config.json's model_type: the family name (this one is CRATE's)
 
 FAMILIES: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",
@@ -99,17 +97,19 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
     except Exception as e:  # torch raises many types here; turn each into one clear line
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if "WeightsUnpickler error:" in text:  # torch's advice about weights_only is not the reason
+            msg = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        unsupported = re.search(r"GLOBAL ([\w.]+)", text)  # a class or function the file wants to import
         if unsupported:
             raise CheckpointError(
-                f"{path} stores a Python object of type {unsupported.group(1)} beside its weights; cratevit never "
-                f"unpickles arbitrary objects (that could run code from the file). Re-save it without that entry, "
-                f"e.g. torch.save({{'model': state_dict}}, NEW_PATH), where you trust the file"
+                f"{path} stores a pickled Python object ({unsupported.group(1)}) beside its weights; cratevit never "
+                f"runs code from a file, so it does not unpickle it. Re-save the file without that entry where you "
+                f"trust it, e.g. torch.save({{'model': state_dict}}, NEW_PATH)"
             ) from None
         if "weights_only" in text:
             raise CheckpointError(
-                f"{path} holds pickled Python objects other than tensors and plain containers; cratevit loads "
-                f"checkpoints with weights_only=True and never runs code from a file"
+                f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
+                f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
             ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): {msg[:200]}"

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(Resize(size / crop_pct) + CenterCrop, its interpolation: Resize(256) + CenterCrop(224), bilinear, for the "
         "224-px presets, as the reference evaluation); 'direct' = resize straight to the model's size",
     )
+    from .attention import add_max_pixels_argument
+
+    add_max_pixels_argument(p)
     p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +108,9 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
     else:
         files = list(args.images) if args.images is not None else find_images(args.data)
         files = [files[i] for i in _subset(len(files), args.num_images, args.seed)]
-        pils = [load_image(f) for f in files]
+        if args.max_pixels < 0:
+            raise UserError(f"--max-pixels must be 0 (no limit) or a positive pixel count, got {args.max_pixels}")
+        pils = [load_image(f, args.max_pixels or None) for f in files]
         mean, std = input_normalization(spec)
         if args.resize == "crop":
             transform, how = eval_transform(model, mean, std)
