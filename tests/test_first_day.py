@@ -175,7 +175,7 @@ def test_analyze_resize_option(tmp_path):
         _photo(folder / f"{i}.png", (40 + i, 60))
     model = create_model("crate_debug")
     for resize, words in (("crop", "Resize(32) + CenterCrop(32)"), ("direct", "resized to 32x32")):
-        args = argparse.Namespace(images=None, data=str(folder), num_images=3, seed=0, resize=resize)
+        args = argparse.Namespace(images=None, data=str(folder), num_images=3, seed=0, resize=resize, max_pixels=0)
         x, what = load_images(args, model, "crate_debug")
         assert x.shape == (3, 3, 32, 32) and words in what
 
