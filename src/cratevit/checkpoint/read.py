@@ -106,11 +106,6 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
                 f"runs code from a file, so it does not unpickle it. Re-save the file without that entry where you "
                 f"trust it, e.g. torch.save({{'model': state_dict}}, NEW_PATH)"
             ) from None
-        if "weights_only" in text:
-            raise CheckpointError(
-                f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
-                f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
-            ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): {msg[:200]}"
         ) from None

@@ -952,7 +952,7 @@ class Trainer:
             totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             top1, top5 = accuracy_counts(logits, y)
             totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
-        progress.update(len(self.val_loader), text="done")
+        progress.update(len(self.val_loader), text="all batches")
         progress.close()
         totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
         if totals[3] == 0:
