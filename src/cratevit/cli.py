@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "attention": "cratevit.commands.attention",
     "pca": "cratevit.commands.pca",
     "segeval": "cratevit.commands.segeval",
+    "maskcut": "cratevit.commands.maskcut",
+    "detect-eval": "cratevit.commands.detect_eval",
     "export": "cratevit.commands.export",
 }
 

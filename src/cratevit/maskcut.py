@@ -32,7 +32,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["MaskCutMask", "maskcut", "maskcut_image", "ncut_bipartition", "second_eigenvector", "set_input_size"]
+__all__ = [
+    "MaskCutMask",
+    "maskcut",
+    "maskcut_image",
+    "ncut_bipartition",
+    "overlay_masks",
+    "results_for_image",
+    "second_eigenvector",
+    "set_input_size",
+]
 
 EPS = 1e-5
 
@@ -179,3 +188,22 @@ def results_for_image(masks: list[MaskCutMask], image_id: int) -> list[dict[str,
     from .data.coco import FOREGROUND, mask_annotation
 
     return [mask_annotation(m.mask, image_id, FOREGROUND["id"], score=m.score) for m in masks]
+
+
+def overlay_masks(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> Image.Image:
+    """The image with each mask (bool, H x W) blended in its own colour and its box drawn."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    colours = colormaps["tab10"].colors
+    for k, m in enumerate(masks):
+        base[m] = (1 - alpha) * base[m] + alpha * 255 * np.asarray(colours[k % 10])
+    out = Image.fromarray(base.round().astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for k, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if len(xs):
+            colour = tuple(int(255 * c) for c in colours[k % 10])
+            draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=colour)
+    return out

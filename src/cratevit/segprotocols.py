@@ -106,23 +106,39 @@ class ProtocolResult:
     """Per-image scores of the protocols; :meth:`summary` gives the data-set figures."""
 
     names: list[str] = field(default_factory=list)
-    paper_best: list[float] = field(default_factory=list)  # per image: mean over classes of max_k IoU
-    paper_head_mean: list[float] = field(default_factory=list)  # per image: mean over classes of mean_k IoU
-    paper_skipped: int = 0  # images with no foreground class left at the token grid
+    # per image (NaN where no foreground class is left at the token grid): mean over classes of max_k / mean_k IoU
+    paper_best: list[float] = field(default_factory=list)
+    paper_head_mean: list[float] = field(default_factory=list)
     dino_mean: list[float] = field(default_factory=list)  # head-averaged map
     dino_best: list[float] = field(default_factory=list)  # best head per image
     dino_heads: list[list[float]] = field(default_factory=list)
     cratevit: Any = None  # a cratevit.segmentation.SegEvalResult
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def per_image(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, name in enumerate(self.names):
+            row: dict[str, Any] = {"image": name}
+            if self.cratevit is not None:
+                row.update({"iou_attention": self.cratevit.attention[i], "iou_pca": self.cratevit.pca[i],
+                            "iou_heads": " ".join(f"{v:.4f}" for v in self.cratevit.per_head[i])})  # fmt: skip
+            if self.paper_best:
+                row.update({"paper_iou_best_head": self.paper_best[i], "paper_iou_head_mean": self.paper_head_mean[i]})
+            if self.dino_mean:
+                row.update({"dino_j_mean_map": self.dino_mean[i], "dino_j_best_head": self.dino_best[i]})
+            rows.append(row)
+        return rows
+
     def summary(self) -> dict[str, Any]:
         def mean(v: list[float]) -> float:
+            v = [x for x in v if not np.isnan(x)]
             return float(np.mean(v)) if v else float("nan")
 
         out: dict[str, Any] = {"num_images": len(self.names), **self.settings}
         if "paper" in self.settings.get("protocols", PROTOCOLS):
+            scored = int(np.sum(~np.isnan(self.paper_best)))
             out["paper"] = {"miou": mean(self.paper_best), "miou_head_mean": mean(self.paper_head_mean),
-                            "images_scored": len(self.paper_best), "images_without_class": self.paper_skipped}  # fmt: skip
+                            "images_scored": scored, "images_without_class": len(self.paper_best) - scored}  # fmt: skip
         if "dino" in self.settings.get("protocols", PROTOCOLS):
             heads = np.asarray(self.dino_heads, dtype=np.float64).reshape(len(self.dino_mean), -1).mean(0)
             out["dino"] = {"jaccard_head_mean_map": mean(self.dino_mean), "jaccard_best_head": mean(self.dino_best),
@@ -175,11 +191,8 @@ def evaluate_protocols(
             if "paper" in protocols:
                 labels = sample.labels if sample.labels is not None else _labels_from_mask(sample)
                 classes, ious = paper_scores(head_maps, labels, threshold, threshold_kind)
-                if classes:
-                    result.paper_best.append(float(ious.max(1).mean()))
-                    result.paper_head_mean.append(float(ious.mean(1).mean()))
-                else:
-                    result.paper_skipped += 1
+                result.paper_best.append(float(ious.max(1).mean()) if classes else float("nan"))
+                result.paper_head_mean.append(float(ious.mean(1).mean()) if classes else float("nan"))
             if "dino" in protocols:
                 j_mean, j_heads = dino_scores(head_maps, sample.foreground, sample.ignore, threshold)
                 result.dino_mean.append(j_mean)
