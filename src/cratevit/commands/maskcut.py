@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=None, help="only the first N images")
     p.add_argument("--num-scenes", type=int, default=100, help="multishapes: scenes to export (val split)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay images")
+    p.add_argument("--random-init", action="store_true",
+                   help="the checkpoint's architecture with freshly initialised weights (seeded by --seed)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
     p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it")
     p.add_argument(
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data == "multishapes" and args.size == 480:
         args.size = 48  # the scenes' own size: objects as large (in tokens) as in training on shapes
     model = load_vision_model(spec, arch=args.arch, heads=args.heads).eval()
+    if args.random_init:
+        from .segeval import _random_copy
+
+        model = _random_copy(model, args.seed).eval()
     depth = len(model.blocks)
     if not -depth <= args.layer < depth:
         raise UserError(f"--layer {args.layer} is out of range for a {depth}-layer model; use 0..{depth - 1} or -1")
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             )
     (args.out / "results.json").write_text(json.dumps(results))
     summary: dict[str, Any] = {
-        "checkpoint": spec, "data": args.data, "annotations": str(ann_path) if ann_path else None,
+        "checkpoint": spec, "random_init": args.random_init, "data": args.data, "annotations": str(ann_path) if ann_path else None,
         "images": len(images), "masks": len(results), "input_size": args.size, "layer": args.layer,
         "facet": args.facet, "tau": args.tau, "rounds": args.rounds, "solver": args.solver,
         "crf": False, "mean": mean, "std": std, "torch_threads": threads,
