@@ -9,11 +9,11 @@ from PIL import Image
 
 pytest.importorskip("pycocotools")
 
+from cratevit.analysis.detection import coco_ap
+from cratevit.analysis.maskcut import maskcut, maskcut_image, ncut_bipartition, results_for_image, set_input_size
 from cratevit.data.coco import class_agnostic, decode_mask, encode_mask, load_annotations, read_coco_folder
 from cratevit.data.multishapes import MultiShapesDataset, export_coco, render_scene
-from cratevit.detection import coco_ap
-from cratevit.maskcut import maskcut, maskcut_image, ncut_bipartition, results_for_image, set_input_size
-from cratevit.model import CRATE, CRATEConfig
+from cratevit.models import CRATE, CRATEConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cratevit.facets import facet_features, paper_pca
-from cratevit.model import CRATE, CRATEConfig
-from cratevit.segmentation import VOCSegmentationFolder, multishapes_samples, shapes_samples
-from cratevit.segprotocols import dino_scores, evaluate_protocols, keep_top, labels_to_grid, paper_scores
+from cratevit.analysis.facets import facet_features, paper_pca
+from cratevit.analysis.segmentation import VOCSegmentationFolder, multishapes_samples, shapes_samples
+from cratevit.analysis.segprotocols import dino_scores, evaluate_protocols, keep_top, labels_to_grid, paper_scores
+from cratevit.models import CRATE, CRATEConfig
 
 # A 16x16 image of 4x4-pixel tokens (a 4x4 grid), token labels:
 #   3 3 0 I        I: the ignore label 255
@@ -91,7 +91,7 @@ def test_oracle_head_never_below_head_mean_and_all_protocols_run() -> None:
     assert s["paper"]["miou"] > s["paper"]["miou_head_mean"]  # 4 random heads disagree somewhere
     assert s["dino"]["jaccard_best_head"] >= max(s["dino"]["jaccard_per_head"]) - 1e-12
     # the cratevit protocol is the first segeval's: same numbers as segmentation.evaluate
-    from cratevit.segmentation import evaluate
+    from cratevit.analysis.segmentation import evaluate
 
     old = evaluate(model, shapes_samples("val", 12, 32), (32, 32), (8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
     assert s["cratevit"]["miou_attention"] == pytest.approx(old.summary()["miou_attention"])

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "FOREGROUND",
     "CocoImage",
@@ -86,11 +88,11 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         gt = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable COCO annotation file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable COCO annotation file ({e})") from None
     missing = [k for k in ("images", "annotations") if k not in gt]
     if missing or not isinstance(gt.get("images"), list):
-        raise ValueError(f"{path}: not a COCO instances file (missing {missing or ['images']}); expected the "
+        raise UserError(f"{path}: not a COCO instances file (missing {missing or ['images']}); expected the "
                          "'images', 'annotations' and 'categories' lists of e.g. instances_val2017.json")  # fmt: skip
     gt.setdefault("categories", [])
     return gt

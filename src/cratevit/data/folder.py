@@ -13,15 +13,22 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UserError
+
 __all__ = ["SafeImageFolder", "check_image_folder", "load_image"]
 
 
 def load_image(path: str) -> Image.Image | None:
-    """The image as RGB, or ``None`` (with a warning naming the file) if it cannot be decoded."""
+    """The image as 8-bit RGB (16-bit and float images scaled to their range, as ``cratevit attention`` does), or
+    ``None`` (with a warning naming the file) if it cannot be decoded or has more pixels than PIL's limit."""
+    from .decode import MAX_PIXELS, check_size, to_rgb
+
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")  # forces the full decode, so truncated files fail here
+            check_size(image, path, MAX_PIXELS)
+            image.load()  # the full decode, so truncated files fail here
+            return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return None
@@ -69,7 +76,7 @@ def check_image_folder(root: str | Path) -> list[str]:
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise ValueError(
+        raise UserError(
             f"train/ and val/ of {root} have different classes (only in train: {only_train[:5]}, only in val: "
             f"{only_val[:5]}); both need the same class sub-folders"
         )

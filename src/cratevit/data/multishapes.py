@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .shapes import CLASSES, SPLITS, _colour_far_from, _pattern, _shape_mask, _smooth_noise
 
 __all__ = ["MultiShapesDataset", "Scene", "export_coco", "render_scene"]
@@ -57,9 +58,9 @@ def render_scene(
 ) -> Scene:
     """Item ``index`` of a split: ``objects`` (min, max) shapes of circumradius ``radius`` x image size."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if not 1 <= objects[0] <= objects[1]:
-        raise ValueError(f"objects must be (min, max) with 1 <= min <= max, got {objects}")
+        raise UserError(f"objects must be (min, max) with 1 <= min <= max, got {objects}")
     rng = np.random.default_rng((seed, SPLITS.index(split), index, 7))  # 7: a stream apart from the shapes'
     size = image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
@@ -95,9 +96,9 @@ class MultiShapesDataset:
     def __init__(self, split: str = "val", size: int = 200, image_size: int = 48, seed: int = 0,
                  objects: tuple[int, int] = (2, 4)) -> None:  # fmt: skip
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if size <= 0 or image_size < 16:
-            raise ValueError(f"multi-shapes needs size > 0 and image_size >= 16, got {size}, {image_size}")
+            raise UserError(f"multi-shapes needs size > 0 and image_size >= 16, got {size}, {image_size}")
         self.split, self.size, self.image_size, self.seed, self.objects = split, size, image_size, seed, objects
 
     def __len__(self) -> int:
