@@ -7,8 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("pycocotools")
-
 from cratevit.analysis.detection import coco_ap
 from cratevit.analysis.maskcut import maskcut, maskcut_image, ncut_bipartition, results_for_image, set_input_size
 from cratevit.data.coco import class_agnostic, decode_mask, encode_mask, load_annotations, read_coco_folder

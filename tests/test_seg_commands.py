@@ -10,8 +10,6 @@ from cratevit import create_model
 from cratevit.checkpoint import save_checkpoint
 from cratevit.cli import main
 
-pytest.importorskip("pycocotools")
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -93,3 +91,10 @@ def test_pca_paper_and_whole(tmp_path, ckpt) -> None:
         info = json.loads((out / "pca.json").read_text())
         assert info["method"] == method and info["facet"] == ("key" if method == "paper" else "token")
         assert Image.open(out / "im0" / "pca.png").size == (48, 48)
+
+
+def test_missing_pycocotools_is_one_line(tmp_path, ckpt, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "pycocotools", None)  # as if not installed
+    assert main(["detect-eval", "--gt", str(tmp_path / "gt.json"), "--results", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cratevit[coco]'" in err and "Traceback" not in err

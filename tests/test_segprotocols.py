@@ -121,7 +121,8 @@ def test_crate_key_facet_is_the_subspace_projection() -> None:
 
 
 def test_timm_facets() -> None:
-    timm = pytest.importorskip("timm")
+    import timm
+
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
     vit.eval()
     x = torch.randn(1, 3, 32, 32)
