@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, require
 
 __all__ = [
     "FOREGROUND",
@@ -32,11 +32,10 @@ FOREGROUND = {"id": 1, "name": "foreground", "supercategory": "foreground"}
 
 
 def mask_api() -> Any:
-    """``pycocotools.mask``, or an ImportError naming the extra to install."""
-    try:
-        from pycocotools import mask
-    except ImportError:
-        raise ImportError("COCO masks and AP need pycocotools: pip install 'cratevit[coco]' (or pycocotools)") from None
+    """``pycocotools.mask``, or a one-line UserError naming the extra to install."""
+    require("pycocotools", "coco", "COCO masks and AP")
+    from pycocotools import mask
+
     return mask
 
 
