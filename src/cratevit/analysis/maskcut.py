@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..presets import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "MaskCutMask",
@@ -166,8 +167,8 @@ def maskcut_image(
     facet: str = "key",
     tau: float = 0.15,
     n: int = 3,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     solver: str = "auto",
 ) -> list[MaskCutMask]:
     """MaskCut on one image: masks at the image's own resolution (nearest upsampling of the token grid).

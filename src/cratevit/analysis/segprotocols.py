@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..presets import IMAGENET_MEAN, IMAGENET_STD
 from .visualize import mass_mask, upsample
 
 __all__ = [
@@ -160,8 +161,8 @@ def evaluate_protocols(
     layer: int = -1,
     threshold: float = 0.6,
     threshold_kind: ThresholdKind = "entries",
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     protocols: Sequence[str] = PROTOCOLS,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
