@@ -1,0 +1,157 @@
+"""CRATE-alpha: the fast model against the literal formulation, the official key layout, the presets."""
+
+import pytest
+import torch
+
+from cratevit.alpha_keys import ALPHA_KEY_TABLE, from_alpha_reference_keys, to_alpha_reference_keys
+from cratevit.alpha_presets import ALPHA_PRESETS
+from cratevit.models.crate_alpha import CRATEAlpha, CRATEAlphaConfig, alpha_forward_flops
+from cratevit.models.reference_alpha import ReferenceCRATEAlpha
+
+EXACT_PARAMS = {"crate_alpha_b16": 72_328_936, "crate_alpha_l14": 253_650_920}
+SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, dim_head=16)
+
+
+def paired(**kw):
+    """The literal formulation and the fast model holding the same weights."""
+    args = {**SMALL, **kw}
+    ref = ReferenceCRATEAlpha(**args).eval()
+    model = CRATEAlpha(**args).eval()
+    model.load_state_dict(from_alpha_reference_keys(ref.state_dict()))
+    return ref, model
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMS))
+def test_exact_parameter_counts(name):
+    with torch.device("meta"):
+        model = CRATEAlpha(config=ALPHA_PRESETS[name])
+    assert model.num_params() == EXACT_PARAMS[name]
+
+
+def test_presets_sizes():
+    assert sorted(n for n in ALPHA_PRESETS if not n.endswith(("_in21k", "_digits", "_debug"))) == [
+        "crate_alpha_b16", "crate_alpha_b32", "crate_alpha_b8", "crate_alpha_l14", "crate_alpha_l32", "crate_alpha_l8"
+    ]  # fmt: skip
+    for name, cfg in ALPHA_PRESETS.items():
+        if name.endswith("_in21k"):
+            assert cfg.num_classes == 19167
+            assert cfg.replace(num_classes=1000, name=None) == ALPHA_PRESETS[name.removesuffix("_in21k")]
+
+
+@pytest.mark.parametrize("kw", [{}, {"heads": 1, "dim_head": 64}, {"depth": 3, "patch_size": 4}])
+def test_fast_path_equals_literal_float32(kw):
+    ref, model = paired(**kw)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel(model(x), ref(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_gradients_equal_literal_float32(impl):
+    ref, model = paired()
+    for block in model.blocks:
+        block.mssa.attn_impl = impl
+    x = torch.randn(2, 3, 32, 32)
+    ref(x).square().sum().backward()
+    model(x).square().sum().backward()
+    ref_grads = from_alpha_reference_keys({k: p.grad for k, p in ref.named_parameters()})
+    for k, p in model.named_parameters():
+        assert p.grad is not None, k
+        assert max_rel(p.grad, ref_grads[k]) <= 1e-5, k
+
+
+def test_bfloat16_autocast_matches_literal():
+    ref, model = paired()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        full = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, literal = model(x), ref(x)
+    assert fast.dtype == literal.dtype == torch.bfloat16
+    # both round to bfloat16 (8 bits of mantissa) at every product; they agree as well as each agrees with fp32
+    assert max_rel(literal.float(), full) < 0.05
+    assert max_rel(fast.float(), full) < 0.05
+    assert max_rel(fast.float(), literal.float()) < 0.05
+
+
+def test_bfloat16_autocast_gradients_match_literal():
+    ref, model = paired()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref(x).float().square().sum().backward()
+        model(x).float().square().sum().backward()
+    ref_grads = from_alpha_reference_keys({k: p.grad for k, p in ref.named_parameters()})
+    for k, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32, k
+        assert max_rel(p.grad, ref_grads[k]) < 0.1, k
+
+
+def test_block_is_the_equations():
+    model = CRATEAlpha(**SMALL).eval()
+    block = model.blocks[0]
+    z = torch.randn(2, 17, 64)
+    eta = lam = 0.1
+    with torch.no_grad():
+        z_half = z + block.mssa(block.norm1(z))
+        x = torch.nn.functional.layer_norm(z_half, (64,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+        d, d_hat = block.ista.dictionary, block.ista.decoder
+        a1 = torch.relu(eta * x @ d - eta * lam)
+        a2 = torch.relu(a1 - eta * (a1 @ d.T - x) @ d - eta * lam)
+        torch.testing.assert_close(block.ista.sparse_code(block.norm2(z_half)), a2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block(z), z_half + a2 @ d_hat.T, rtol=1e-5, atol=1e-5)
+    assert block.norm1.eps == block.norm2.eps == 1e-6 and model.fc_norm.eps == 1e-5
+    assert block.mssa.out_proj.bias is None
+    assert d.shape == d_hat.shape == (64, 256)
+
+
+def test_trace_matches_forward_and_holds_the_sparse_code():
+    ref, model = paired()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_trace(x)
+        logits = model.forward_head(trace.features)
+        torch.testing.assert_close(trace.features, model.forward_features(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, ref(x), rtol=1e-5, atol=1e-5)
+        for i, t in enumerate(trace.layers):
+            block = model.blocks[i]
+            assert t.proj.shape == (2, 4, 17, 16) and t.attn.shape == (2, 4, 17, 17)
+            assert t.code.shape == (2, 17, 256) and (t.code >= 0).all()
+            torch.testing.assert_close(t.proj, block.mssa.project(block.norm1(t.z_in)))
+            torch.testing.assert_close(t.code, block.ista.sparse_code(block.norm2(t.z_half)))
+            torch.testing.assert_close(t.z_out, block(t.z_in), rtol=1e-5, atol=1e-5)
+    assert torch.equal(trace.layers[1].z_in, trace.layers[0].z_out)
+    assert (trace.layers[-1].code == 0).float().mean() > 0  # relu codes: some atoms are off
+
+
+def test_key_table_round_trips_and_covers_the_official_layout():
+    official = ReferenceCRATEAlpha(**SMALL).state_dict()
+    ours = from_alpha_reference_keys(official)
+    assert set(ours) == set(CRATEAlpha(**SMALL).state_dict())
+    back = to_alpha_reference_keys(ours)
+    assert list(back) == list(official)
+    assert all(back[k] is v for k, v in official.items())  # renaming only: the very same tensors
+    assert len({o for o, _ in ALPHA_KEY_TABLE}) == len({u for _, u in ALPHA_KEY_TABLE}) == len(ALPHA_KEY_TABLE)
+    with pytest.raises(KeyError, match=r"unexpected key 'transformer\.layers\.0\.1\.fn\.weight'"):
+        from_alpha_reference_keys({"transformer.layers.0.1.fn.weight": torch.zeros(1)})
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="overcomplete must be a positive integer"):
+        CRATEAlphaConfig(overcomplete=0)
+    with pytest.raises(TypeError, match="CRATEAlphaConfig"):
+        from cratevit.model import CRATEConfig
+
+        CRATEAlpha(config=CRATEConfig())
+
+
+def test_flops_count_four_dictionary_products():
+    cfg = ALPHA_PRESETS["crate_alpha_b16"]
+    # 12 layers x 197 tokens x (768 x 3072) x 4 products x 2 FLOPs, plus attention, stem and head
+    ista = 12 * 197 * 768 * 3072 * 4 * 2
+    assert alpha_forward_flops(cfg) > ista
+    # ViT-B/16's 17.56 GMACs, less the key and value projections (2.79), plus two more d x 4d products (11.16)
+    assert alpha_forward_flops(cfg) / 2e9 == pytest.approx(17.56 - 2.79 + 11.16, abs=0.02)
