@@ -155,3 +155,43 @@ def test_flops_count_four_dictionary_products():
     assert alpha_forward_flops(cfg) > ista
     # ViT-B/16's 17.56 GMACs, less the key and value projections (2.79), plus two more d x 4d products (11.16)
     assert alpha_forward_flops(cfg) / 2e9 == pytest.approx(17.56 - 2.79 + 11.16, abs=0.02)
+
+
+def official_state_dict(name, seed=0):
+    """Random tensors with the official names and shapes of a preset, scaled like a trained network's."""
+    cfg = ALPHA_PRESETS[name]
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ReferenceCRATEAlpha(
+            image_size=cfg.image_size[0], patch_size=cfg.patch_size[0], num_classes=cfg.num_classes, dim=cfg.dim,
+            depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head).state_dict().items()}  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        t = torch.randn(shape, generator=g)
+        if key.endswith("norm.weight") or key == "mlp_head.0.weight":
+            t = 1 + 0.1 * t
+        elif t.ndim >= 2 and key not in ("pos_embedding", "cls_token"):
+            t = t * (shape[-1] if t.ndim == 2 else t[0].numel()) ** -0.5
+        else:
+            t = 0.1 * t
+        state[key] = t
+    return state
+
+
+@pytest.mark.parametrize("name", ["crate_alpha_b16", pytest.param("crate_alpha_l14", marks=pytest.mark.slow)])
+def test_official_state_dict_infers_and_loads_strictly(name):
+    from cratevit.alpha_infer import infer_alpha_config
+
+    official = official_state_dict(name)
+    ours = from_alpha_reference_keys(official)
+    cfg = infer_alpha_config(ours)
+    assert cfg == ALPHA_PRESETS[name].replace(name=None)
+    with torch.device("meta"):
+        model, ref = CRATEAlpha(config=cfg), ReferenceCRATEAlpha(
+            image_size=224, patch_size=cfg.patch_size[0], num_classes=1000, dim=cfg.dim, depth=cfg.depth,
+            heads=cfg.heads)  # fmt: skip
+    model.load_state_dict(ours, strict=True, assign=True)
+    ref.load_state_dict(official, strict=True, assign=True)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_rel(model.eval()(x), ref.eval()(x)) <= 1e-5
