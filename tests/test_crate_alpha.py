@@ -3,13 +3,24 @@
 import pytest
 import torch
 
-from cratevit.alpha_keys import ALPHA_KEY_TABLE, from_alpha_reference_keys, to_alpha_reference_keys
-from cratevit.alpha_presets import ALPHA_PRESETS
-from cratevit.models.crate_alpha import CRATEAlpha, CRATEAlphaConfig, alpha_forward_flops
-from cratevit.models.reference_alpha import ReferenceCRATEAlpha
+from cratevit import load_checkpoint
+from cratevit.checkpoint.keys import CRATE_ALPHA_KEYS, from_reference_keys, state_family, to_reference_keys
+from cratevit.errors import CheckpointError, UserError
+from cratevit.models import CRATEAlpha, CRATEAlphaConfig, ReferenceCRATEAlpha, alpha_forward_flops
+from cratevit.presets import PRESETS
+
+ALPHA_PRESETS = {n: c for n, c in PRESETS.items() if isinstance(c, CRATEAlphaConfig)}
 
 EXACT_PARAMS = {"crate_alpha_b16": 72_328_936, "crate_alpha_l14": 253_650_920}
 SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, dim_head=16)
+
+
+def from_official(state):
+    return from_reference_keys(state, "crate_alpha")
+
+
+def to_official(state):
+    return to_reference_keys(state, "crate_alpha")
 
 
 def paired(**kw):
@@ -17,7 +28,7 @@ def paired(**kw):
     args = {**SMALL, **kw}
     ref = ReferenceCRATEAlpha(**args).eval()
     model = CRATEAlpha(**args).eval()
-    model.load_state_dict(from_alpha_reference_keys(ref.state_dict()))
+    model.load_state_dict(from_official(ref.state_dict()))
     return ref, model
 
 
@@ -58,7 +69,7 @@ def test_gradients_equal_literal_float32(impl):
     x = torch.randn(2, 3, 32, 32)
     ref(x).square().sum().backward()
     model(x).square().sum().backward()
-    ref_grads = from_alpha_reference_keys({k: p.grad for k, p in ref.named_parameters()})
+    ref_grads = from_official({k: p.grad for k, p in ref.named_parameters()})
     for k, p in model.named_parameters():
         assert p.grad is not None, k
         assert max_rel(p.grad, ref_grads[k]) <= 1e-5, k
@@ -84,7 +95,7 @@ def test_bfloat16_autocast_gradients_match_literal():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref(x).float().square().sum().backward()
         model(x).float().square().sum().backward()
-    ref_grads = from_alpha_reference_keys({k: p.grad for k, p in ref.named_parameters()})
+    ref_grads = from_official({k: p.grad for k, p in ref.named_parameters()})
     for k, p in model.named_parameters():
         assert p.grad.dtype == torch.float32, k
         assert max_rel(p.grad, ref_grads[k]) < 0.1, k
@@ -129,21 +140,24 @@ def test_trace_matches_forward_and_holds_the_sparse_code():
 
 def test_key_table_round_trips_and_covers_the_official_layout():
     official = ReferenceCRATEAlpha(**SMALL).state_dict()
-    ours = from_alpha_reference_keys(official)
+    ours = from_official(official)
     assert set(ours) == set(CRATEAlpha(**SMALL).state_dict())
-    back = to_alpha_reference_keys(ours)
+    back = to_official(ours)
     assert list(back) == list(official)
     assert all(back[k] is v for k, v in official.items())  # renaming only: the very same tensors
-    assert len({o for o, _ in ALPHA_KEY_TABLE}) == len({u for _, u in ALPHA_KEY_TABLE}) == len(ALPHA_KEY_TABLE)
-    with pytest.raises(KeyError, match=r"unexpected key 'transformer\.layers\.0\.1\.fn\.weight'"):
-        from_alpha_reference_keys({"transformer.layers.0.1.fn.weight": torch.zeros(1)})
+    pairs = CRATE_ALPHA_KEYS.body + CRATE_ALPHA_KEYS.head_one_stage
+    assert len({o for o, _ in pairs}) == len({u for _, u in pairs}) == len(pairs)
+    assert state_family(official) == ("crate_alpha", "reference")
+    assert state_family(ours) == ("crate_alpha", "cratevit")
+    with pytest.raises(CheckpointError, match=r"unexpected key 'transformer\.layers\.0\.1\.fn\.weight'"):
+        from_official({"transformer.layers.0.1.fn.weight": torch.zeros(1)})
 
 
 def test_bad_config_is_a_clear_error():
-    with pytest.raises(ValueError, match="overcomplete must be a positive integer"):
+    with pytest.raises(UserError, match="overcomplete must be a positive integer"):
         CRATEAlphaConfig(overcomplete=0)
-    with pytest.raises(TypeError, match="CRATEAlphaConfig"):
-        from cratevit.model import CRATEConfig
+    with pytest.raises(UserError, match="CRATEAlphaConfig"):
+        from cratevit.models import CRATEConfig
 
         CRATEAlpha(config=CRATEConfig())
 
@@ -179,19 +193,18 @@ def official_state_dict(name, seed=0):
 
 
 @pytest.mark.parametrize("name", ["crate_alpha_b16", pytest.param("crate_alpha_l14", marks=pytest.mark.slow)])
-def test_official_state_dict_infers_and_loads_strictly(name):
-    from cratevit.alpha_infer import infer_alpha_config
-
+def test_official_file_loads_with_no_arguments_and_gives_the_literal_logits(name, tmp_path):
     official = official_state_dict(name)
-    ours = from_alpha_reference_keys(official)
-    cfg = infer_alpha_config(ours)
-    assert cfg == ALPHA_PRESETS[name].replace(name=None)
+    path = tmp_path / "official.pth"
+    torch.save(official, path)
+    model = load_checkpoint(path).eval()  # no arguments: the architecture from the shapes, strictly
+    assert type(model) is CRATEAlpha and model.config == ALPHA_PRESETS[name]
+    assert model.config.name == name
     with torch.device("meta"):
-        model, ref = CRATEAlpha(config=cfg), ReferenceCRATEAlpha(
-            image_size=224, patch_size=cfg.patch_size[0], num_classes=1000, dim=cfg.dim, depth=cfg.depth,
-            heads=cfg.heads)  # fmt: skip
-    model.load_state_dict(ours, strict=True, assign=True)
+        ref = ReferenceCRATEAlpha(image_size=224, patch_size=model.config.patch_size[0], num_classes=1000,
+                                  dim=model.config.dim, depth=model.config.depth, heads=model.config.heads)  # fmt: skip
     ref.load_state_dict(official, strict=True, assign=True)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert max_rel(model.eval()(x), ref.eval()(x)) <= 1e-5
+        assert max_rel(model(x), ref.eval()(x)) <= 1e-5
+    assert model.pretrained_cfg["crop_pct"] == 0.875 and model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)

@@ -30,6 +30,7 @@ from ..presets import (
     resolve_name,
 )
 from ..registry import get_family
+from .hubfile import hub_file, is_hub_file
 from .infer import recorded_preset, resolve_config
 from .keys import KeyNamer, key_namer
 from .read import CONFIG_NAME, read_checkpoint, read_folder
@@ -141,8 +142,12 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     ``arch``: a preset name, a configuration object, or ``"auto"`` (read the architecture from the tensor
     shapes). By default the file's stored configuration is used, else its ``arch`` entry, else ``"auto"``.
     ``heads`` gives the head count where shapes cannot (6 heads of 128 and 12 of 64 have the same tensors).
-    ``overrides`` change the configuration (e.g. ``dynamic_img_size=True``).
+    ``overrides`` change the configuration (e.g. ``dynamic_img_size=True``). ``path`` may be a Hub file,
+    ``hf-hub:OWNER/REPO/PATH`` (``hf-hub:UCSC-VLAA/CRATE-alpha/torch/crate_alpha_B16.pth``): it is downloaded once
+    into huggingface_hub's cache, which is all that is read with ``HF_HUB_OFFLINE=1``.
     """
+    if is_hub_file(path):
+        path = hub_file(str(path))
     state, stored, meta = read_checkpoint(path)
     cfg = resolve_config(path, state, stored, meta, arch=arch, heads=heads)
     if overrides:
@@ -202,7 +207,10 @@ def load_model(source: str | Path, arch: Any = None, heads: int | None = None, *
     """The front door: a checkpoint file, a ``save_pretrained`` folder or a preset name (random weights).
     (Hub ids ``user/repo`` are fetched by :func:`cratevit.interop.hub.from_pretrained`, which then calls
     :func:`load_folder`.) ``arch``/``heads``: for files that do not record their architecture; ``overrides``
-    change the configuration. A missing file gets a clear error."""
+    change the configuration. A missing file gets a clear error. A Hub file ``hf-hub:OWNER/REPO/PATH`` is read
+    through huggingface_hub's cache (:func:`load_checkpoint`)."""
+    if is_hub_file(source):
+        return load_checkpoint(str(source), arch=arch, heads=heads, **overrides)
     path = Path(source)
     if path.is_file():
         return load_checkpoint(path, arch=arch, heads=heads, **overrides)

@@ -524,7 +524,9 @@ def geometry_cfg(cfg: CRATEConfig) -> dict[str, Any]:
         "fixed_input_size": not cfg.dynamic_img_size,
         "num_classes": int(cfg.num_classes),
         "pool_size": None,
-        "first_conv": None,  # patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply
+        # CRATE's patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply (CRATE-alpha's
+        # configuration names its convolutional stem)
+        "first_conv": getattr(cfg, "first_conv", None),
         "classifier": "head",
     }
 

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import CRATE, MSSA, CRATEConfig, CRATETrace, LayerTrace
+from ..errors import UserError
+from .crate import CRATE, MSSA, CRATEConfig, CRATETrace, LayerTrace, geometry_cfg
 
 __all__ = [
     "AlphaLayerTrace",
@@ -63,7 +64,12 @@ class CRATEAlphaConfig(CRATEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if int(self.overcomplete) <= 0:
-            raise ValueError(f"overcomplete must be a positive integer, got {self.overcomplete!r}")
+            raise UserError(f"overcomplete must be a positive integer, got {self.overcomplete!r}")
+
+    @property
+    def first_conv(self) -> str:
+        """The convolutional stem (timm's ``pretrained_cfg["first_conv"]``)."""
+        return "patch_embed.proj"
 
     @property
     def code_dim(self) -> int:
@@ -168,14 +174,14 @@ class CRATEAlpha(CRATE):
         elif kwargs:
             raise TypeError(f"pass either config= or keyword arguments, not both (got {sorted(kwargs)})")
         if not isinstance(config, CRATEAlphaConfig):
-            raise TypeError(f"CRATEAlpha needs a CRATEAlphaConfig, got {type(config).__name__}")
+            raise UserError(f"CRATEAlpha needs a CRATEAlphaConfig, got {type(config).__name__}")
         cfg = self.config = config
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dim
         self.head_hidden_size = cfg.head_hidden_dim or cfg.dim
         self.dynamic_img_size = cfg.dynamic_img_size
         self.grad_checkpointing = False
-        self.pretrained_cfg = self.default_cfg = pretrained_cfg_for_alpha(cfg)
+        self.pretrained_cfg = self.default_cfg = geometry_cfg(cfg)
         self.feature_info = [{"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]}
                              for i in range(cfg.depth)]  # fmt: skip
 
@@ -195,37 +201,6 @@ class CRATEAlpha(CRATE):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dictionary={self.config.dim}x{self.config.code_dim}"
-
-
-# Evaluation preprocessing of the official ImageNet-1K fine-tuning config (configs/crate/classification/
-# fine_tuning_in1k.py, pp_eval): resize the short side to 256 ("area" resampling), centre crop 224, ImageNet
-# mean/std (big_vision's vgg_value_range). PIL's box filter is the area resampling for downscaling.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pretrained_cfg_for_alpha(cfg: CRATEAlphaConfig) -> dict[str, Any]:
-    """timm's per-weight metadata (preprocessing, classifier name) for a CRATE-alpha configuration."""
-    height, width = cfg.image_size
-    big = min(height, width) >= 128
-    channels = int(cfg.channels)
-    return {
-        "input_size": (channels, height, width),
-        "fixed_input_size": not cfg.dynamic_img_size,
-        "interpolation": "box" if big else "bilinear",
-        "crop_pct": 224 / 256 if big else 1.0,
-        "crop_mode": "center",
-        "mean": IMAGENET_MEAN if channels == 3 and big else (0.5,) * channels,
-        "std": IMAGENET_STD if channels == 3 and big else (0.5,) * channels,
-        "num_classes": int(cfg.num_classes),
-        "pool_size": None,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_name": "Scaling White-Box Transformers for Vision",
-        "paper_ids": "arXiv:2405.20299",
-        "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
-    }
 
 
 def alpha_forward_flops(cfg: CRATEAlphaConfig, image_size: tuple[int, int] | None = None) -> int:

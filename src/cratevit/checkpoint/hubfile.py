@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CheckpointError, UserError
+
 __all__ = ["HUB_PREFIX", "hub_file", "is_hub_file", "parse_hub_file"]
 
 HUB_PREFIX = "hf-hub:"
@@ -25,7 +27,7 @@ def parse_hub_file(spec: str) -> tuple[str, str, str | None]:
     owner, repo, *path = spec.removeprefix(HUB_PREFIX).split("/")
     repo, _, revision = repo.partition("@")
     if not owner or not repo or not path or not all(path):
-        raise ValueError(f"{spec!r} is not a Hub file address; write hf-hub:OWNER/REPO/PATH/IN/REPO[.pth]")
+        raise UserError(f"{spec!r} is not a Hub file address; write hf-hub:OWNER/REPO/PATH/IN/REPO[.pth]")
     return f"{owner}/{repo}", "/".join(path), revision or None
 
 
@@ -38,13 +40,13 @@ def hub_file(spec: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except LocalEntryNotFoundError:  # first: a subclass of EntryNotFoundError
-        raise ValueError(
+        raise CheckpointError(
             f"{spec} is not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE set, or no "
             f"network); download it once online, or set HF_HUB_CACHE to the cache that holds it"
         ) from None
     except EntryNotFoundError:
-        raise ValueError(f"{spec}: the repository {repo_id} has no file {filename!r}") from None
+        raise CheckpointError(f"{spec}: the repository {repo_id} has no file {filename!r}") from None
     except RepositoryNotFoundError:
-        raise ValueError(
+        raise CheckpointError(
             f"{spec}: no Hub repository {repo_id!r} (or it is private; log in with `hf auth login`)"
         ) from None
