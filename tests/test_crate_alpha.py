@@ -208,3 +208,59 @@ def test_official_file_loads_with_no_arguments_and_gives_the_literal_logits(name
     with torch.no_grad():
         assert max_rel(model(x), ref.eval()(x)) <= 1e-5
     assert model.pretrained_cfg["crop_pct"] == 0.875 and model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+
+
+def small_official_file(tmp_path):
+    """An official-layout file of the debug size (a bare state_dict, as the Hub's .pth files are)."""
+    torch.manual_seed(0)
+    ref = ReferenceCRATEAlpha(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16)
+    path = tmp_path / "official.pth"
+    torch.save(ref.state_dict(), path)
+    return path, ref.eval()
+
+
+def test_export_reference_keys_round_trips_bit_for_bit(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from cratevit.cli import main
+
+    path, _ = small_official_file(tmp_path)
+    out = tmp_path / "official.safetensors"
+    assert main(["export", str(path), "--format", "safetensors", "--reference-keys", "-o", str(out)]) == 0
+    assert "crate_alpha_debug" in capsys.readouterr().out
+    original, exported = torch.load(path, weights_only=True), load_file(out)
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[k], v) and exported[k].dtype == v.dtype for k, v in original.items())
+    again = load_checkpoint(out)  # the export loads back, as CRATE-alpha, from its official names
+    assert type(again) is CRATEAlpha and again.config.name == "crate_alpha_debug"
+
+
+def test_hugging_face_folder_and_onnx(tmp_path):
+    from cratevit.interop.export import export_onnx, verify_onnx
+
+    path, ref = small_official_file(tmp_path)
+    model = load_checkpoint(path).eval()
+    model.save_pretrained(tmp_path / "folder")
+    again = CRATEAlpha.from_pretrained(tmp_path / "folder")
+    assert type(again) is CRATEAlpha and again.config == model.config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ref(x), rtol=1e-5, atol=1e-6)
+    onnx = export_onnx(model, tmp_path / "m.onnx")
+    assert max(verify_onnx(model, onnx).values()) < 1e-4
+
+
+def test_timm_names_and_preprocessing_of_the_released_sizes():
+    import timm
+    import timm.data
+
+    model = timm.create_model("crate_alpha_b16_224", pretrained=False)
+    assert type(model) is CRATEAlpha and model.num_params() == EXACT_PARAMS["crate_alpha_b16"]
+    data_cfg = timm.data.resolve_data_config(model=model)
+    assert data_cfg == {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    transform = timm.data.create_transform(**data_cfg)
+    assert [type(t).__name__ for t in transform.transforms][:2] == ["Resize", "CenterCrop"]
+    assert transform.transforms[0].size == 256
+    assert model.pretrained_cfg["first_conv"] == "patch_embed.proj"
+    assert timm.create_model("crate_alpha_l14_in21k_224", pretrained=False).num_classes == 19167

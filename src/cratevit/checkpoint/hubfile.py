@@ -19,6 +19,7 @@ HUB_PREFIX = "hf-hub:"
 
 def is_hub_file(spec: object) -> bool:
     """An ``hf-hub:`` address with a file path after the repository."""
+    spec = str(spec) if isinstance(spec, Path) else spec  # Path("hf-hub:a/b/c") keeps the address
     return isinstance(spec, str) and spec.startswith(HUB_PREFIX) and spec[len(HUB_PREFIX) :].count("/") >= 2
 
 

@@ -146,7 +146,7 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     ``hf-hub:OWNER/REPO/PATH`` (``hf-hub:UCSC-VLAA/CRATE-alpha/torch/crate_alpha_B16.pth``): it is downloaded once
     into huggingface_hub's cache, which is all that is read with ``HF_HUB_OFFLINE=1``.
     """
-    if is_hub_file(path):
+    if is_hub_file(str(path)):
         path = hub_file(str(path))
     state, stored, meta = read_checkpoint(path)
     cfg = resolve_config(path, state, stored, meta, arch=arch, heads=heads)
