@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from cratevit.checkpoint.hubfile import is_hub_file, parse_hub_file

@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default=None, help="preset of checkpoints that do not record their architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
     p.add_argument("--eps", type=float, default=0.01, help="eps of the coding rate")
     p.add_argument("--plot-rc", choices=("rc_in", "rc_half"), default="rc_in",
                    help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV")  # fmt: skip
@@ -111,11 +113,13 @@ def run(args: argparse.Namespace) -> int:
         stats.meta = {"model": spec, "images": what, "architecture": model.config.to_dict()}
         results[label] = stats
         last = stats.rows()[-1]
+        code = f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
         print(f"{label}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
-              f"non-zeros {last['sparsity_mean']:.3f}")  # fmt: skip
+              f"non-zeros {last['sparsity_mean']:.3f}{code}")  # fmt: skip
     rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
     with (args.out / "layerwise.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # CRATE-alpha's rows add code_sparsity
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     (args.out / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
@@ -125,5 +129,11 @@ def run(args: argparse.Namespace) -> int:
                                  "coding rate per layer (lower: more compressed)"), args.out / "compression")  # fmt: skip
     save_figure(layerwise_figure(series, "sparsity", "fraction of non-zeros of Z^{l+1}",
                                  "sparsity of the ISTA output (lower: sparser)"), args.out / "sparsity")  # fmt: skip
-    print(f"wrote {args.out}/layerwise.csv, layerwise.json, compression.png/pdf, sparsity.png/pdf")
+    written = "compression.png/pdf, sparsity.png/pdf"
+    coded = {label: rows for label, rows in series.items() if "code_sparsity_mean" in rows[0]}
+    if coded:  # CRATE-alpha: the sparse code A_2 is what its ISTA steps make sparse
+        save_figure(layerwise_figure(coded, "code_sparsity", "fraction of non-zeros of A_2",
+                                     "sparsity of the sparse code (lower: sparser)"), args.out / "code_sparsity")  # fmt: skip
+        written += ", code_sparsity.png/pdf"
+    print(f"wrote {args.out}/layerwise.csv, layerwise.json, {written}")
     return 0
