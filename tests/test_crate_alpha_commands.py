@@ -1,0 +1,64 @@
+"""Everything cratevit does for CRATE, on CRATE-alpha: train, finetune, analyze, attention, pca, segeval."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cratevit import load_checkpoint
+from cratevit.cli import main
+from cratevit.models import CRATEAlpha
+
+QUICK = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
+
+
+def photo(path, seed=0):
+    rgb = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+def test_train_finetune_and_study_a_crate_alpha(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "crate_alpha_debug", "--epochs", "1", "--batch-size", "16", "--output", str(run),
+                 *QUICK]) == 0  # fmt: skip
+    model = load_checkpoint(run / "last.pt")
+    assert type(model) is CRATEAlpha and model.config.name == "crate_alpha_debug"
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # trained on the digits: their normalisation
+
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--arch", "crate_alpha_debug", "--pretrained", str(run / "last.pt"), "--data", "shapes",
+                 "--epochs", "1", "--batch-size", "8", "--output", str(tuned), *QUICK]) == 0  # fmt: skip
+    start, after = model.state_dict(), load_checkpoint(tuned / "last.pt").state_dict()
+    assert after["blocks.0.ista.decoder"].shape == start["blocks.0.ista.decoder"].shape
+    assert 0 < (after["blocks.0.ista.decoder"] - start["blocks.0.ista.decoder"]).abs().max() < 0.1
+
+    out = tmp_path / "analyze"
+    assert main(["analyze", str(run / "last.pt"), "--num-images", "8", "-o", str(out)]) == 0
+    assert "non-zeros of the code A_2" in capsys.readouterr().out
+    layers = json.loads((out / "layerwise.json").read_text())[str(run / "last.pt")]["layers"]
+    assert len(layers) == 2 and all(0 < row["code_sparsity_mean"] < 1 for row in layers)
+    assert (out / "code_sparsity.png").is_file()
+
+    images = [photo(tmp_path / "a.png"), photo(tmp_path / "b.png", 1)]
+    assert main(["attention", str(run / "last.pt"), *images, "-o", str(tmp_path / "att"), "--size", "64"]) == 0
+    assert main(["pca", str(run / "last.pt"), *images, "-o", str(tmp_path / "pca"), "--size", "64"]) == 0
+    assert any((tmp_path / "att").iterdir()) and any((tmp_path / "pca").iterdir())
+    seg = tmp_path / "seg"
+    assert main(["segeval", str(run / "last.pt"), "--num-images", "4", "-o", str(seg)]) == 0
+    summary = json.loads((seg / "segeval.json").read_text())[str(run / "last.pt")]
+    assert summary["num_images"] == 4 and 0 <= summary["miou_attention"] <= 1
+
+
+def test_the_b16_preset_trains_one_step(tmp_path):
+    """--arch crate_alpha_b16 (the released size) on 32 px digits with 8-pixel patches: one step, finite loss."""
+    run = tmp_path / "b16"
+    assert main(["train", "--arch", "crate_alpha_b16", "--image-size", "32", "--patch-size", "8", "--epochs", "1",
+                 "--batch-size", "2", "--steps-per-epoch", "1", "--workers", "0", "--threads", "1",
+                 "--output", str(run)]) == 0  # fmt: skip
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record and all(np.isfinite(r.get("loss", 0.0)) for r in record)
+    model = load_checkpoint(run / "last.pt")
+    assert model.config.dim == 768 and model.config.depth == 12 and model.config.num_classes == 10
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
