@@ -162,7 +162,6 @@ def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
 
 def test_crate_alpha_is_benchmarked_against_its_literal_formulation_and_the_vit_of_its_size():
     from cratebench import DEFAULT_MODELS
-
     from cratevit.models import CRATEAlpha, ReferenceCRATEAlpha, alpha_forward_flops
 
     assert BenchOptions(preset="crate_alpha_b16").models == ("reference", "cratevit", "cratevit+compile",
