@@ -45,8 +45,13 @@ def test_exact_parameter_counts(name):
 
 def test_presets_sizes():
     assert sorted(n for n in ALPHA_PRESETS if not n.endswith(("_in21k", "_digits", "_debug"))) == [
-        "crate_alpha_b16", "crate_alpha_b32", "crate_alpha_b8", "crate_alpha_l14", "crate_alpha_l32", "crate_alpha_l8"
-    ]  # fmt: skip
+        "crate_alpha_b16",
+        "crate_alpha_b32",
+        "crate_alpha_b8",
+        "crate_alpha_l14",
+        "crate_alpha_l32",
+        "crate_alpha_l8",
+    ]
     for name, cfg in ALPHA_PRESETS.items():
         if name.endswith("_in21k"):
             assert cfg.num_classes == 19167
@@ -175,9 +180,20 @@ def official_state_dict(name, seed=0):
     """Random tensors with the official names and shapes of a preset, scaled like a trained network's."""
     cfg = ALPHA_PRESETS[name]
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in ReferenceCRATEAlpha(
-            image_size=cfg.image_size[0], patch_size=cfg.patch_size[0], num_classes=cfg.num_classes, dim=cfg.dim,
-            depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head).state_dict().items()}  # fmt: skip
+        shapes = {
+            k: v.shape
+            for k, v in ReferenceCRATEAlpha(
+                image_size=cfg.image_size[0],
+                patch_size=cfg.patch_size[0],
+                num_classes=cfg.num_classes,
+                dim=cfg.dim,
+                depth=cfg.depth,
+                heads=cfg.heads,
+                dim_head=cfg.dim_head,
+            )
+            .state_dict()
+            .items()
+        }
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in shapes.items():
@@ -201,8 +217,14 @@ def test_official_file_loads_with_no_arguments_and_gives_the_literal_logits(name
     assert type(model) is CRATEAlpha and model.config == ALPHA_PRESETS[name]
     assert model.config.name == name
     with torch.device("meta"):
-        ref = ReferenceCRATEAlpha(image_size=224, patch_size=model.config.patch_size[0], num_classes=1000,
-                                  dim=model.config.dim, depth=model.config.depth, heads=model.config.heads)  # fmt: skip
+        ref = ReferenceCRATEAlpha(
+            image_size=224,
+            patch_size=model.config.patch_size[0],
+            num_classes=1000,
+            dim=model.config.dim,
+            depth=model.config.depth,
+            heads=model.config.heads,
+        )
     ref.load_state_dict(official, strict=True, assign=True)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -257,8 +279,14 @@ def test_timm_names_and_preprocessing_of_the_released_sizes():
     model = timm.create_model("crate_alpha_b16_224", pretrained=False)
     assert type(model) is CRATEAlpha and model.num_params() == EXACT_PARAMS["crate_alpha_b16"]
     data_cfg = timm.data.resolve_data_config(model=model)
-    assert data_cfg == {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-                        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    assert data_cfg == {
+        "input_size": (3, 224, 224),
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     transform = timm.data.create_transform(**data_cfg)
     assert [type(t).__name__ for t in transform.transforms][:2] == ["Resize", "CenterCrop"]
     assert transform.transforms[0].size == 256

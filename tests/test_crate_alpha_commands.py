@@ -22,15 +22,49 @@ def photo(path, seed=0):
 
 def test_train_finetune_and_study_a_crate_alpha(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--arch", "crate_alpha_debug", "--epochs", "1", "--batch-size", "16", "--output", str(run),
-                 *QUICK]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "crate_alpha_debug",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--output",
+                str(run),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     model = load_checkpoint(run / "last.pt")
     assert type(model) is CRATEAlpha and model.config.name == "crate_alpha_debug"
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # trained on the digits: their normalisation
 
     tuned = tmp_path / "tuned"
-    assert main(["train", "--arch", "crate_alpha_debug", "--pretrained", str(run / "last.pt"), "--data", "shapes",
-                 "--epochs", "1", "--batch-size", "8", "--output", str(tuned), *QUICK]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "crate_alpha_debug",
+                "--pretrained",
+                str(run / "last.pt"),
+                "--data",
+                "shapes",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--output",
+                str(tuned),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     start, after = model.state_dict(), load_checkpoint(tuned / "last.pt").state_dict()
     assert after["blocks.0.ista.decoder"].shape == start["blocks.0.ista.decoder"].shape
     assert 0 < (after["blocks.0.ista.decoder"] - start["blocks.0.ista.decoder"]).abs().max() < 0.1
@@ -57,9 +91,32 @@ def test_train_finetune_and_study_a_crate_alpha(tmp_path, capsys):
 def test_the_b16_preset_trains_one_step(tmp_path):
     """--arch crate_alpha_b16 (the released size) on 16 px digits with 8-pixel patches: one step, finite loss."""
     run = tmp_path / "b16"
-    assert main(["train", "--arch", "crate_alpha_b16", "--image-size", "16", "--patch-size", "8", "--epochs", "1",
-                 "--batch-size", "2", "--steps-per-epoch", "1", "--workers", "0", "--threads", "1",
-                 "--output", str(run)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "crate_alpha_b16",
+                "--image-size",
+                "16",
+                "--patch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--steps-per-epoch",
+                "1",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record and all(np.isfinite(r.get("loss", 0.0)) for r in record)
     model = load_checkpoint(run / "last.pt")

@@ -27,7 +27,10 @@ def fake_hub_cache(root, repo_id, filename, data: bytes):
 
 def test_parse_hub_file_addresses():
     assert parse_hub_file("hf-hub:UCSC-VLAA/CRATE-alpha/torch/crate_alpha_B16.pth") == (
-        "UCSC-VLAA/CRATE-alpha", "torch/crate_alpha_B16.pth", None)  # fmt: skip
+        "UCSC-VLAA/CRATE-alpha",
+        "torch/crate_alpha_B16.pth",
+        None,
+    )
     assert parse_hub_file("hf-hub:a/b@v2/x.pth") == ("a/b", "x.pth", "v2")
     assert is_hub_file("hf-hub:a/b/x.pth") and not is_hub_file("hf-hub:a/b") and not is_hub_file("a/b/c")
     with pytest.raises(UserError, match="not a Hub file address"):

@@ -57,8 +57,13 @@ class Preprocessing:
     interpolation: str = "bilinear"  # torchvision's default, which the reference used
 
     def to_cfg(self) -> dict[str, Any]:
-        return {"mean": tuple(self.mean), "std": tuple(self.std), "crop_pct": self.crop_pct,
-                "crop_mode": "center", "interpolation": self.interpolation}  # fmt: skip
+        return {
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "interpolation": self.interpolation,
+        }
 
 
 IMAGENET = Preprocessing()
@@ -106,8 +111,16 @@ def register_preset(
     return cfg
 
 
-def _vit(name: str, dim: int, heads: int, depth: int, patch: int = 16, image: int = 224,
-         preprocessing: Preprocessing | None = None, **kw: Any) -> None:  # fmt: skip
+def _vit(
+    name: str,
+    dim: int,
+    heads: int,
+    depth: int,
+    patch: int = 16,
+    image: int = 224,
+    preprocessing: Preprocessing | None = None,
+    **kw: Any,
+) -> None:
     register_preset(
         name,
         CRATEConfig(image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw),
@@ -149,10 +162,19 @@ _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=
 ALPHA_IN21K_CLASSES = 19167
 
 
-def _alpha(name: str, dim: int, heads: int, depth: int, patch: int, image: int = 224,
-           preprocessing: Preprocessing | None = None, **kw: Any) -> None:  # fmt: skip
-    cfg = CRATEAlphaConfig(image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads,
-                           dim_head=dim // heads, **kw)  # fmt: skip
+def _alpha(
+    name: str,
+    dim: int,
+    heads: int,
+    depth: int,
+    patch: int,
+    image: int = 224,
+    preprocessing: Preprocessing | None = None,
+    **kw: Any,
+) -> None:
+    cfg = CRATEAlphaConfig(
+        image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw
+    )
     register_preset(name, cfg, preprocessing=preprocessing)
 
 
@@ -162,8 +184,15 @@ for _size, (_dim, _heads, _depth, _patches) in {
 }.items():
     for _patch in _patches:
         _alpha(f"crate_alpha_{_size}{_patch}", _dim, _heads, _depth, _patch, preprocessing=IMAGENET)
-        _alpha(f"crate_alpha_{_size}{_patch}_in21k", _dim, _heads, _depth, _patch, preprocessing=IMAGENET,
-               num_classes=ALPHA_IN21K_CLASSES)  # fmt: skip
+        _alpha(
+            f"crate_alpha_{_size}{_patch}_in21k",
+            _dim,
+            _heads,
+            _depth,
+            _patch,
+            preprocessing=IMAGENET,
+            num_classes=ALPHA_IN21K_CLASSES,
+        )
 
 # Small CRATE-alpha presets: the built-in digits (`cratevit train --arch crate_alpha_digits`: crate_digits' depth
 # and 16 tokens at dim 64, 4 heads of 16; its 4x-wide dictionaries make a step ~1.5x crate_digits') and tests.

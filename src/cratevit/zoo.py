@@ -51,29 +51,72 @@ class ZooEntry:
 
 
 ZOO: tuple[ZooEntry, ...] = (
-    ZooEntry("crate_tiny", "CRATE-T/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_small", "CRATE-S/16", "ImageNet-1K (1000 classes)", CRATE_S_WEIGHTS, "emergence-demo",
-             note="the README's download link, reported unreachable since 2025 (CRATE issue #30); the original "
-                  "finetune.py reads this file's weights from its 'model' entry without prefix"),
-    ZooEntry("crate_base", "CRATE-B/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_large", "CRATE-L/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_base_demo", "CRATE-B/8 demo", "ImageNet-21k (21,842 classes)", EMERGENCE_NOTEBOOK,
-             "emergence-demo", source=EMERGENCE_CODE,
-             note="the segmentation-emergence demo model: 6 heads of 128, head LayerNorm -> Linear(768, 768) -> "
-                  "Linear(768, 21842); weights distributed through the README's emergence demo notebook"),
-    ZooEntry("crate_small_21k", "CRATE-S/8 21k", "ImageNet-21k (21,842 classes)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE),
-    ZooEntry("crate_base_21k", "CRATE-B/8 21k", "ImageNet-21k (21,842 classes)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE),
-    ZooEntry("crate_base_768", "CRATE-B/8 768", "not stated (768-way head; a feature extractor)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE, note="like crate_base_21k with a 768-way head"),
-)  # fmt: skip
+    ZooEntry(
+        "crate_tiny",
+        "CRATE-T/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_small",
+        "CRATE-S/16",
+        "ImageNet-1K (1000 classes)",
+        CRATE_S_WEIGHTS,
+        "emergence-demo",
+        note="the README's download link, reported unreachable since 2025 (CRATE issue #30); the original "
+        "finetune.py reads this file's weights from its 'model' entry without prefix",
+    ),
+    ZooEntry(
+        "crate_base",
+        "CRATE-B/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_large",
+        "CRATE-L/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_base_demo",
+        "CRATE-B/8 demo",
+        "ImageNet-21k (21,842 classes)",
+        EMERGENCE_NOTEBOOK,
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+        note="the segmentation-emergence demo model: 6 heads of 128, head LayerNorm -> Linear(768, 768) -> "
+        "Linear(768, 21842); weights distributed through the README's emergence demo notebook",
+    ),
+    ZooEntry(
+        "crate_small_21k",
+        "CRATE-S/8 21k",
+        "ImageNet-21k (21,842 classes)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+    ),
+    ZooEntry(
+        "crate_base_21k",
+        "CRATE-B/8 21k",
+        "ImageNet-21k (21,842 classes)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+    ),
+    ZooEntry(
+        "crate_base_768",
+        "CRATE-B/8 768",
+        "not stated (768-way head; a feature extractor)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+        note="like crate_base_21k with a 768-way head",
+    ),
+)
 
 
 # --------------------------------------------------------------------------------------------- CRATE-alpha
@@ -120,21 +163,16 @@ ALPHA_HUB_FILES: tuple[HubFile, ...] = (
     HubFile("torch/crate_alpha_CLIPA_L14.pth", None, "2560901931", 69.8, _PT, _CLIPA),
     HubFile("torch/crate_alpha_CLIPA_H14.pth", None, "3871721133", 72.3, _PT, _CLIPA),
     HubFile("torch/in21k_Pretrain/crate_alpha_B32_in21k.pth", "crate_alpha_b32_in21k", "351873409", None, "", _21K),
-    HubFile("torch/in21k_Pretrain/crate_alpha_B16_IN21K", "crate_alpha_b16_in21k", "~345 MB", None, "",
-            _21K + _NOEXT),
-    HubFile("torch/in21k_Pretrain/crate_alpha_B8_IN21K", "crate_alpha_b8_in21k", "~345 MB", None, "",
-            _21K + _NOEXT),
-    HubFile("torch/in21k_Pretrain/crate_alpha_L32_in21k.pth", "crate_alpha_l32_in21k", "1098512714", None, "",
-            _21K),
-    HubFile("torch/in21k_Pretrain/crate_alpha_L14_IN21K", "crate_alpha_l14_in21k", "~1.09 GB", None, "",
-            _21K + _NOEXT),
-    HubFile("torch/in21k_Pretrain/crate_alpha_L8_IN21K", "crate_alpha_l8_in21k", "~1.09 GB", None, "",
-            _21K + _NOEXT),
+    HubFile("torch/in21k_Pretrain/crate_alpha_B16_IN21K", "crate_alpha_b16_in21k", "~345 MB", None, "", _21K + _NOEXT),
+    HubFile("torch/in21k_Pretrain/crate_alpha_B8_IN21K", "crate_alpha_b8_in21k", "~345 MB", None, "", _21K + _NOEXT),
+    HubFile("torch/in21k_Pretrain/crate_alpha_L32_in21k.pth", "crate_alpha_l32_in21k", "1098512714", None, "", _21K),
+    HubFile("torch/in21k_Pretrain/crate_alpha_L14_IN21K", "crate_alpha_l14_in21k", "~1.09 GB", None, "", _21K + _NOEXT),
+    HubFile("torch/in21k_Pretrain/crate_alpha_L8_IN21K", "crate_alpha_l8_in21k", "~1.09 GB", None, "", _21K + _NOEXT),
     HubFile("jax/crate_alpha_B16_in1k.npz", None, "723400850", 81.2, _PAPER, _JAX),
     HubFile("jax/crate_alpha_B8_in1k.npz", None, "723493010", 83.2, _PAPER, _JAX),
     HubFile("jax/crate_alpha_L14_in1k.npz", None, "2536725406", 83.9, _PAPER, _JAX),
     HubFile("jax/crate_alpha_L8_in1k.npz", None, "2538077086", 85.1, _PAPER, _JAX),
-)  # fmt: skip
+)
 # Not published as files: CRATE-alpha-B/32 (76.5) and L/32 (80.2) fine-tuned on ImageNet-1K (README table only).
 
 
@@ -146,12 +184,18 @@ def _alpha_entries() -> tuple[ZooEntry, ...]:
             continue
         size, patch = f.preset.split("_")[2][0], f.preset.split("_")[2][1:]
         in21k = f.preset.endswith("_in21k")
-        entries.append(ZooEntry(
-            f.preset, f"{titles[size]}/{patch}" + (" IN-21K" if in21k else ""),
-            "ImageNet-21K (19,167 classes)" if in21k else "ImageNet-21K, then ImageNet-1K (1000 classes)",
-            f.address, "reference-state-dict", source=ALPHA_REPO, note=f"{f.size_text}; {f.note}".rstrip("; "),
-            top1=f"{f.top1} ({f.top1_source})" if f.top1 is not None else "",
-        ))  # fmt: skip
+        entries.append(
+            ZooEntry(
+                f.preset,
+                f"{titles[size]}/{patch}" + (" IN-21K" if in21k else ""),
+                "ImageNet-21K (19,167 classes)" if in21k else "ImageNet-21K, then ImageNet-1K (1000 classes)",
+                f.address,
+                "reference-state-dict",
+                source=ALPHA_REPO,
+                note=f"{f.size_text}; {f.note}".rstrip("; "),
+                top1=f"{f.top1} ({f.top1_source})" if f.top1 is not None else "",
+            )
+        )
     return tuple(entries)
 
 
@@ -187,8 +231,17 @@ def get_entry(name: str) -> ZooEntry:
 def zoo_rows() -> list[dict[str, Any]]:
     """The zoo as plain dicts (for JSON and tables)."""
     return [
-        {"name": e.name, "title": e.title, "config": describe_config(e.config), "params": e.params,
-         "trained_on": e.trained_on, "weights": e.weights, "family": e.family, "source": e.source, "note": e.note,
-         "top1": e.top1}
+        {
+            "name": e.name,
+            "title": e.title,
+            "config": describe_config(e.config),
+            "params": e.params,
+            "trained_on": e.trained_on,
+            "weights": e.weights,
+            "family": e.family,
+            "source": e.source,
+            "note": e.note,
+            "top1": e.top1,
+        }
         for e in ZOO
-    ]  # fmt: skip
+    ]

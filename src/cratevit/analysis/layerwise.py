@@ -180,8 +180,15 @@ def layerwise_stats(
         for batch in batches:
             trace = model.forward_trace(batch)
             rc_in.append(torch.stack([compression(t.proj, eps) for t in trace.layers], dim=1))
-            rc_half.append(torch.stack([compression(_project(block, t.z_half), eps)
-                                        for block, t in zip(model.blocks, trace.layers, strict=True)], dim=1))  # fmt: skip
+            rc_half.append(
+                torch.stack(
+                    [
+                        compression(_project(block, t.z_half), eps)
+                        for block, t in zip(model.blocks, trace.layers, strict=True)
+                    ],
+                    dim=1,
+                )
+            )
             sparse.append(torch.stack([sparsity(t.z_out) for t in trace.layers], dim=1))
             if all(hasattr(t, "code") for t in trace.layers):
                 code.append(torch.stack([sparsity(t.code) for t in trace.layers], dim=1))
@@ -189,8 +196,13 @@ def layerwise_stats(
         model.train(was_training)
     if not rc_in:
         raise UserError("no images to analyse")
-    return LayerwiseStats(torch.cat(rc_in), torch.cat(rc_half), torch.cat(sparse), eps=eps,
-                          code_sparsity=torch.cat(code) if code else None)  # fmt: skip
+    return LayerwiseStats(
+        torch.cat(rc_in),
+        torch.cat(rc_half),
+        torch.cat(sparse),
+        eps=eps,
+        code_sparsity=torch.cat(code) if code else None,
+    )
 
 
 def _project(block: torch.nn.Module, z: Tensor) -> Tensor:

@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.preset).is_file():
         model = load_checkpoint(args.preset, heads=args.heads)
     else:
-        model = create_model(args.preset, num_classes=args.num_classes, image_size=args.image_size,
-                             patch_size=args.patch_size)  # fmt: skip
+        model = create_model(
+            args.preset, num_classes=args.num_classes, image_size=args.image_size, patch_size=args.patch_size
+        )
     cfg = model.config
     info = {
         "name": cfg.name or args.preset,

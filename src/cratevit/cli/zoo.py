@@ -7,8 +7,13 @@ from typing import Any
 
 HELP = "list the known CRATE and CRATE-alpha checkpoints: configuration, parameters, data, where they were published"
 
-COLUMNS = (("name", "name"), ("title", "model"), ("config", "configuration"), ("params", "params"),
-           ("trained_on", "trained on"))  # fmt: skip
+COLUMNS = (
+    ("name", "name"),
+    ("title", "model"),
+    ("config", "configuration"),
+    ("params", "params"),
+    ("trained_on", "trained on"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +36,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def format_hub_files(files: list[dict[str, Any]]) -> str:
     """Every file the CRATE-alpha authors published, loadable or not, with its size and reported accuracy."""
-    lines = ["CRATE-alpha files on the Hugging Face Hub (UCSC-VLAA/CRATE-alpha); load one with "
-             "cratevit.load_checkpoint(ADDRESS), which downloads it through huggingface_hub's cache:"]  # fmt: skip
+    lines = [
+        "CRATE-alpha files on the Hugging Face Hub (UCSC-VLAA/CRATE-alpha); load one with "
+        "cratevit.load_checkpoint(ADDRESS), which downloads it through huggingface_hub's cache:"
+    ]
     for f in files:
         top1 = f"top-1 {f['top1']} ({f['top1_source']})" if f["top1"] is not None else "top-1 not reported"
         preset = f"preset {f['preset']}" if f["preset"] else "not loadable"
@@ -68,8 +75,17 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo import ALPHA_HUB_FILES, get_entry, zoo_rows
 
     rows = zoo_rows()
-    files = [{"address": f.address, "size": f.size_text, "top1": f.top1, "top1_source": f.top1_source,
-              "preset": f.preset, "note": f.note} for f in ALPHA_HUB_FILES]  # fmt: skip
+    files = [
+        {
+            "address": f.address,
+            "size": f.size_text,
+            "top1": f.top1,
+            "top1_source": f.top1_source,
+            "preset": f.preset,
+            "note": f.note,
+        }
+        for f in ALPHA_HUB_FILES
+    ]
     if args.name is not None:
         name = get_entry(args.name).name
         rows = [r for r in rows if r["name"] == name]

@@ -72,7 +72,9 @@ def _adapter_class() -> type:
             **model_kwargs: Any,
         ) -> Any:
             if not isinstance(config, dict):
-                raise FileNotFoundError(f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained")
+                raise FileNotFoundError(
+                    f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained"
+                )
             # The mixin also passes every config.json entry as a keyword; only values that differ are user overrides.
             model_kwargs.pop("strict", None)  # PyTorchModelHubMixin's option; loading here is always strict
             overrides = {k: v for k, v in model_kwargs.items() if not (k in config and config[k] == v)}
@@ -99,9 +101,16 @@ def _weights_file(
     from huggingface_hub import hf_hub_download
 
     return Path(
-        hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-                        force_download=force_download, token=token, local_files_only=local_files_only)
-    )  # fmt: skip
+        hf_hub_download(
+            repo_id=model_id,
+            filename=WEIGHTS_NAME,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    )
 
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, **kwargs: Any) -> Any:
@@ -130,8 +139,13 @@ def from_pretrained(pretrained_model_name_or_path: str | Path, **kwargs: Any) ->
         RepositoryNotFoundError,
     )
 
-    hub_errors = (EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                  RepositoryNotFoundError)  # fmt: skip
+    hub_errors = (
+        EntryNotFoundError,
+        HFValidationError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     source = str(pretrained_model_name_or_path)
     looks_local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
     if os.path.isdir(source):

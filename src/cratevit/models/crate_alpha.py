@@ -182,8 +182,9 @@ class CRATEAlpha(CRATE):
         self.dynamic_img_size = cfg.dynamic_img_size
         self.grad_checkpointing = False
         self.pretrained_cfg = self.default_cfg = geometry_cfg(cfg)
-        self.feature_info = [{"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]}
-                             for i in range(cfg.depth)]  # fmt: skip
+        self.feature_info = [
+            {"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]} for i in range(cfg.depth)
+        ]
 
         self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim))
