@@ -10,6 +10,7 @@ from PIL import Image
 from cratevit import load_checkpoint
 from cratevit.cli import main
 from cratevit.models import CRATEAlpha
+from test_data import no_checksums, write_cifar10  # noqa: F401
 
 QUICK = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
 
@@ -122,3 +123,20 @@ def test_the_b16_preset_trains_one_step(tmp_path):
     model = load_checkpoint(run / "last.pt")
     assert model.config.dim == 768 and model.config.depth == 12 and model.config.num_classes == 10
     assert torch.isfinite(model(torch.randn(1, 3, 16, 16))).all()
+
+
+def test_reference_style_finetune_of_an_official_file(tmp_path, no_checksums):  # noqa: F811
+    """`cratevit finetune --net crate_alpha_debug --ckpt_dir OFFICIAL.pth`: the official layout, a new 10-way head."""
+    from cratevit.models import ReferenceCRATEAlpha
+
+    data = write_cifar10(tmp_path / "cifar")
+    torch.manual_seed(0)
+    ref = ReferenceCRATEAlpha(image_size=32, patch_size=8, num_classes=19, dim=32, depth=2, heads=2, dim_head=16)
+    torch.save(ref.state_dict(), tmp_path / "official.pth")
+    run = tmp_path / "ft"
+    assert main(["finetune", "--net", "crate_alpha_debug", "--bs", "4", "--n_epochs", "1", "--lr", "1e-9",
+                 "--ckpt_dir", str(tmp_path / "official.pth"), "--data_dir", str(data), "--output", str(run),
+                 *QUICK]) == 0  # fmt: skip
+    tuned = load_checkpoint(run / "last.pt").state_dict()
+    assert tuned["head.weight"].shape == (10, 32)  # the 19-way head was replaced
+    torch.testing.assert_close(tuned["blocks.1.ista.decoder"], ref.state_dict()["transformer.layers.1.1.fn.D1"])
