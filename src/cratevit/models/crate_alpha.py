@@ -26,7 +26,7 @@ The fast path of :class:`OvercompleteISTA` uses the four matrix products the mat
 ``A_2 = relu(A_1 + (eta X D - eta lambda) - eta (A_1 D^T) D)``, so the first product, already shifted, serves both
 steps, ``X`` is not read again, and the scalings ride in the products (``alpha`` of ``addmm``). Over the wide
 ``(n, 4d)`` activations it makes three elementwise passes (``relu``, one add, ``relu``) where the literal
-formulation makes eight. ``cratevit.models.reference_alpha`` holds the literal formulation the tests compare with.
+formulation makes seven. ``cratevit.models.reference_alpha`` holds the literal formulation the tests compare with.
 """
 
 from __future__ import annotations
