@@ -292,3 +292,17 @@ def test_timm_names_and_preprocessing_of_the_released_sizes():
     assert transform.transforms[0].size == 256
     assert model.pretrained_cfg["first_conv"] == "patch_embed.proj"
     assert timm.create_model("crate_alpha_l14_in21k_224", pretrained=False).num_classes == 19167
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ALPHA_PRESETS if not n.endswith(("_digits", "_debug"))))
+def test_every_released_size_is_read_from_its_official_shapes(name):
+    """Shapes only (meta tensors): the official names of each size, IN-21K heads included, give back its preset."""
+    from cratevit.checkpoint.infer import infer_alpha_config
+
+    cfg = ALPHA_PRESETS[name]
+    with torch.device("meta"):
+        official = ReferenceCRATEAlpha(image_size=224, patch_size=cfg.patch_size[0], num_classes=cfg.num_classes,
+                                       dim=cfg.dim, depth=cfg.depth, heads=cfg.heads).state_dict()  # fmt: skip
+    assert state_family(official) == ("crate_alpha", "reference")
+    inferred = infer_alpha_config(from_official(official))
+    assert inferred == cfg and inferred.name == name
