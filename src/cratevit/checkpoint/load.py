@@ -56,8 +56,13 @@ def load_state_dict_strict(
     source: str = "",
     name_in_file: KeyNamer | None = None,
     hint: str | None = None,
+    assign: bool = False,
 ) -> None:
     """Load ``state`` (our key layout) into ``model``: every key used, none missing, every shape equal.
+
+    ``assign=True`` (a model built on the meta device) gives the model fresh copies of the file's tensors, in the
+    model's dtypes, as its parameters: the random initialisation is skipped. (Fresh copies, not the file's own
+    tensors: a safetensors buffer may be unaligned, and BLAS then rounds differently.)
 
     With ``drop_head=True`` a classifier of another shape is skipped and the model's fresh head kept.
     ``name_in_file`` maps our key to the file's name for it, so errors name both. ``hint`` replaces the default
@@ -99,7 +104,11 @@ def load_state_dict_strict(
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit the model ({'; '.join(parts)}); {hint}")
     with torch.no_grad():
-        model.load_state_dict(state, strict=not drop_head)
+        if assign:
+            state = {k: v.to(own[k].dtype, copy=True) for k, v in state.items()}  # fresh, aligned memory
+        model.load_state_dict(state, strict=not drop_head, assign=assign)
+    if assign and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading (a bug)")
 
 
 def pretrained_cfg_from_meta(meta: Mapping[str, Any], config: Any) -> dict[str, Any]:
@@ -161,10 +170,11 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     if overrides:
         cfg = cfg.replace(**overrides)
     family = meta.get("model_family", "crate")
-    model = _build(cfg, family)
+    with torch.device("meta"):  # the file provides every tensor: skip the random initialisation
+        model = _build(cfg, family)
     hint = _misfit_hint(arch, stored, meta)
     namer = key_namer(meta, state, family)
-    load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint)
+    load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint, assign=True)
     return _set_pretrained_cfg(model, pretrained_cfg_from_meta(meta, model.config))
 
 
