@@ -41,7 +41,6 @@ __all__ = [
     "CONFIG_NAME",
     "FAMILIES",
     "FORMAT",
-    "MODEL_TYPE",
     "WEIGHTS_NAME",
     "check_hub_config",
     "config_from_dict",
@@ -55,7 +54,6 @@ __all__ = [
 FORMAT = "cratevit"
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
-MODEL_TYPE = "crate"  # config.json's model_type: the family name (this one is CRATE's)
 
 FAMILIES: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",
@@ -84,7 +82,9 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here; turn each into one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "WeightsUnpickler error:" in str(e):  # torch's advice about weights_only is not the reason
+            msg = str(e).split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        if "Unsupported global" in str(e) or "GLOBAL " in str(e):  # a class or function the file wants to import
             raise CheckpointError(
                 f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
                 f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
