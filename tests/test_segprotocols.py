@@ -152,3 +152,15 @@ def test_paper_pca_removes_the_background_and_colours_the_foreground() -> None:
         assert (fg == obj).all()
         assert (rgb[~fg] == 0).all() and rgb[fg].max() == pytest.approx(1.0)
     assert len(out.explained_variance_ratio) == 3
+
+
+def test_every_family_works_crate_alpha() -> None:
+    from cratevit.checkpoint import load_model
+
+    model = load_model("crate_alpha_debug").eval()
+    x = torch.randn(1, 3, 32, 32)
+    code = facet_features(model, x, -1, "code")  # CRATE-alpha's overcomplete sparse code, not the layer output
+    assert code.shape[:3] == (1, 4, 4) and code.shape[-1] > facet_features(model, x, -1, "token").shape[-1]
+    assert (code >= 0).all()
+    result = evaluate_protocols(model, shapes_samples("val", 4, 32), (32, 32), (8, 8), protocols=("paper", "dino"))
+    assert result.summary()["paper"]["images_scored"] == 4

@@ -6,8 +6,8 @@ Facets of layer ``l`` (CRATE names; a timm ViT's counterpart in brackets):
   layer's attention, ``k`` of ``qkv(norm1(x))``); what the paper's PCA and MaskCut use;
 * ``attn``: ``Z^{l+1/2} = Z^l + MSSA(LN(Z^l))``, the tokens after the attention step (``x + ls1(attn(..))``);
 * ``token``: the layer's output ``Z^{l+1}`` (the block's output);
-* ``code``: the ISTA step's output, the sparse code; in CRATE this is the layer output, so ``code`` and
-  ``token`` are the same features (a ViT has no sparse code: an error).
+* ``code``: the sparse code of the ISTA step; in CRATE this is the layer output, so ``code`` and ``token`` are
+  the same features; CRATE-alpha's is its overcomplete code ``A`` (before the decoder); a ViT has none (an error).
 
 :func:`paper_pca`: one principal component fitted jointly over all images' patches, min-max scaled per image
 and thresholded (0.4, holes filled) to remove the background; then three components fitted jointly on the
@@ -38,20 +38,19 @@ def _check_facet(facet: str) -> None:
 @torch.no_grad()
 def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "key") -> Tensor:
     """Patch features (b, rows, cols, dim) of ``facet`` at ``layer`` for a CRATE or a timm ViT."""
-    from ..registry import family_for, is_family_model
+    from ..registry import is_family_model, trace_method
 
     _check_facet(facet)
     if is_family_model(model):
-        method = family_for(model).trace
-        if method is None:
-            raise UserError(f"the {family_for(model).name} family records no per-layer intermediates (no facets)")
-        trace = getattr(model, method)(x, layers=[layer])
+        trace = trace_method(model)(x, layers=[layer])
         t = trace.layers[0]
         if facet == "key":
             z = t.proj.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
         elif facet == "attn":
             z = t.z_half
-        else:  # token, code: the ISTA output
+        elif facet == "code" and getattr(t, "code", None) is not None:  # a family with a separate code
+            z = t.code
+        else:  # token (and CRATE's code): the layer output, ISTA's output
             z = t.z_out
         z = z[:, 1:]
         return z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
