@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("key", "attn", "token", "code"),
         default=None,
         help="features: key = U_k^T LN(Z^l) of all heads, attn = Z^{l+1/2}, token = the layer output, "
-        "code = ISTA's sparse code (CRATE; = token); default key (paper), token (whole)",
+        "code = the sparse code (CRATE: = token; CRATE-alpha: its overcomplete code); default key (paper), token (whole)",
     )
     p.add_argument(
         "--fg-threshold",
