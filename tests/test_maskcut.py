@@ -95,8 +95,11 @@ def test_ground_truth_scores_ap_1_and_random_boxes_near_0(coco_folder) -> None:
         assert scores[kind]["AP"] == pytest.approx(1.0)
         assert scores[kind]["AP50"] == pytest.approx(1.0)
     rng = np.random.default_rng(0)
-    boxes = [{"image_id": im["id"], "bbox": [*rng.uniform(0, 40, 2), *rng.uniform(2, 24, 2)],
-              "score": float(rng.random())} for im in gt["images"] for _ in range(5)]  # fmt: skip
+    boxes = [
+        {"image_id": im["id"], "bbox": [*rng.uniform(0, 40, 2), *rng.uniform(2, 24, 2)], "score": float(rng.random())}
+        for im in gt["images"]
+        for _ in range(5)
+    ]
     assert coco_ap(gt, boxes, ("bbox",))["bbox"]["AP"] < 0.02
     assert coco_ap(gt, [])["segm"]["AP"] == 0.0
     with pytest.raises(ValueError, match="not in the ground truth"):
@@ -104,8 +107,11 @@ def test_ground_truth_scores_ap_1_and_random_boxes_near_0(coco_folder) -> None:
 
 
 def test_class_agnostic_ground_truth() -> None:
-    gt = {"images": [{"id": 1, "width": 4, "height": 4}], "categories": [{"id": 5, "name": "cat"}, {"id": 9}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [0, 0, 2, 2], "iscrowd": 1}]}  # fmt: skip
+    gt = {
+        "images": [{"id": 1, "width": 4, "height": 4}],
+        "categories": [{"id": 5, "name": "cat"}, {"id": 9}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [0, 0, 2, 2], "iscrowd": 1}],
+    }
     out = class_agnostic(gt)
     assert out["categories"] == [{"id": 1, "name": "foreground", "supercategory": "foreground"}]
     assert out["annotations"][0]["category_id"] == 1 and out["annotations"][0]["iscrowd"] == 1

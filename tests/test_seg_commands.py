@@ -30,8 +30,22 @@ def test_segeval_protocols(tmp_path, ckpt, capsys) -> None:
     assert header.endswith("paper_iou_best_head,paper_iou_head_mean,dino_j_mean_map,dino_j_best_head")
 
     out2 = tmp_path / "seg-paper"
-    args = ["segeval", str(ckpt), "--data", "multishapes", "--num-images", "6", "--protocol", "paper",
-            "--threshold-kind", "mass", "--layer", "-2", "-o", str(out2)]  # fmt: skip
+    args = [
+        "segeval",
+        str(ckpt),
+        "--data",
+        "multishapes",
+        "--num-images",
+        "6",
+        "--protocol",
+        "paper",
+        "--threshold-kind",
+        "mass",
+        "--layer",
+        "-2",
+        "-o",
+        str(out2),
+    ]
     assert main(args) == 0
     s2 = json.loads((out2 / "segeval.json").read_text())[str(ckpt)]
     assert "dino" not in s2 and "miou_attention" not in s2 and s2["threshold_kind"] == "mass"

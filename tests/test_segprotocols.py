@@ -83,8 +83,9 @@ def test_hand_made_voc_folder_gives_the_hand_computed_ious(tmp_path) -> None:
 
 def test_oracle_head_never_below_head_mean_and_all_protocols_run() -> None:
     model = CRATE(config=CRATEConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=4, dim_head=8, num_classes=6))
-    result = evaluate_protocols(model, shapes_samples("val", 12, 32), (32, 32), (8, 8), mean=(0.5,) * 3,
-                                std=(0.5,) * 3, batch_size=5)  # fmt: skip
+    result = evaluate_protocols(
+        model, shapes_samples("val", 12, 32), (32, 32), (8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, batch_size=5
+    )
     s = result.summary()
     assert s["num_images"] == 12 and s["paper"]["images_scored"] + s["paper"]["images_without_class"] == 12
     assert all(b >= m - 1e-12 for b, m in zip(result.paper_best, result.paper_head_mean, strict=True))

@@ -73,6 +73,8 @@ def coco_ap(
             ev.accumulate()
             ev.summarize()
         # COCOeval writes -1 where a metric has no ground truth (e.g. no large objects): NaN there
-        out[iou_type] = {name: float(v) if v >= 0 else float("nan")
-                         for name, v in zip(METRICS, ev.stats[: len(METRICS)], strict=True)}  # fmt: skip
+        out[iou_type] = {
+            name: float(v) if v >= 0 else float("nan")
+            for name, v in zip(METRICS, ev.stats[: len(METRICS)], strict=True)
+        }
     return out

@@ -122,8 +122,13 @@ class ProtocolResult:
         for i, name in enumerate(self.names):
             row: dict[str, Any] = {"image": name}
             if self.cratevit is not None:
-                row.update({"iou_attention": self.cratevit.attention[i], "iou_pca": self.cratevit.pca[i],
-                            "iou_heads": " ".join(f"{v:.4f}" for v in self.cratevit.per_head[i])})  # fmt: skip
+                row.update(
+                    {
+                        "iou_attention": self.cratevit.attention[i],
+                        "iou_pca": self.cratevit.pca[i],
+                        "iou_heads": " ".join(f"{v:.4f}" for v in self.cratevit.per_head[i]),
+                    }
+                )
             if self.paper_best:
                 row.update({"paper_iou_best_head": self.paper_best[i], "paper_iou_head_mean": self.paper_head_mean[i]})
             if self.dino_mean:
@@ -139,16 +144,24 @@ class ProtocolResult:
         out: dict[str, Any] = {"num_images": len(self.names), **self.settings}
         if "paper" in self.settings.get("protocols", PROTOCOLS):
             scored = int(np.sum(~np.isnan(self.paper_best)))
-            out["paper"] = {"miou": mean(self.paper_best), "miou_head_mean": mean(self.paper_head_mean),
-                            "images_scored": scored, "images_without_class": len(self.paper_best) - scored}  # fmt: skip
+            out["paper"] = {
+                "miou": mean(self.paper_best),
+                "miou_head_mean": mean(self.paper_head_mean),
+                "images_scored": scored,
+                "images_without_class": len(self.paper_best) - scored,
+            }
         if "dino" in self.settings.get("protocols", PROTOCOLS):
             heads = np.asarray(self.dino_heads, dtype=np.float64).reshape(len(self.dino_mean), -1).mean(0)
-            out["dino"] = {"jaccard_head_mean_map": mean(self.dino_mean), "jaccard_best_head": mean(self.dino_best),
-                           "jaccard_per_head": [float(v) for v in heads]}  # fmt: skip
+            out["dino"] = {
+                "jaccard_head_mean_map": mean(self.dino_mean),
+                "jaccard_best_head": mean(self.dino_best),
+                "jaccard_per_head": [float(v) for v in heads],
+            }
         if self.cratevit is not None:
             s = self.cratevit.summary()
-            out["cratevit"] = {k: s[k] for k in ("miou_attention", "miou_best_head", "best_head", "miou_pca",
-                                                 "miou_per_head")}  # fmt: skip
+            out["cratevit"] = {
+                k: s[k] for k in ("miou_attention", "miou_best_head", "best_head", "miou_pca", "miou_per_head")
+            }
         return out
 
 
@@ -179,8 +192,15 @@ def evaluate_protocols(
     if unknown or not protocols:
         raise UserError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
     model.eval()
-    result = ProtocolResult(settings={"layer": layer, "threshold": threshold, "threshold_kind": threshold_kind,
-                                      "input_size": list(input_size), "protocols": list(protocols)})  # fmt: skip
+    result = ProtocolResult(
+        settings={
+            "layer": layer,
+            "threshold": threshold,
+            "threshold_kind": threshold_kind,
+            "input_size": list(input_size),
+            "protocols": list(protocols),
+        }
+    )
     if "cratevit" in protocols:
         result.cratevit = SegEvalResult(settings=dict(result.settings))
     for batch in _batches(samples, batch_size):

@@ -9,11 +9,19 @@ HELP = "class-agnostic COCO AP, AP50, AP75 of detections (boxes and masks) with 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gt", required=True, type=Path,
-                   help="COCO ground truth (e.g. annotations/instances_val2017.json), made class-agnostic")  # fmt: skip
-    p.add_argument("--results", required=True, type=Path,
-                   help="COCO results: a list of {image_id, bbox and/or segmentation (RLE), score} (results.json "
-                        "of cratevit maskcut)")  # fmt: skip
+    p.add_argument(
+        "--gt",
+        required=True,
+        type=Path,
+        help="COCO ground truth (e.g. annotations/instances_val2017.json), made class-agnostic",
+    )
+    p.add_argument(
+        "--results",
+        required=True,
+        type=Path,
+        help="COCO results: a list of {image_id, bbox and/or segmentation (RLE), score} (results.json "
+        "of cratevit maskcut)",
+    )
     p.add_argument("-o", "--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument(
         "--only-result-images",

@@ -11,12 +11,18 @@ HELP = "MaskCut object discovery (N normalised cuts of the key-feature graph): C
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", metavar="[CKPT] IMAGE",
-                   help="a checkpoint (or preset / timm name) and image files or folders; with --data, the checkpoint "
-                        "alone")  # fmt: skip
-    p.add_argument("--data", default=None,
-                   help="a COCO-format folder (images + annotations.json, or --annotations), or 'multishapes' (the "
-                        "built-in 2-4 object scenes, exported under -o as a COCO folder)")  # fmt: skip
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="[CKPT] IMAGE",
+        help="a checkpoint (or preset / timm name) and image files or folders; with --data, the checkpoint alone",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a COCO-format folder (images + annotations.json, or --annotations), or 'multishapes' (the "
+        "built-in 2-4 object scenes, exported under -o as a COCO folder)",
+    )
     p.add_argument(
         "--annotations",
         default=None,
@@ -24,20 +30,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="COCO annotation file of --data (e.g. annotations/instances_val2017.json)",
     )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
-    p.add_argument("--size", type=int, default=480,
-                   help="input size (images resized to size x size, positional embedding interpolated); "
-                        "multishapes: 48 unless given")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=int,
+        default=480,
+        help="input size (images resized to size x size, positional embedding interpolated); "
+        "multishapes: 48 unless given",
+    )
     p.add_argument("--layer", type=int, default=-1, help="layer of the features (0-based, -1: last)")
     p.add_argument("--facet", choices=("key", "attn", "token", "code"), default="key", help="features of the graph")
     p.add_argument("--tau", type=float, default=0.15, help="affinity threshold on the features' cosine")
     p.add_argument("--rounds", "-N", type=int, default=3, help="normalised cuts per image (masks at most)")
-    p.add_argument("--solver", choices=("auto", "dense", "lanczos"), default="auto",
-                   help="eigen solver: dense = scipy eigh(D-A, D) as CutLER; lanczos: the same vector, much faster")  # fmt: skip
+    p.add_argument(
+        "--solver",
+        choices=("auto", "dense", "lanczos"),
+        default="auto",
+        help="eigen solver: dense = scipy eigh(D-A, D) as CutLER; lanczos: the same vector, much faster",
+    )
     p.add_argument("--num-images", type=int, default=None, help="only the first N images")
     p.add_argument("--num-scenes", type=int, default=100, help="multishapes: scenes to export (val split)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay images")
-    p.add_argument("--random-init", action="store_true",
-                   help="the checkpoint's architecture with freshly initialised weights (seeded by --seed)")  # fmt: skip
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the checkpoint's architecture with freshly initialised weights (seeded by --seed)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
     p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it")
@@ -124,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     for im in images:
         image = load_image(im.path)
         start = time.perf_counter()
-        masks = maskcut_image(model, image, args.size, args.layer, args.facet, args.tau, args.rounds, mean, std,
-                              args.solver)  # fmt: skip
+        masks = maskcut_image(
+            model, image, args.size, args.layer, args.facet, args.tau, args.rounds, mean, std, args.solver
+        )
         seconds.append(time.perf_counter() - start)
         results += results_for_image(masks, im.id)
         per_image.append({"image_id": im.id, "file": str(im.path), "masks": len(masks), "seconds": seconds[-1]})
@@ -135,13 +153,25 @@ def run(args: argparse.Namespace) -> int:
             )
     (args.out / "results.json").write_text(json.dumps(results))
     summary: dict[str, Any] = {
-        "checkpoint": spec, "random_init": args.random_init, "data": args.data, "annotations": str(ann_path) if ann_path else None,
-        "images": len(images), "masks": len(results), "input_size": args.size, "layer": args.layer,
-        "facet": args.facet, "tau": args.tau, "rounds": args.rounds, "solver": args.solver,
-        "crf": False, "mean": mean, "std": std, "torch_threads": threads,
+        "checkpoint": spec,
+        "random_init": args.random_init,
+        "data": args.data,
+        "annotations": str(ann_path) if ann_path else None,
+        "images": len(images),
+        "masks": len(results),
+        "input_size": args.size,
+        "layer": args.layer,
+        "facet": args.facet,
+        "tau": args.tau,
+        "rounds": args.rounds,
+        "solver": args.solver,
+        "crf": False,
+        "mean": mean,
+        "std": std,
+        "torch_threads": threads,
         "seconds_per_image": {"mean": statistics.fmean(seconds), "median": statistics.median(seconds)},
         "score": "(N - round) / N: the first cut scores highest",
-    }  # fmt: skip
+    }
     if ann_path is not None:
         gt = load_annotations(ann_path)
         gt["images"] = [g for g in gt["images"] if int(g["id"]) in {im.id for im in images}]
@@ -152,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             ap = summary["ap"][kind]
             print(f"{kind}: AP {100 * ap['AP']:.1f}  AP50 {100 * ap['AP50']:.1f}  AP75 {100 * ap['AP75']:.1f}")
     (args.out / "maskcut.json").write_text(json.dumps({**summary, "per_image": per_image}, indent=2))
-    print(f"{len(results)} masks on {len(images)} images, {summary['seconds_per_image']['median']:.2f} s per image "
-          f"(median, {args.size} px, {threads} threads) -> {args.out / 'results.json'}")  # fmt: skip
+    print(
+        f"{len(results)} masks on {len(images)} images, {summary['seconds_per_image']['median']:.2f} s per image "
+        f"(median, {args.size} px, {threads} threads) -> {args.out / 'results.json'}"
+    )
     return 0

@@ -14,29 +14,57 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", metavar="CKPT",
-                   help="CRATE checkpoints or presets, timm ViT checkpoints from `cratevit train --arch vit_...`, "
-                        "or timm model names (random weights)")  # fmt: skip
-    p.add_argument("--data", default="shapes",
-                   help="'shapes' (built-in, one object, exact masks), 'multishapes' (2-4 objects of 6 classes, 48 px) "
-                        "or a PASCAL VOC 2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")  # fmt: skip
-    p.add_argument("--protocol", action="append", choices=("paper", "dino", "cratevit"), default=None,
-                   help="protocol to report (repeat for several; default: all three): paper = token grid, top 60%% "
-                        "of entries, best head per class; dino = pixel Jaccard, 60%% of the mass, head-mean map and "
-                        "best head per image; cratevit = pixel IoU of the head-mean map, one fixed head, and PCA")  # fmt: skip
-    p.add_argument("--threshold-kind", choices=("entries", "mass"), default="entries",
-                   help="paper protocol: keep the top --threshold of a head's entries, or of its attention mass")  # fmt: skip
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="CKPT",
+        help="CRATE checkpoints or presets, timm ViT checkpoints from `cratevit train --arch vit_...`, "
+        "or timm model names (random weights)",
+    )
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help="'shapes' (built-in, one object, exact masks), 'multishapes' (2-4 objects of 6 classes, 48 px) "
+        "or a PASCAL VOC 2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
+    )
+    p.add_argument(
+        "--protocol",
+        action="append",
+        choices=("paper", "dino", "cratevit"),
+        default=None,
+        help="protocol to report (repeat for several; default: all three): paper = token grid, top 60%% "
+        "of entries, best head per class; dino = pixel Jaccard, 60%% of the mass, head-mean map and "
+        "best head per image; cratevit = pixel IoU of the head-mean map, one fixed head, and PCA",
+    )
+    p.add_argument(
+        "--threshold-kind",
+        choices=("entries", "mass"),
+        default="entries",
+        help="paper protocol: keep the top --threshold of a head's entries, or of its attention mass",
+    )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="val", help="shapes split (train/val/test) or VOC image list (val, train, ...)")
     p.add_argument("--num-images", type=int, default=300, help="number of images (VOC: the first N of the list)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes data and of --with-random")
     p.add_argument("--with-random", action="store_true", help="also score the first model at random initialisation")
-    p.add_argument("--layer", type=int, default=-1,
-                   help="layer of the attention and features (0-based, -1: last; the paper's figures use -2)")  # fmt: skip
-    p.add_argument("--threshold", type=float, default=0.6,
-                   help="fraction the masks keep (of the entries or the mass, see --threshold-kind)")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=None,
-                   help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)")  # fmt: skip
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=-1,
+        help="layer of the attention and features (0-based, -1: last; the paper's figures use -2)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="fraction the masks keep (of the entries or the mass, see --threshold-kind)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)",
+    )
     p.add_argument("--arch", default=None, help="preset of CRATE checkpoints that do not record their architecture")
     p.add_argument(
         "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
@@ -134,8 +162,19 @@ def run(args: argparse.Namespace) -> int:
             set_input_size(model, (MULTISHAPES_SIZE, MULTISHAPES_SIZE))  # the scenes' own size, same object scale
             size = (MULTISHAPES_SIZE, MULTISHAPES_SIZE)
         mean, std = input_normalization(spec.removesuffix(" (random init)"))
-        result = evaluate_protocols(model.eval(), _samples(args, size[0]), size, patch, args.layer, args.threshold,
-                                    args.threshold_kind, mean, std, protocols, args.batch_size)  # fmt: skip
+        result = evaluate_protocols(
+            model.eval(),
+            _samples(args, size[0]),
+            size,
+            patch,
+            args.layer,
+            args.threshold,
+            args.threshold_kind,
+            mean,
+            std,
+            protocols,
+            args.batch_size,
+        )
         summary = _flat(spec, args, result.summary())
         summaries[spec] = summary
         per_image += [{"model": spec, **row} for row in result.per_image()]
@@ -143,11 +182,15 @@ def run(args: argparse.Namespace) -> int:
         if "paper" in protocols:
             parts.append(f"paper mIoU {summary['paper']['miou']:.3f}")
         if "dino" in protocols:
-            parts.append(f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
-                         f"(best head {summary['dino']['jaccard_best_head']:.3f})")  # fmt: skip
+            parts.append(
+                f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
+                f"(best head {summary['dino']['jaccard_best_head']:.3f})"
+            )
         if "cratevit" in protocols:
-            parts.append(f"attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
-                         f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f}")  # fmt: skip
+            parts.append(
+                f"attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
+                f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f}"
+            )
         print(f"{spec}: " + "; ".join(parts) + f" over {summary['num_images']} images")
     (args.out / "segeval.json").write_text(json.dumps(summaries, indent=2))
     with (args.out / "per_image.csv").open("w", newline="") as f:

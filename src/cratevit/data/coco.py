@@ -62,9 +62,14 @@ def mask_annotation(
     api = mask_api()
     rle = encode_mask(mask)
     raw = dict(rle, counts=rle["counts"].encode("ascii"))
-    ann: dict[str, Any] = {"image_id": int(image_id), "category_id": int(category_id), "segmentation": rle,
-                           "area": float(api.area(raw)), "bbox": [float(v) for v in api.toBbox(raw)],
-                           "iscrowd": 0}  # fmt: skip
+    ann: dict[str, Any] = {
+        "image_id": int(image_id),
+        "category_id": int(category_id),
+        "segmentation": rle,
+        "area": float(api.area(raw)),
+        "bbox": [float(v) for v in api.toBbox(raw)],
+        "iscrowd": 0,
+    }
     if ann_id is not None:
         ann["id"] = int(ann_id)
     if score is not None:
@@ -91,8 +96,10 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a readable COCO annotation file ({e})") from None
     missing = [k for k in ("images", "annotations") if k not in gt]
     if missing or not isinstance(gt.get("images"), list):
-        raise UserError(f"{path}: not a COCO instances file (missing {missing or ['images']}); expected the "
-                         "'images', 'annotations' and 'categories' lists of e.g. instances_val2017.json")  # fmt: skip
+        raise UserError(
+            f"{path}: not a COCO instances file (missing {missing or ['images']}); expected the "
+            "'images', 'annotations' and 'categories' lists of e.g. instances_val2017.json"
+        )
     gt.setdefault("categories", [])
     return gt
 
@@ -118,8 +125,9 @@ def read_coco_folder(folder: str | Path, annotations: str | Path | None = None) 
         raise FileNotFoundError(f"no COCO annotation file at {ann_path}: pass --annotations FILE")
     gt = load_annotations(ann_path)
     base = folder / "images" if (folder / "images").is_dir() else folder
-    images = [CocoImage(int(im["id"]), base / im["file_name"], int(im["width"]), int(im["height"]))
-              for im in gt["images"]]  # fmt: skip
+    images = [
+        CocoImage(int(im["id"]), base / im["file_name"], int(im["width"]), int(im["height"])) for im in gt["images"]
+    ]
     missing = [im.path for im in images if not im.path.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) of {ann_path} are not in {base}, e.g. {missing[0]}")

@@ -93,8 +93,14 @@ class MultiShapesDataset:
 
     classes = CLASSES
 
-    def __init__(self, split: str = "val", size: int = 200, image_size: int = 48, seed: int = 0,
-                 objects: tuple[int, int] = (2, 4)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: str = "val",
+        size: int = 200,
+        image_size: int = 48,
+        seed: int = 0,
+        objects: tuple[int, int] = (2, 4),
+    ) -> None:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if size <= 0 or image_size < 16:
@@ -131,9 +137,10 @@ def export_coco(dataset: MultiShapesDataset, folder: str | Path) -> Path:
                 mask_annotation(mask, image_id=i + 1, category_id=label + 1, ann_id=len(annotations) + 1)
             )
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
-    info = {"description": f"cratevit multi-shapes, split {dataset.split}, seed {dataset.seed}, "
-                           f"{dataset.image_size} px, {dataset.objects[0]}-{dataset.objects[1]} objects"}  # fmt: skip
+    info = {
+        "description": f"cratevit multi-shapes, split {dataset.split}, seed {dataset.seed}, "
+        f"{dataset.image_size} px, {dataset.objects[0]}-{dataset.objects[1]} objects"
+    }
     path = folder / "annotations.json"
-    path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations,
-                                "categories": categories}))  # fmt: skip
+    path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations, "categories": categories}))
     return path
