@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -108,23 +109,32 @@ class OvercompleteISTA(nn.Module):
         """``A_2`` for the normalised tokens ``x`` (b, n, dim) -> (b, n, code_dim), non-negative."""
         d, eta = self.dictionary, self.step_size
         x2 = x.reshape(-1, x.shape[-1])  # (b n) dim
-        shift = x2.new_tensor(-eta * self.lambd)
+        shift = torch.full((), -eta * self.lambd, dtype=x2.dtype, device=x2.device)
         y = torch.addmm(shift, x2, d, alpha=eta)  # eta X D - eta lambda                 product 1
         a1 = F.relu(y)  # A_1
         y = y.add_(a1)  # A_1 + eta X D - eta lambda  (relu saved its output, not y)
         e = a1 @ d.t().to(a1.dtype)  # A_1 D^T                                            product 2
         y = y.addmm_(e, d.to(e.dtype), alpha=-eta)  # - eta (A_1 D^T) D                 product 3
-        return F.relu(y, inplace=True).view(*x.shape[:-1], -1)  # A_2
+        return F.relu(y, inplace=True).view(x.shape[0], x.shape[1], -1)  # A_2, (b, n, code_dim)
 
     def decode(self, code: Tensor, residual: Tensor) -> Tensor:
         """``residual + code D_hat^T`` (product 4); under autocast the sum stays in the residual's precision."""
-        c2, r2 = code.reshape(-1, code.shape[-1]), residual.reshape(-1, residual.shape[-1])
-        if c2.dtype == r2.dtype:
-            return torch.addmm(r2, c2, self.decoder.t()).view(residual.shape)
-        return (r2 + c2 @ self.decoder.t()).view(residual.shape)
+        return decode_code(code, residual, self.decoder)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         return self.decode(self.sparse_code(x), residual)
+
+
+def decode_code(code: Tensor, residual: Tensor, decoder: Tensor) -> Tensor:
+    """``residual + code D_hat^T`` over the last axis; branches on the dtype (autocast), so torch.fx records it as
+    one call (:func:`torch.fx.wrap` below)."""
+    c2, r2 = code.reshape(-1, code.shape[-1]), residual.reshape(-1, residual.shape[-1])
+    if c2.dtype == r2.dtype:
+        return torch.addmm(r2, c2, decoder.t()).view(residual.shape)
+    return (r2 + c2 @ decoder.t()).view(residual.shape)
+
+
+torch.fx.wrap("decode_code")
 
 
 class CRATEAlphaBlock(nn.Module):
@@ -181,6 +191,7 @@ class CRATEAlpha(CRATE):
         self.head_hidden_size = cfg.head_hidden_dim or cfg.dim
         self.dynamic_img_size = cfg.dynamic_img_size
         self.grad_checkpointing = False
+        self._copy_config_attributes()  # the plain attributes CRATE's forward reads (TorchScript, torch.fx)
         self.pretrained_cfg = self.default_cfg = geometry_cfg(cfg)
         self.feature_info = [
             {"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]} for i in range(cfg.depth)
