@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "attention": "cratevit.commands.attention",
     "pca": "cratevit.commands.pca",
     "segeval": "cratevit.commands.segeval",
+    "explore": "cratevit.commands.explore",
     "export": "cratevit.commands.export",
 }
 

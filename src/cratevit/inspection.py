@@ -120,6 +120,10 @@ class Intervention:
             raise ValueError(f"layer {layer} runs before the edited layer {self.layer}; its attention is unchanged")
         return self.after_layers[k].attn
 
+    def attention_map_after(self, layer: int) -> Tensor:
+        """Edited class-token attention maps of a later layer, (b, heads, rows, cols)."""
+        return _patch_rows(self.attention_after(layer), self.before)
+
 
 # --------------------------------------------------------------------------------------------- families
 class Family(Protocol):
