@@ -133,6 +133,7 @@ class Family(Protocol):
     facets: tuple[str, ...]
     has_code: bool  # sparse codes: atoms, interventions, sparsity
     has_subspaces: bool  # per-head subspaces: R^c
+    resizable: bool  # takes other input sizes (``dynamic_img_size``: interpolated positional embedding)
 
     def matches(self, model: nn.Module) -> bool: ...
 
@@ -158,6 +159,7 @@ class WhiteBoxFamily:
     facets = FACETS
     has_code = True
     has_subspaces = True
+    resizable = True
 
     def matches(self, model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("forward_trace", "embed", "blocks")) and hasattr(
@@ -226,6 +228,7 @@ class TimmViTFamily:
     facets = ("token", "key", "attn")
     has_code = False
     has_subspaces = False
+    resizable = False  # timm builds its patch embedding for one size unless created with dynamic_img_size
 
     def matches(self, model: nn.Module) -> bool:
         blocks = getattr(model, "blocks", None)

@@ -77,7 +77,7 @@ def png_uri(img: Image.Image | np.ndarray, display: int | None = DISPLAY, smooth
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(size, Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)  # fast: the page is local
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -125,6 +125,8 @@ class _Open:
     name: str
     prep: Prepared
     ins: insp.Inspection
+    src: str  # the input picture
+    curves: dict[bool, dict[str, Any]] = field(default_factory=dict)  # with / without the image set's curves
 
 
 class Explorer:
@@ -146,7 +148,7 @@ class Explorer:
         self.family = insp.family_of(model)
         self.input_size, self.patch_size = self.family.geometry(model)
         self.depth, self.heads = self.family.depth(model), self.family.heads(model)
-        self.dynamic = hasattr(model, "dynamic_img_size")  # white-box models interpolate their positions
+        self.dynamic = self.family.resizable  # white-box models interpolate their positional embedding
         if self.dynamic:
             model.dynamic_img_size = True
         self.mean, self.std = tuple(mean), tuple(std)
@@ -196,11 +198,11 @@ class Explorer:
         with self.lock:
             ins = insp.inspect_model(self.model, prep.tensor[None])
             image_id = uuid.uuid4().hex[:12]
-            self.open[image_id] = _Open(name, prep, ins)
+            self.open[image_id] = item = _Open(name, prep, ins, png_uri(prep.image, smooth=True))
             while len(self.open) > OPEN_IMAGES:
                 self.open.popitem(last=False)
         return {"image_id": image_id, "name": name, "how": prep.how, "input_size": list(prep.input_size),
-                "grid": list(ins.grid), "src": png_uri(prep.image, smooth=True)}  # fmt: skip
+                "grid": list(ins.grid), "src": item.src}  # fmt: skip
 
     def open_sample(self, name: str, short_side: int | None = None) -> dict[str, Any]:
         if name not in self.samples:
@@ -268,7 +270,7 @@ class Explorer:
             "threshold": threshold,
             "protocol": protocol,
             "grid": list(ins.grid),
-            "image": png_uri(item.prep.image, smooth=True),
+            "image": item.src,
             "attention": {
                 "src": png_uri(self._heat(item, shown)),
                 "heads": [png_uri(colorize(maps[k].numpy()), display=96) for k in range(maps.shape[0])],
@@ -283,7 +285,7 @@ class Explorer:
                 "explained": [round(float(r), 4) for r in ratio],
             },
             "classes": self._classes(ins.logits),
-            "curves": self._curves(ins),
+            "curves": self._curves(item),
         }
         if self.family.has_code:
             out["atoms"] = insp.active_atoms(ins, layer, k=8)
@@ -293,7 +295,14 @@ class Explorer:
     def _classes(self, logits: torch.Tensor | None, k: int = 5) -> list[dict[str, Any]]:
         return [] if logits is None else insp.top_classes(logits[0], k, self.class_names)
 
-    def _curves(self, ins: insp.Inspection) -> dict[str, Any]:
+    def _curves(self, item: _Open) -> dict[str, Any]:
+        """The per-layer curves (they do not depend on the layer or head shown: drawn once per image)."""
+        key = bool(self.set_curves)
+        if key not in item.curves:
+            item.curves[key] = self._draw_curves(item.ins)
+        return item.curves[key]
+
+    def _draw_curves(self, ins: insp.Inspection) -> dict[str, Any]:
         mine = {name: [round(float(v), 4) for v in values[0]] for name, values in insp.image_curves(ins).items()}
         data = {
             name: {"mean": [round(float(v), 4) for v in values.mean(0)],
@@ -462,7 +471,7 @@ def curves_png(image: dict[str, list[float]], image_set: dict[str, dict[str, lis
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.2, top=0.88, wspace=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
