@@ -34,7 +34,13 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1300"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1300",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_page_load_timeout(30)
@@ -91,7 +97,9 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     d = browser
     d.get(server.url)
     _wait(d, lambda d: _renders(d) >= 1, "the first picture")
-    assert "crate_nano" in d.find_element("id", "model").text and "6 layers, 3 heads" in d.find_element("id", "model").text
+    assert (
+        "crate_nano" in d.find_element("id", "model").text and "6 layers, 3 heads" in d.find_element("id", "model").text
+    )
 
     # upload a real photo (a file the browser sends, as a user would)
     photo = tmp_path / "cat photo.png"
@@ -130,7 +138,9 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     assert len(d.find_elements("css selector", "#atom-patches img")) > 0
     assert "active on patches" in d.find_element("id", "atom-stats").text
     d.find_element("id", "btn-clamp").click()
-    _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-intervened") is not None, "the intervention")
+    _wait(
+        d, lambda d: d.find_element("tag name", "body").get_attribute("data-intervened") is not None, "the intervention"
+    )
     assert len(d.find_elements("css selector", "#later figure")) == 4  # layers 2..5 recomputed
     assert 0 <= float(d.find_element("id", "prob-after").text) <= 1
     _keep(d, tmp_path, "explore-page.png")
@@ -139,7 +149,9 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
     d.find_element("id", "file").send_keys(str(bad))
-    error = _wait(d, lambda d: d.find_element("id", "error").is_displayed() and d.find_element("id", "error"), "the error")
+    error = _wait(
+        d, lambda d: d.find_element("id", "error").is_displayed() and d.find_element("id", "error"), "the error"
+    )
     assert "notes.png is not an image file" in error.text
     _keep(d, tmp_path, "explore-bad-upload.png")
     n = _renders(d)
@@ -155,7 +167,9 @@ def test_page_for_a_timm_vit(browser, tmp_path) -> None:
     from cratevit.explore.app import serve as serve_page
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=3)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=3
+    )
     photos = [ImageItem("checker", Image.fromarray((np.indices((64, 64)).sum(0) % 16 < 8).astype(np.uint8) * 255))]
     srv = serve_page(Explorer(vit, "vit", (0.5,) * 3, (0.5,) * 3, photos, photos), port=0, background=True)
     try:

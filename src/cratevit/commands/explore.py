@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         import skimage  # noqa: F401
     except ImportError:
-        raise UserError('cratevit explore needs scikit-image (its sample photos): pip install "cratevit[explore]"') from None
+        raise UserError(
+            'cratevit explore needs scikit-image (its sample photos): pip install "cratevit[explore]"'
+        ) from None
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number; use 1024..65535, or 0 for any free port")
     if args.images is not None and not args.images.is_dir():

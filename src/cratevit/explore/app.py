@@ -5,6 +5,7 @@ bug, and the server keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from importlib import resources
@@ -111,7 +112,11 @@ def create_app(explorer: Explorer) -> Any:
 
     @app.get("/api/atom")
     def atom() -> Any:
-        return flask.jsonify(explorer.atom(arg("image_id", str, required=True), arg("layer", int, required=True), arg("coord", int, required=True)))
+        return flask.jsonify(
+            explorer.atom(
+                arg("image_id", str, required=True), arg("layer", int, required=True), arg("coord", int, required=True)
+            )
+        )
 
     @app.get("/api/intervene")
     def intervene() -> Any:
@@ -151,8 +156,6 @@ def serve(explorer: Explorer, port: int = 8000, background: bool = False) -> _Se
         server.start()
         return server
     print(f"cratevit explore: {explorer.name} on {server.url} (Ctrl-C stops)", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        pass
     return server

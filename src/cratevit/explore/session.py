@@ -96,10 +96,14 @@ def read_upload(data: bytes, filename: str = "upload") -> Image.Image:
             img.load()
             return to_rgb(img)
     except UnidentifiedImageError:
-        raise ValueError(f"{filename} is not an image file this page can read; choose a PNG, JPEG or other image") from None
+        raise ValueError(
+            f"{filename} is not an image file this page can read; choose a PNG, JPEG or other image"
+        ) from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ValueError(f"{filename} is not an image this page can read ({reason}); choose a PNG, JPEG or other image") from None
+        raise ValueError(
+            f"{filename} is not an image this page can read ({reason}); choose a PNG, JPEG or other image"
+        ) from None
 
 
 @dataclass
@@ -248,7 +252,9 @@ class Explorer:
         t0 = time.perf_counter()
         self._check_layer_head(layer, head)
         if facet not in self.family.facets:
-            raise ValueError(f"facet {facet!r} does not exist for this model; choose one of {', '.join(self.family.facets)}")
+            raise ValueError(
+                f"facet {facet!r} does not exist for this model; choose one of {', '.join(self.family.facets)}"
+            )
         if protocol not in insp.MASK_PROTOCOLS:
             raise ValueError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(insp.MASK_PROTOCOLS)}")
         if not 0.0 < threshold <= 1.0:
@@ -406,8 +412,7 @@ class Explorer:
             "coord": coord,
             "stats": insp.atom_stats(index, coord),
             "patches": patches,
-            "here": {"src": png_uri(self._heat(item, here)), "max": float(here.max()),
-                     "active": int((here > 0).sum())},  # fmt: skip
+            "here": {"src": png_uri(self._heat(item, here)), "max": float(here.max()), "active": int((here > 0).sum())},
             "ms": round(1000 * (time.perf_counter() - t0), 1),
         }
 
