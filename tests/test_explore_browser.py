@@ -83,6 +83,8 @@ def _numbers(driver) -> dict[str, str]:
 
 def _keep(driver, tmp_path: Path, name: str) -> Path:
     shot = tmp_path / name
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, max(900, int(height) + 20))  # the whole page in one picture
     driver.save_screenshot(str(shot))
     if os.environ.get("CRATEVIT_ARTIFACTS"):
         out = Path(os.environ["CRATEVIT_ARTIFACTS"])
@@ -131,6 +133,15 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     entropy = float(_numbers(d)["attention entropy"])
     assert 0 < entropy <= np.log(12 * 8) + 1e-3  # a distribution over the 12x8 patches
     _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-index") == "done", "the image-set index")
+
+    # the per-layer curves: this image (6 layers) beside the image set's band once it is indexed
+    _wait(d, lambda d: d.find_elements("css selector", "#curves polyline.set"), "the image set's curves")
+    for curve in ("rc", "sparsity"):
+        points = d.find_element("css selector", f"#curves svg[data-curve={curve}] polyline.image").get_attribute(
+            "points"
+        )
+        assert len(points.split()) == 6
+    assert d.find_elements("css selector", "#curves svg[data-curve=rc] polygon.band")
 
     # an atom of layer 1, then the intervention clamping it to 0
     d.find_elements("css selector", "#atoms button")[0].click()

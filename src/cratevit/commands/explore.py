@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, default=None,
                    help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for small models, which answer fastest so, else torch's default)")  # fmt: skip
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
     p.add_argument(
         "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
@@ -38,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port} is not a port number; use 1024..65535, or 0 for any free port")
     if args.images is not None and not args.images.is_dir():
         raise UserError(f"--images {args.images}: not a folder of images")
-    from ..explore import load_explorer
+    import torch
+
+    from ..explore import load_explorer, threads_for
     from ..explore.app import serve
 
     if args.model == DEFAULT_MODEL:
         print(f"no model given: {DEFAULT_MODEL} with random weights (pass a checkpoint file or preset)")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a positive number of threads")
     explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads)
+    torch.set_num_threads(args.threads or threads_for(explorer.model))
     try:
         serve(explorer, args.port)
     except OSError as e:

@@ -13,9 +13,16 @@ import torch
 
 from .session import Explorer, ImageItem, builtin_samples, data_samples
 
-__all__ = ["Explorer", "load_explorer", "training_data"]
+__all__ = ["Explorer", "load_explorer", "threads_for", "training_data"]
 
 SET_IMAGES = 96  # images of the built-in data indexed for the atoms view
+SMALL_MODEL = 5_000_000  # parameters; smaller models answer fastest on one CPU thread
+
+
+def threads_for(model: torch.nn.Module) -> int:
+    """CPU threads for the page's model passes: one for small models (on 2 shared cores a second thread made a
+    32-px view ~5x slower), torch's default for larger ones."""
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else torch.get_num_threads()
 
 
 def training_data(spec: str | Path) -> str | None:

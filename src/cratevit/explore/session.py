@@ -130,7 +130,6 @@ class _Open:
     prep: Prepared
     ins: insp.Inspection
     src: str  # the input picture
-    curves: dict[bool, dict[str, Any]] = field(default_factory=dict)  # with / without the image set's curves
 
 
 class Explorer:
@@ -302,23 +301,14 @@ class Explorer:
         return [] if logits is None else insp.top_classes(logits[0], k, self.class_names)
 
     def _curves(self, item: _Open) -> dict[str, Any]:
-        """The per-layer curves (they do not depend on the layer or head shown: drawn once per image)."""
-        key = bool(self.set_curves)
-        if key not in item.curves:
-            item.curves[key] = self._draw_curves(item.ins)
-        return item.curves[key]
-
-    def _draw_curves(self, ins: insp.Inspection) -> dict[str, Any]:
-        mine = {name: [round(float(v), 4) for v in values[0]] for name, values in insp.image_curves(ins).items()}
+        """Per-layer R^c and sparsity of this image and the image set's mean and std (the page draws them)."""
+        mine = {name: [round(float(v), 4) for v in values[0]] for name, values in insp.image_curves(item.ins).items()}
         data = {
             name: {"mean": [round(float(v), 4) for v in values.mean(0)],
                    "std": [round(float(v), 4) for v in values.std(0, unbiased=False)]}
             for name, values in self.set_curves.items()
         }  # fmt: skip
-        out: dict[str, Any] = {"image": mine, "image_set": data}
-        if mine:
-            out["src"] = png_uri(Image.open(io.BytesIO(curves_png(mine, data, self.image_set_label))), display=None)
-        return out
+        return {"image": mine, "image_set": data, "image_set_label": self.image_set_label}
 
     # ----------------------------------------------------------------------------------------------- jobs
     def job(self, job_id: str) -> dict[str, Any]:
@@ -454,29 +444,3 @@ class Explorer:
             }
         out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
         return out
-
-
-def curves_png(image: dict[str, list[float]], image_set: dict[str, dict[str, list[float]]], label: str) -> bytes:
-    """Per-layer R^c and sparsity of the image (line) beside the image set's mean +- std (band)."""
-    from matplotlib.figure import Figure
-
-    titles = {"rc": "R^c (key facet, per head, summed)", "sparsity": "non-zero fraction of the code"}
-    names = [n for n in ("rc", "sparsity") if n in image]
-    fig = Figure(figsize=(3.2 * len(names), 2.4), dpi=90)
-    axes = np.atleast_1d(fig.subplots(1, len(names)))
-    for ax, name in zip(axes, names, strict=True):
-        layers = np.arange(1, len(image[name]) + 1)
-        if name in image_set:
-            m, s = np.asarray(image_set[name]["mean"]), np.asarray(image_set[name]["std"])
-            ax.fill_between(layers, m - s, m + s, alpha=0.25, color="tab:gray", label=label or "image set")
-            ax.plot(layers, m, color="tab:gray", lw=1)
-        ax.plot(layers, image[name], marker="o", ms=3, color="tab:red", label="this image")
-        ax.set_title(titles[name], fontsize=8)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.2, top=0.88, wspace=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
