@@ -84,7 +84,8 @@ def _numbers(driver) -> dict[str, str]:
 def _keep(driver, tmp_path: Path, name: str) -> Path:
     shot = tmp_path / name
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(900, int(height) + 20))  # the whole page in one picture
+    driver.set_window_size(1400, max(900, int(height) + 150))  # the whole page in one picture
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(shot))
     if os.environ.get("CRATEVIT_ARTIFACTS"):
         out = Path(os.environ["CRATEVIT_ARTIFACTS"])

@@ -308,7 +308,11 @@ class Explorer:
                    "std": [round(float(v), 4) for v in values.std(0, unbiased=False)]}
             for name, values in self.set_curves.items()
         }  # fmt: skip
-        return {"image": mine, "image_set": data, "image_set_label": self.image_set_label}
+        n_set = self.family.geometry(self.model)[0]
+        set_tokens = item.ins.prefix + (n_set[0] // self.patch_size[0]) * (n_set[1] // self.patch_size[1])
+        tokens = item.ins.prefix + item.ins.grid[0] * item.ins.grid[1]
+        return {"image": mine, "image_set": data, "image_set_label": self.image_set_label, "tokens": tokens,
+                "image_set_tokens": set_tokens}  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- jobs
     def job(self, job_id: str) -> dict[str, Any]:
