@@ -236,6 +236,33 @@ def test_a_family_with_an_internal_code_uses_its_hook(images) -> None:
     assert not torch.allclose(result.logits, ins.logits)
 
 
+def test_a_registered_code_editor(images) -> None:
+    """A family whose block exposes decode(code, z_half) registers how an edited code becomes the output."""
+    from cratevit import inspection
+
+    torch.manual_seed(0)
+    model = create_model("crate_debug", patch_size=4).eval()
+    for i, old in enumerate(model.blocks):
+        new = _ResidualCodeBlock(model.config)
+        new.load_state_dict(old.state_dict())
+        model.blocks[i] = new
+    ins = inspect_model(model, images)
+    calls = []
+
+    def editor(block, record, code):
+        calls.append(block)
+        return record.z_half + code  # the block's own decoding of its code
+
+    inspection.register_code_editor(_ResidualCodeBlock, editor)
+    try:
+        result = intervene(model, ins, layer=0, coord=3, value=0.0)
+    finally:
+        del inspection._CODE_EDITORS[_ResidualCodeBlock]
+    assert calls == [model.blocks[0]]
+    z, _ = model.blocks[0].trace(ins.layers[0].z_in, code_edit=lambda c: c.index_fill_(-1, torch.tensor([3]), 0.0))
+    torch.testing.assert_close(result.logits, model.forward_head(model.blocks[1](z)))
+
+
 def test_register_family_takes_precedence(crate) -> None:
     class Fake:
         name = "fake"

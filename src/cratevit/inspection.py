@@ -10,7 +10,8 @@ features by facet); everything else is a function of that record or of tensors. 
   ``U_k^T LN(Z^l)``, concatenated), ``attn`` (each head's attention applied to them, ``SSA_k``, concatenated) and
   ``code`` (the ISTA sparse code). In CRATE the ISTA step has no outer residual, so its code *is* the layer's
   output and ``token`` and ``code`` are the same tensor. A family whose code is internal (CRATE-alpha's ``A_2``)
-  records it as ``code`` in its layer trace and accepts ``block.trace(z, code_edit=fn)``: the hook through which
+  records it as ``code`` in its layer trace, and either accepts ``block.trace(z, code_edit=fn)`` or registers
+  ``register_code_editor(BlockClass, fn)`` (edited code -> the layer's output): the hook through which
   :func:`intervene` edits the code inside the block;
 * timm vision transformers: facets ``token`` (block output), ``key`` (each head's keys) and ``attn`` (attention
   output before the projection); no code, so no atoms or interventions, and no ``R^c`` (no subspaces).
@@ -60,6 +61,7 @@ __all__ = [
     "intervene",
     "patch_crop",
     "pca_rgb",
+    "register_code_editor",
     "register_family",
     "rollout_map",
     "segmentation_mask",
@@ -80,6 +82,7 @@ class LayerRecord:
     facets: dict[str, Tensor]  # facet name -> per-token features (b, n, c)
     heads_key: Tensor | None = None  # per-head subspace coordinates (b, heads, n, p), for R^c (white-box only)
     z_in: Tensor | None = None  # tokens entering the layer (b, n, dim), for interventions inside the layer
+    z_half: Tensor | None = None  # tokens after the attention step (b, n, dim), white-box only
 
 
 @dataclass
@@ -186,7 +189,7 @@ class WhiteBoxFamily:
             "attn": attended.transpose(1, 2).reshape(b, n, h * p),
             "code": t.z_out if code is None else code,
         }
-        return LayerRecord(attn=t.attn, facets=facets, heads_key=t.proj, z_in=t.z_in)
+        return LayerRecord(attn=t.attn, facets=facets, heads_key=t.proj, z_in=t.z_in, z_half=t.z_half)
 
     @staticmethod
     def _logits(model: nn.Module, z: Tensor) -> Tensor | None:
@@ -205,14 +208,18 @@ class WhiteBoxFamily:
         blocks = model.blocks
         record = before.layer(layer)
         block = blocks[layer]
-        if record.facets["code"] is record.facets["token"]:  # the code is the layer's output: edit it directly
+        editor = next((fn for cls, fn in _CODE_EDITORS.items() if isinstance(block, cls)), None)
+        if editor is not None:  # the family's function: edited code -> the layer's output
+            z = editor(block, record, edit(record.facets["code"].clone()))
+        elif record.facets["code"] is record.facets["token"]:  # the code is the layer's output: edit it directly
             z = edit(record.facets["code"].clone())
-        else:  # the code is internal to the block: the family's hook
-            if "code_edit" not in _pyinspect.signature(block.trace).parameters:
-                raise ValueError(
-                    f"{type(block).__name__}.trace has no code_edit hook; this family cannot edit its sparse code"
-                )
+        elif "code_edit" in _pyinspect.signature(block.trace).parameters:  # the block's own hook
             z, _ = block.trace(record.z_in, code_edit=edit)
+        else:
+            raise ValueError(
+                f"{type(block).__name__} keeps its sparse code inside the block and offers no way to edit it: give "
+                f"its trace a code_edit hook, or register a function with register_code_editor"
+            )
         after = []
         for blk in blocks[layer + 1 :]:
             z, t = blk.trace(z)
@@ -295,6 +302,13 @@ class TimmViTFamily:
 
 
 _FAMILIES: list[Family] = [WhiteBoxFamily(), TimmViTFamily()]
+_CODE_EDITORS: dict[type, Callable[[nn.Module, LayerRecord, Tensor], Tensor]] = {}
+
+
+def register_code_editor(block_cls: type, editor: Callable[[nn.Module, LayerRecord, Tensor], Tensor]) -> None:
+    """How blocks of ``block_cls`` turn an edited sparse code back into the layer's output:
+    ``editor(block, record, code) -> Z^{l+1}`` (for families whose code is internal to the block)."""
+    _CODE_EDITORS[block_cls] = editor
 
 
 def register_family(family: Family) -> Family:
