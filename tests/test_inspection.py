@@ -60,10 +60,9 @@ def test_attention_and_facets_match_the_trace(crate, images) -> None:
         u = block.mssa.project(block.norm1(t.z_in))  # U_k^T LN(Z^l), (b, h, n, p)
         key = facet_features(ins, layer, "key")
         torch.testing.assert_close(key, u[:, :, 1:].permute(0, 2, 1, 3).reshape(3, 8, 8, 32))
-        attended = torch.softmax(u @ u.transpose(-1, -2) * block.mssa.scale, -1) @ u
-        torch.testing.assert_close(
-            facet_features(ins, layer, "attn"), attended[:, :, 1:].permute(0, 2, 1, 3).reshape(3, 8, 8, 32)
-        )
+        attended = torch.softmax(u @ u.transpose(-1, -2) * block.mssa.scale, -1) @ u  # SSA_k, b h n p
+        z_half = t.z_in + block.mssa.out_proj(attended.transpose(1, 2).flatten(2))
+        torch.testing.assert_close(facet_features(ins, layer, "attn"), z_half[:, 1:].reshape(3, 8, 8, -1))
         torch.testing.assert_close(facet_features(ins, layer, "code"), t.z_out[:, 1:].reshape(3, 8, 8, -1))
         torch.testing.assert_close(facet_features(ins, layer, "token"), facet_features(ins, layer, "code"))
     torch.testing.assert_close(ins.logits, crate(images))
@@ -301,6 +300,7 @@ def test_timm_vit_attention_and_facets() -> None:
     tokens_in = ins.layers[0].facets["token"]
     qkv = blk.attn.qkv(blk.norm1(tokens_in)).reshape(2, 17, 3, 3, 64)
     torch.testing.assert_close(ins.layers[1].facets["key"], qkv[:, :, 1].flatten(2))
+    torch.testing.assert_close(ins.layers[1].facets["attn"], tokens_in + blk.attn(blk.norm1(tokens_in)))
     torch.testing.assert_close(ins.logits, vit(x))
     assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in vit.blocks)  # restored
     assert image_curves(ins) == {}

@@ -7,14 +7,14 @@ features by facet); everything else is a function of that record or of tensors. 
 
 * white-box families (CRATE, and any model with ``forward_trace`` / ``blocks[i].trace`` / ``embed`` /
   ``forward_head``): facets ``token`` (the layer's output ``Z^{l+1}``), ``key`` (the per-head subspace coordinates
-  ``U_k^T LN(Z^l)``, concatenated), ``attn`` (each head's attention applied to them, ``SSA_k``, concatenated) and
-  ``code`` (the ISTA sparse code). In CRATE the ISTA step has no outer residual, so its code *is* the layer's
+  ``U_k^T LN(Z^l)``, concatenated), ``attn`` (the tokens after the attention step, ``Z^{l+1/2}``) and ``code``
+  (the ISTA sparse code). In CRATE the ISTA step has no outer residual, so its code *is* the layer's
   output and ``token`` and ``code`` are the same tensor. A family whose code is internal (CRATE-alpha's ``A_2``)
   records it as ``code`` in its layer trace, and either accepts ``block.trace(z, code_edit=fn)`` or registers
   ``register_code_editor(BlockClass, fn)`` (edited code -> the layer's output): the hook through which
   :func:`intervene` edits the code inside the block;
-* timm vision transformers: facets ``token`` (block output), ``key`` (each head's keys) and ``attn`` (attention
-  output before the projection); no code, so no atoms or interventions, and no ``R^c`` (no subspaces).
+* timm vision transformers: facets ``token`` (block output), ``key`` (each head's keys) and ``attn`` (the tokens
+  after the attention step's residual); no code, so no atoms or interventions, and no ``R^c`` (no subspaces).
 
 Definitions: attention maps are the class token's row over the patch tokens; rollout (Abnar & Zuidema, 2020)
 multiplies the layers' head-averaged attention mixed with the identity (``0.5 A + 0.5 I``, rows renormalised);
@@ -182,11 +182,10 @@ class WhiteBoxFamily:
     def _record(t: Any) -> LayerRecord:
         b, h, n, p = t.proj.shape
         code = getattr(t, "code", None)
-        attended = t.attn @ t.proj  # b h n p: SSA_k(X) per head
         facets = {
             "token": t.z_out,
             "key": t.proj.transpose(1, 2).reshape(b, n, h * p),
-            "attn": attended.transpose(1, 2).reshape(b, n, h * p),
+            "attn": t.z_half,
             "code": t.z_out if code is None else code,
         }
         return LayerRecord(attn=t.attn, facets=facets, heads_key=t.proj, z_in=t.z_in, z_half=t.z_half)
@@ -229,7 +228,8 @@ class WhiteBoxFamily:
 
 class TimmViTFamily:
     """timm ``VisionTransformer``-like models (``blocks[i].attn`` with ``qkv``, ``k_norm``, ``attn_drop``,
-    ``proj``): attention and the ``token``, ``key`` and ``attn`` facets, read with forward hooks in one pass."""
+    ``proj``): attention and the ``token``, ``key`` and ``attn`` facets, read with forward hooks in one pass
+    (``attn`` = the block's input plus its scaled attention output, i.e. the tokens after the attention step)."""
 
     name = "timm-vit"
     facets = ("token", "key", "attn")
@@ -271,7 +271,8 @@ class TimmViTFamily:
             fused.append(getattr(a, "fused_attn", False))
             a.fused_attn = False  # explicit softmax, so the attention matrix exists
             handles.append(a.attn_drop.register_forward_hook(keep(i, "attn_matrix", from_input=True)))
-            handles.append(a.proj.register_forward_hook(keep(i, "attn", from_input=True)))
+            handles.append(block.register_forward_pre_hook(lambda _m, args, i=i: got[i].__setitem__("in", args[0])))
+            handles.append(a.register_forward_hook(keep(i, "attn_out")))
             if hasattr(a, "k_norm"):
                 handles.append(a.k_norm.register_forward_hook(keep(i, "key_heads")))
             handles.append(block.register_forward_hook(keep(i, "token")))
@@ -285,8 +286,9 @@ class TimmViTFamily:
         if any("attn_matrix" not in g for g in got):
             raise ValueError(f"could not read the attention of {type(model).__name__}; expected a timm ViT")
         layers = []
-        for g in got:
-            facets = {"token": g["token"], "attn": g["attn"]}
+        for g, block in zip(got, model.blocks, strict=True):
+            ls1 = getattr(block, "ls1", None) or (lambda t: t)
+            facets = {"token": g["token"], "attn": g["in"] + ls1(g["attn_out"])}
             if "key_heads" in g:
                 k = g["key_heads"]  # b h n p
                 facets["key"] = k.transpose(1, 2).flatten(2)
