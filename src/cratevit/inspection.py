@@ -136,13 +136,14 @@ class Family(Protocol):
     facets: tuple[str, ...]
     has_code: bool  # sparse codes: atoms, interventions, sparsity
     has_subspaces: bool  # per-head subspaces: R^c
-    resizable: bool  # takes other input sizes (``dynamic_img_size``: interpolated positional embedding)
 
     def matches(self, model: nn.Module) -> bool: ...
 
     def geometry(self, model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]: ...
 
     def heads(self, model: nn.Module) -> int: ...
+
+    def resizable(self, model: nn.Module) -> bool: ...  # takes other input sizes (``dynamic_img_size = True``)
 
     def depth(self, model: nn.Module) -> int: ...
 
@@ -162,7 +163,6 @@ class WhiteBoxFamily:
     facets = FACETS
     has_code = True
     has_subspaces = True
-    resizable = True
 
     def matches(self, model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("forward_trace", "embed", "blocks")) and hasattr(
@@ -174,6 +174,9 @@ class WhiteBoxFamily:
 
     def heads(self, model: nn.Module) -> int:
         return int(model.config.heads)
+
+    def resizable(self, model: nn.Module) -> bool:
+        return hasattr(model, "interpolate_pos_embed")  # CRATE's (and its subclasses') learned positions
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
@@ -198,8 +201,10 @@ class WhiteBoxFamily:
 
     def inspect(self, model: nn.Module, x: Tensor) -> Inspection:
         trace = model.forward_trace(x)
-        layers = [self._record(t) for t in trace.layers]
-        return Inspection(self.name, layers, self._logits(model, trace.features), tuple(trace.grid_size), 1)
+        traces = trace.layers if hasattr(trace, "layers") else trace.encoder  # an autoencoder: its encoder
+        layers = [self._record(t) for t in traces]
+        features = trace.features if hasattr(trace, "features") else traces[-1].z_out
+        return Inspection(self.name, layers, self._logits(model, features), tuple(trace.grid_size), 1)
 
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
@@ -235,7 +240,6 @@ class TimmViTFamily:
     facets = ("token", "key", "attn")
     has_code = False
     has_subspaces = False
-    resizable = False  # timm builds its patch embedding for one size unless created with dynamic_img_size
 
     def matches(self, model: nn.Module) -> bool:
         blocks = getattr(model, "blocks", None)
@@ -251,6 +255,9 @@ class TimmViTFamily:
 
     def heads(self, model: nn.Module) -> int:
         return int(model.blocks[0].attn.num_heads)
+
+    def resizable(self, model: nn.Module) -> bool:
+        return False  # timm builds its patch embedding for one size unless created with dynamic_img_size
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)

@@ -151,7 +151,7 @@ class Explorer:
         self.family = insp.family_of(model)
         self.input_size, self.patch_size = self.family.geometry(model)
         self.depth, self.heads = self.family.depth(model), self.family.heads(model)
-        self.dynamic = self.family.resizable  # white-box models interpolate their positional embedding
+        self.dynamic = self.family.resizable(model)  # CRATE interpolates its positional embedding
         if self.dynamic:
             model.dynamic_img_size = True
         self.mean, self.std = tuple(mean), tuple(std)
@@ -355,7 +355,8 @@ class Explorer:
         if running and self.jobs[running].state == "running":
             return self.jobs[running].to_json()
         n_patches = (self.input_size[0] // self.patch_size[0]) * (self.input_size[1] // self.patch_size[1])
-        width = self.model.config.dim if hasattr(self.model, "config") else 1024
+        cfg = getattr(self.model, "config", None)
+        width = getattr(cfg, "code_dim", None) or getattr(cfg, "dim", 1024)  # the code's width
         per_layer = len(self.image_set) * (n_patches + 1) * width * 4
         layers = list(range(self.depth)) if per_layer * self.depth <= INDEX_BUDGET or layer is None else [layer]
         if layer is None and per_layer * self.depth > INDEX_BUDGET:
