@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from cratevit.bench import (
+from cratebench import (
     BenchOptions,
     build_variant,
     coding_rate_timings,
@@ -16,14 +16,15 @@ from cratevit.bench import (
     vit_forward_flops,
 )
 from cratevit.cli import main
-from cratevit.model import forward_flops
+from cratevit.models import forward_flops
+from cratevit.models.reference import ReferenceCRATE
 from cratevit.presets import get_config
-from cratevit.reference import ReferenceCRATE
 
 
 def tiny_run(**kw):
-    opts = quick_options(models=("reference", "cratevit"), dtypes=("float32",), repeats=1, warmup=0,
-                         coding_rate=False, **kw)  # fmt: skip
+    opts = quick_options(
+        models=("reference", "cratevit"), dtypes=("float32",), repeats=1, warmup=0, coding_rate=False, **kw
+    )
     return run_benchmark(opts)
 
 
@@ -31,7 +32,11 @@ def test_quick_run_rows_ratios_and_flops():
     result = tiny_run()
     cfg = get_config("crate_debug")
     assert [(r.mode, r.model) for r in result.rows] == [
-        ("inference", "reference"), ("inference", "cratevit"), ("train", "reference"), ("train", "cratevit")]  # fmt: skip
+        ("inference", "reference"),
+        ("inference", "cratevit"),
+        ("train", "reference"),
+        ("train", "cratevit"),
+    ]
     for r in result.rows:
         assert r.images_per_s > 0 and r.batch == 4 and len(r.times_s) == 1
         want = forward_flops(cfg, ista_matmuls=3 if r.model == "reference" else 2) / 1e9
@@ -109,7 +114,7 @@ def test_cli_quick_writes_table_and_json(tmp_path, capsys):
 
 def test_cli_flags_select_rows_and_sizes(monkeypatch):
     from cratevit.cli import build_parser
-    from cratevit.commands.bench import options_from_args
+    from cratevit.cli.bench import options_from_args
 
     parser = build_parser()
     opts = options_from_args(parser.parse_args(["bench", "--preset", "crate_small", "--batch", "8"]))
@@ -147,13 +152,28 @@ def test_options_validate_dtype():
 
 
 def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
-    from cratevit.bench import BenchResult, Row
+    from cratebench import BenchResult, Row
 
     opts = quick_options(dtypes=("bfloat16",), coding_rate=False)
-    row = Row(mode="train", dtype="bfloat16", model="cratevit", batch=256, images_per_s=1000.0, gflops_per_image=33.0,
-              speedup=1.5, gflops_per_s=98_900.0, peak_fraction=0.2, peak_mib=12_345.0)  # fmt: skip
-    result = BenchResult(options=opts, device_name="NVIDIA H100 80GB HBM3", threads=1,
-                         matmul_peak_gflops={"bfloat16": 600_000.0}, rows=[row])  # fmt: skip
+    row = Row(
+        mode="train",
+        dtype="bfloat16",
+        model="cratevit",
+        batch=256,
+        images_per_s=1000.0,
+        gflops_per_image=33.0,
+        speedup=1.5,
+        gflops_per_s=98_900.0,
+        peak_fraction=0.2,
+        peak_mib=12_345.0,
+    )
+    result = BenchResult(
+        options=opts,
+        device_name="NVIDIA H100 80GB HBM3",
+        threads=1,
+        matmul_peak_gflops={"bfloat16": 600_000.0},
+        rows=[row],
+    )
     result.options.device = "cuda"  # as if measured on the card (no CUDA needed to format)
     table = format_markdown(result)
     assert "on NVIDIA H100 80GB HBM3" in table and "MFU (nominal bf16 peak)" in table

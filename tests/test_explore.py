@@ -17,6 +17,7 @@ from cratevit.cli import main
 from cratevit.explore import Explorer, load_explorer
 from cratevit.explore.app import HOST, MAX_UPLOAD, create_app, serve
 from cratevit.explore.session import ImageItem
+from cratevit.presets import data_preprocessing, pretrained_cfg_for
 
 
 def _png(img: Image.Image) -> bytes:
@@ -162,7 +163,9 @@ def test_served_on_localhost_only(explorer) -> None:
 
 def test_load_explorer_for_a_digits_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "digits.pt", create_model("crate_debug"), train_config={"data": "digits"})
+    model = create_model("crate_debug")  # as a digits run writes it: the data's preprocessing and name
+    model.pretrained_cfg = pretrained_cfg_for(model.config, data_preprocessing("digits"))
+    ckpt = save_checkpoint(tmp_path / "digits.pt", model, train_config={"data": "digits"})
     ex = load_explorer(str(ckpt))
     info = ex.info()
     assert ex.mean == (0.5, 0.5, 0.5) and ex.class_names[:3] == ["0", "1", "2"]

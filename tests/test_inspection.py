@@ -11,7 +11,7 @@ from torch import Tensor
 
 from cratevit import create_model
 from cratevit.analysis import layerwise_stats
-from cratevit.inspection import (
+from cratevit.analysis.inspection import (
     active_atoms,
     atom_stats,
     attention_map,
@@ -32,7 +32,7 @@ from cratevit.inspection import (
     top_classes,
     top_patches,
 )
-from cratevit.model import CRATEBlock, LayerTrace
+from cratevit.models.crate import CRATEBlock, LayerTrace
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_a_family_with_an_internal_code_uses_its_hook(images) -> None:
 
 def test_a_registered_code_editor(images) -> None:
     """A family whose block exposes decode(code, z_half) registers how an edited code becomes the output."""
-    from cratevit import inspection
+    from cratevit.analysis import inspection
 
     torch.manual_seed(0)
     model = create_model("crate_debug", patch_size=4).eval()
@@ -269,7 +269,7 @@ def test_register_family_takes_precedence(crate) -> None:
         def matches(self, model) -> bool:
             return getattr(model, "_fake", False)
 
-    from cratevit import inspection
+    from cratevit.analysis import inspection
 
     fake = register_family(Fake())
     try:
@@ -285,7 +285,7 @@ def test_register_family_takes_precedence(crate) -> None:
 
 # ------------------------------------------------------------------ timm ViTs
 def test_timm_vit_attention_and_facets() -> None:
-    from cratevit.segmentation import attention_maps
+    from cratevit.analysis.segmentation import attention_maps
 
     torch.manual_seed(0)
     vit = timm.create_model(

@@ -109,7 +109,7 @@ def test_timm_model_with_the_same_recipe(tmp_path):
     assert ckpt["model"]["head.weight"].shape == (10, 96)
     assert ckpt["model"]["pos_embed"].shape == (1, 17, 96)
     assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("blocks.")} == {"0", "1"}
-    from cratevit.segmentation import load_vision_model
+    from cratevit.analysis.segmentation import load_vision_model
 
     vit = load_vision_model(str(run / "last.pt"))  # rebuilt with the same width and depth
     assert len(vit.blocks) == 2 and vit.embed_dim == 96
@@ -230,8 +230,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 # ------------------------------------------------------------------------------------------- kill and resume
 def _cratevit(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cratevit", "train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "cratevit", "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow

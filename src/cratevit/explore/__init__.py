@@ -27,12 +27,15 @@ def threads_for(model: torch.nn.Module) -> int:
 
 def training_data(spec: str | Path) -> str | None:
     """The built-in data a checkpoint file says it was trained on (``digits``, ``shapes``, a folder), or None."""
+    from ..checkpoint.read import load_file
+    from ..errors import CheckpointError
+
     path = Path(spec)
     if not path.is_file() or path.suffix == ".safetensors":
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable files are reported by the loader
+        obj = load_file(path, mmap=True)  # mmap: the tensors stay on disk
+    except (CheckpointError, OSError):  # unreadable files are reported by the loader
         return None
     config = obj.get("train_config") if isinstance(obj, dict) else None
     data = config.get("data") if isinstance(config, dict) else None
@@ -53,9 +56,9 @@ def load_explorer(
     ``images`` (up to ``set_limit`` files), else the built-in data's held-out images, else the photographs.
     """
     from ..analysis import input_normalization
-    from ..images import find_images, load_image
-    from ..inspection import class_names_for, family_of
-    from ..segmentation import load_vision_model
+    from ..analysis.images import find_images, load_image
+    from ..analysis.inspection import class_names_for, family_of
+    from ..analysis.segmentation import load_vision_model
 
     model = load_vision_model(spec, arch=arch, heads=heads).eval()
     family_of(model)  # a clear error for models the page cannot look inside

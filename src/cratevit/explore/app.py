@@ -11,6 +11,7 @@ import threading
 from importlib import resources
 from typing import Any
 
+from ..errors import UserError
 from .session import Explorer
 
 __all__ = ["HOST", "create_app", "serve"]
@@ -42,15 +43,15 @@ def create_app(explorer: Explorer) -> Any:
         raw = req.values.get(name, "").strip()
         if raw in ("", "mean"):  # "mean": the head average
             if required:
-                raise ValueError(f"{name} is missing")
+                raise UserError(f"{name} is missing")
             return default
         try:
             return kind(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
+        except ValueError:  # int('x'), float('x')
+            raise UserError(f"{name} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
 
-    @app.errorhandler(ValueError)
-    def bad_input(e: ValueError) -> Any:
+    @app.errorhandler(UserError)
+    def bad_input(e: UserError) -> Any:
         return flask.jsonify(error=str(e)), 400
 
     @app.errorhandler(KeyError)
@@ -86,7 +87,7 @@ def create_app(explorer: Explorer) -> Any:
             return flask.jsonify(explorer.open_upload(upload.read(), upload.filename or "upload", size))
         name = arg("sample", str)
         if not name:
-            raise ValueError("choose a sample image or a file to open")
+            raise UserError("choose a sample image or a file to open")
         return flask.jsonify(explorer.open_sample(name, size))
 
     @app.get("/api/view")

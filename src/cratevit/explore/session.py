@@ -20,9 +20,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .. import inspection as insp
-from ..images import Prepared, prepare, to_rgb
-from ..visualize import colorize, overlay, to_uint8, upsample
+from ..analysis import inspection as insp
+from ..analysis.images import Prepared, prepare, to_rgb
+from ..analysis.visualize import colorize, overlay, to_uint8, upsample
+from ..errors import UserError
 
 __all__ = ["Explorer", "ImageItem", "Job", "builtin_samples", "data_samples"]
 
@@ -82,13 +83,13 @@ def png_uri(img: Image.Image | np.ndarray, display: int | None = DISPLAY, smooth
 
 
 def read_upload(data: bytes, filename: str = "upload") -> Image.Image:
-    """An uploaded file as an RGB image; anything else gets a one-line ``ValueError`` for the page."""
+    """An uploaded file as an RGB image; anything else gets a one-line ``UserError`` for the page."""
     if not data:
-        raise ValueError(f"{filename}: the file is empty; choose an image file (PNG, JPEG, ...)")
+        raise UserError(f"{filename}: the file is empty; choose an image file (PNG, JPEG, ...)")
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise ValueError(
+                raise UserError(
                     f"{filename}: {img.width}x{img.height} pixels is more than this page opens "
                     f"({MAX_PIXELS // 1_000_000} megapixels); scale it down first"
                 )
@@ -96,12 +97,12 @@ def read_upload(data: bytes, filename: str = "upload") -> Image.Image:
             img.load()
             return to_rgb(img)
     except UnidentifiedImageError:
-        raise ValueError(
+        raise UserError(
             f"{filename} is not an image file this page can read; choose a PNG, JPEG or other image"
         ) from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ValueError(
+        raise UserError(
             f"{filename} is not an image this page can read ({reason}); choose a PNG, JPEG or other image"
         ) from None
 
@@ -192,7 +193,7 @@ class Explorer:
         if self.dynamic:
             side = short_side or min(self.input_size)
             if not 8 <= side <= 1024:
-                raise ValueError(f"input size {side} is outside 8..1024 pixels; choose another size")
+                raise UserError(f"input size {side} is outside 8..1024 pixels; choose another size")
             return prepare(image, self.input_size, self.patch_size, "keep-aspect", side, self.mean, self.std)
         return prepare(image, self.input_size, self.patch_size, "model", None, self.mean, self.std)
 
@@ -209,7 +210,7 @@ class Explorer:
 
     def open_sample(self, name: str, short_side: int | None = None) -> dict[str, Any]:
         if name not in self.samples:
-            raise ValueError(f"no sample image {name!r}; choose one of {', '.join(self.samples)}")
+            raise UserError(f"no sample image {name!r}; choose one of {', '.join(self.samples)}")
         return self._open(name, self.samples[name].image, short_side)
 
     def open_upload(self, data: bytes, filename: str, short_side: int | None = None) -> dict[str, Any]:
@@ -223,9 +224,9 @@ class Explorer:
 
     def _check_layer_head(self, layer: int, head: int | None) -> None:
         if not 0 <= layer < self.depth:
-            raise ValueError(f"layer {layer} is out of range; this model has layers 0..{self.depth - 1}")
+            raise UserError(f"layer {layer} is out of range; this model has layers 0..{self.depth - 1}")
         if head is not None and not 0 <= head < self.heads:
-            raise ValueError(f"head {head} is out of range; this model has heads 0..{self.heads - 1}")
+            raise UserError(f"head {head} is out of range; this model has heads 0..{self.heads - 1}")
 
     # ----------------------------------------------------------------------------------------------- the view
     def _heat(self, item: _Open, maps: torch.Tensor) -> Image.Image:
@@ -251,13 +252,13 @@ class Explorer:
         t0 = time.perf_counter()
         self._check_layer_head(layer, head)
         if facet not in self.family.facets:
-            raise ValueError(
+            raise UserError(
                 f"facet {facet!r} does not exist for this model; choose one of {', '.join(self.family.facets)}"
             )
         if protocol not in insp.MASK_PROTOCOLS:
-            raise ValueError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(insp.MASK_PROTOCOLS)}")
+            raise UserError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(insp.MASK_PROTOCOLS)}")
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold {threshold} must lie in (0, 1]")
+            raise UserError(f"threshold {threshold} must lie in (0, 1]")
         item = self._get(image_id)
         ins = item.ins
         maps = insp.attention_map(ins, layer)[0]  # heads rows cols
@@ -347,9 +348,9 @@ class Explorer:
         """Index the image set's codes (all layers when they fit in memory, else ``layer``) and its per-layer
         curves, in a thread; returns the job (the same job while one for that layer runs)."""
         if not (self.family.has_code or self.family.has_subspaces):
-            raise ValueError(f"a {self.family.name} model has no codes or subspaces to index")
+            raise UserError(f"a {self.family.name} model has no codes or subspaces to index")
         if not self.image_set:
-            raise ValueError("no image set to index; start the page with --images DIR")
+            raise UserError("no image set to index; start the page with --images DIR")
         key = -1 if layer is None else layer
         running = self._index_job.get(key)
         if running and self.jobs[running].state == "running":
@@ -388,11 +389,11 @@ class Explorer:
         t0 = time.perf_counter()
         self._check_layer_head(layer, None)
         if not self.family.has_code:
-            raise ValueError(f"a {self.family.name} model has no sparse code, so no atoms")
+            raise UserError(f"a {self.family.name} model has no sparse code, so no atoms")
         item = self._get(image_id)
         code = insp.facet_features(item.ins, layer, "code")[0]  # rows cols c
         if not 0 <= coord < code.shape[-1]:
-            raise ValueError(f"code coordinate {coord} is out of range; layer {layer} has 0..{code.shape[-1] - 1}")
+            raise UserError(f"code coordinate {coord} is out of range; layer {layer} has 0..{code.shape[-1] - 1}")
         if layer not in self.index:
             return {"pending": self.start_index(layer)}
         index = self.index[layer]
@@ -418,7 +419,7 @@ class Explorer:
         t0 = time.perf_counter()
         self._check_layer_head(layer, head)
         if not np.isfinite(value):
-            raise ValueError(f"the clamp value must be a finite number, got {value}")
+            raise UserError(f"the clamp value must be a finite number, got {value}")
         item = self._get(image_id)
         with self.lock:
             result = insp.intervene(self.model, item.ins, layer, coord, value)
