@@ -2,7 +2,7 @@
 
     python benchmarks/explore_latency.py MODEL [MODEL ...] [--repeat 5]
 
-MODEL is a checkpoint file, a preset or a timm name. Per action: the median and the worst of ``--repeat`` calls,
+MODEL is a checkpoint file, a preset or a timm name (needs ``requests`` besides the explore extra). Per action: the median and the worst of ``--repeat`` calls,
 wall time from request to parsed JSON (server work + transfer of the PNG data URIs). The first call of each
 image (its forward pass and curves figure) is the "open" and "first view" rows; the image set is indexed once.
 """

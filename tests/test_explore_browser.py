@@ -27,8 +27,9 @@ DRIVER = shutil.which("chromedriver")
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency")
-    if not (CHROMIUM and DRIVER):  # a failure, not a skip: CI installs them (.ci/run)
+    from selenium import webdriver  # the dev extra; like the browser, a missing piece fails the test, never skips it
+
+    if not (CHROMIUM and DRIVER):  # CI installs them (.ci/run)
         pytest.fail("the browser test needs Chromium and its driver: apt-get install -y chromium chromium-driver")
     from selenium.webdriver.chrome.service import Service
 
