@@ -17,7 +17,7 @@ import time
 import requests
 import torch
 
-from cratevit.explore import load_explorer, threads_for
+from cratevit.explore import THREADS, load_explorer
 from cratevit.explore.app import serve
 from cratevit.explore.session import builtin_samples
 
@@ -25,7 +25,7 @@ from cratevit.explore.session import builtin_samples
 def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, list[float]]:
     t0 = time.perf_counter()
     ex = load_explorer(spec)
-    torch.set_num_threads(threads or threads_for(ex.model))  # as `cratevit explore` does
+    torch.set_num_threads(threads or THREADS)  # as `cratevit explore` does
     times: dict[str, list[float]] = {"load model + samples (startup)": [1000 * (time.perf_counter() - t0)]}
     server = serve(ex, port=0, background=True)
     url, session = server.url, requests.Session()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cratevit import create_model, save_checkpoint
 from cratevit.cli import main
-from cratevit.explore import Explorer, load_explorer, threads_for
+from cratevit.explore import Explorer, load_explorer
 from cratevit.explore.app import HOST, MAX_UPLOAD, create_app, serve
 from cratevit.explore.session import ImageItem
 from cratevit.presets import data_preprocessing, pretrained_cfg_for
@@ -149,11 +149,6 @@ def test_index_atoms_and_intervention(client) -> None:
     assert r["top_class"]["logit_change"] > 0 and len(r["classes_after"]) == 4
     r = client.get(f"/api/intervene?image_id={image_id}&layer=1&coord={coord}&value=3").json
     assert r["later"] == [] and r["value"] == 3.0
-
-
-def test_small_models_get_one_thread() -> None:
-    assert threads_for(create_model("crate_debug")) == 1
-    assert threads_for(create_model("crate_small")) == torch.get_num_threads()
 
 
 def test_served_on_localhost_only(explorer) -> None:

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: 1 for small models, which answer fastest so, else torch's default)")  # fmt: skip
+                   help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
     p.add_argument(
         "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--images {args.images}: not a folder of images")
     import torch
 
-    from ..explore import load_explorer, threads_for
+    from ..explore import THREADS, load_explorer
     from ..explore.app import serve
 
     if args.model == DEFAULT_MODEL:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: give a positive number of threads")
     explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads)
-    torch.set_num_threads(args.threads or threads_for(explorer.model))
+    torch.set_num_threads(args.threads or THREADS)
     try:
         serve(explorer, args.port)
     except OSError as e:

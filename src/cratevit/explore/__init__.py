@@ -9,20 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .session import Explorer, ImageItem, builtin_samples, data_samples
 
-__all__ = ["Explorer", "load_explorer", "threads_for", "training_data"]
+__all__ = ["THREADS", "Explorer", "load_explorer", "training_data"]
 
 SET_IMAGES = 96  # images of the built-in data indexed for the atoms view
-SMALL_MODEL = 5_000_000  # parameters; smaller models answer fastest on one CPU thread
-
-
-def threads_for(model: torch.nn.Module) -> int:
-    """CPU threads for the page's model passes: one for small models (on 2 shared cores a second thread made a
-    32-px view ~5x slower), torch's default for larger ones."""
-    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else torch.get_num_threads()
+# CPU threads for the page's work (one image at a time, mostly small operations). Measured on 2 cores shared with
+# other jobs: a second thread made a crate_digits view ~5x and a crate_tiny (224 px) view ~30x slower.
+THREADS = 1
 
 
 def training_data(spec: str | Path) -> str | None:

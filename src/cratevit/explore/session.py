@@ -131,6 +131,7 @@ class _Open:
     prep: Prepared
     ins: insp.Inspection
     src: str  # the input picture
+    curves: dict[str, list[float]]  # this image's per-layer R^c and sparsity
 
 
 class Explorer:
@@ -202,7 +203,8 @@ class Explorer:
         with self.lock:
             ins = insp.inspect_model(self.model, prep.tensor[None])
             image_id = uuid.uuid4().hex[:12]
-            self.open[image_id] = item = _Open(name, prep, ins, png_uri(prep.image, smooth=True))
+            curves = {k: [round(float(v), 4) for v in values[0]] for k, values in insp.image_curves(ins).items()}
+            self.open[image_id] = item = _Open(name, prep, ins, png_uri(prep.image, smooth=True), curves)
             while len(self.open) > OPEN_IMAGES:
                 self.open.popitem(last=False)
         return {"image_id": image_id, "name": name, "how": prep.how, "input_size": list(prep.input_size),
@@ -303,7 +305,7 @@ class Explorer:
 
     def _curves(self, item: _Open) -> dict[str, Any]:
         """Per-layer R^c and sparsity of this image and the image set's mean and std (the page draws them)."""
-        mine = {name: [round(float(v), 4) for v in values[0]] for name, values in insp.image_curves(item.ins).items()}
+        mine = item.curves
         data = {
             name: {"mean": [round(float(v), 4) for v in values.mean(0)],
                    "std": [round(float(v), 4) for v in values.std(0, unbiased=False)]}
