@@ -117,6 +117,8 @@ def test_too_large_and_bad_parameters(client) -> None:
     assert client.get("/api/view?image_id=gone&layer=0").status_code == 404
     assert "no sample image" in client.post("/api/open", data={"sample": "nope"}).json["error"]
     assert client.get("/api/job/nope").status_code == 404
+    r = client.post("/api/open", data={"sample": "noise 0", "size": "800"})  # 28,000 tokens
+    assert r.status_code == 400 and "choose a smaller input size" in r.json["error"]
     assert client.get("/api/nothing").status_code == 404
 
 

@@ -31,6 +31,7 @@ DISPLAY = 256  # longer side of the pictures in the page, pixels
 MAX_PIXELS = 40_000_000  # larger uploads are refused with a message (decompression bombs included)
 OPEN_IMAGES = 8  # images kept in memory (the page's recent uploads and samples)
 INDEX_BUDGET = 256 * 2**20  # bytes of codes indexed for all layers at once; above it, one layer at a time
+TRACE_BUDGET = 768 * 2**20  # bytes of attention matrices one opened image may hold (every layer and head)
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "clock")
 
 
@@ -200,6 +201,13 @@ class Explorer:
 
     def _open(self, name: str, image: Image.Image, short_side: int | None) -> dict[str, Any]:
         prep = self._prepare(image, short_side)
+        h, w = prep.input_size
+        tokens = 1 + (h // self.patch_size[0]) * (w // self.patch_size[1])
+        if self.depth * self.heads * tokens**2 * 4 > TRACE_BUDGET:
+            raise UserError(
+                f"a {w}x{h} input has {tokens} tokens: its attention maps ({self.depth} layers x {self.heads} heads) "
+                f"would take {self.depth * self.heads * tokens**2 * 4 / 2**20:.0f} MB; choose a smaller input size"
+            )
         with self.lock:
             ins = insp.inspect_model(self.model, prep.tensor[None])
             image_id = uuid.uuid4().hex[:12]
