@@ -181,6 +181,19 @@ def test_load_explorer_for_a_digits_checkpoint(tmp_path) -> None:
     assert ex2.info()["image_set"]["images"] == 3 and "im2.png" in ex2.info()["samples"]
 
 
+def test_missing_flask_names_the_extra(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    import cratevit.errors
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        cratevit.errors.importlib.util, "find_spec", lambda n, *a: None if n == "flask" else real(n, *a)
+    )
+    assert main(["explore", "crate_debug"]) == 2
+    assert "pip install 'cratevit[explore]'" in capsys.readouterr().err
+
+
 def test_command_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["explore", "crate_debug", "--port", "70000"]) == 2
     assert "--port 70000 is not a port number" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from ..checkpoint import stored_preprocessing
 from ..errors import UserError
 from ..models import CRATE
 from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, data_preprocessing, get_config, preprocessing_for
+from ..registry import trace_method
 
 __all__ = [
     "LayerwiseStats",
@@ -171,7 +172,7 @@ def layerwise_stats(
     rc_in, rc_half, sparse = [], [], []
     try:
         for batch in batches:
-            trace = model.forward_trace(batch)
+            trace = trace_method(model)(batch)
             rc_in.append(torch.stack([compression(t.proj, eps) for t in trace.layers], dim=1))
             rc_half.append(
                 torch.stack(

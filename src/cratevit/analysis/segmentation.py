@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_file, load_model
 from ..errors import CheckpointError, UserError
-from ..models import CRATE
 from ..presets import IMAGENET_MEAN, IMAGENET_STD
+from ..registry import is_family_model, trace_method
 from .images import load_image, prepare
 from .visualize import cls_attention, first_component_foreground, mass_mask, upsample
 
@@ -91,8 +91,8 @@ def _timm_attention(model: nn.Module, x: Tensor, layer: int) -> Tensor:
 @torch.no_grad()
 def attention_maps(model: nn.Module, x: Tensor, layer: int = -1) -> Tensor:
     """The class token's attention to every patch at ``layer``: (b, heads, rows, cols)."""
-    if isinstance(model, CRATE):
-        trace = model.forward_trace(x, layers=[layer])
+    if is_family_model(model):
+        trace = trace_method(model)(x, layers=[layer])
         return cls_attention(trace.layers[0].attn, trace.grid_size)
     attn = _timm_attention(model, x, layer)
     prefix = getattr(model, "num_prefix_tokens", 1)
@@ -103,8 +103,8 @@ def attention_maps(model: nn.Module, x: Tensor, layer: int = -1) -> Tensor:
 @torch.no_grad()
 def patch_features(model: nn.Module, x: Tensor, layer: int = -1) -> Tensor:
     """Patch-token outputs of ``layer`` (for CRATE the ISTA output ``Z^{l+1}``): (b, rows, cols, dim)."""
-    if isinstance(model, CRATE):
-        trace = model.forward_trace(x, layers=[layer])
+    if is_family_model(model):
+        trace = trace_method(model)(x, layers=[layer])
         z = trace.layers[0].z_out[:, 1:]
         return z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
     depth = len(model.blocks)
@@ -163,7 +163,7 @@ def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:
 
 def model_geometry(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
     """(input size, patch size) of a CRATE or a timm ViT, as (height, width) pairs."""
-    if isinstance(model, CRATE):
+    if is_family_model(model):
         return model.config.image_size, model.config.patch_size
     embed = model.patch_embed
     return tuple(embed.img_size), tuple(embed.patch_size)
@@ -265,10 +265,10 @@ def _to_gt(mask: Tensor, shape: tuple[int, int]) -> np.ndarray:
 def maps_and_features(model: nn.Module, x: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
     """Class-token attention maps (b, heads, rows, cols) and patch features (b, rows, cols, dim) of ``layer``
     (one traced forward pass for CRATE)."""
-    if not isinstance(model, CRATE):
+    if not is_family_model(model):
         return attention_maps(model, x, layer), patch_features(model, x, layer)
     with torch.no_grad():
-        trace = model.forward_trace(x, layers=[layer])
+        trace = trace_method(model)(x, layers=[layer])
     t = trace.layers[0]
     z = t.z_out[:, 1:]
     return cls_attention(t.attn, trace.grid_size), z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])

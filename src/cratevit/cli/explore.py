@@ -24,18 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from ..errors import UserError, require
 
-    try:
-        import flask  # noqa: F401
-    except ImportError:
-        raise UserError('cratevit explore needs Flask: pip install "cratevit[explore]"') from None
-    try:
-        import skimage  # noqa: F401
-    except ImportError:
-        raise UserError(
-            'cratevit explore needs scikit-image (its sample photos): pip install "cratevit[explore]"'
-        ) from None
+    require("flask", "explore", "cratevit explore")
+    require("skimage", "explore", "cratevit explore (its sample photos)")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number; use 1024..65535, or 0 for any free port")
     if args.images is not None and not args.images.is_dir():

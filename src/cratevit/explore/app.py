@@ -11,7 +11,7 @@ import threading
 from importlib import resources
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, require
 from .session import Explorer
 
 __all__ = ["HOST", "create_app", "serve"]
@@ -22,10 +22,9 @@ log = logging.getLogger("cratevit.explore")
 
 
 def _flask() -> Any:
-    try:
-        import flask
-    except ImportError:
-        raise ImportError('cratevit explore needs Flask: pip install "cratevit[explore]"') from None
+    require("flask", "explore", "the explore page")
+    import flask
+
     return flask
 
 
