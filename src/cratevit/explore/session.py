@@ -136,7 +136,9 @@ class _Open:
 
 
 class Explorer:
-    """One model and what the page has opened. Thread-safe: model passes are serialised by a lock."""
+    """One model and what the page has opened. Requests run in threads: opening images and interventions are
+    serialised by a lock; the image-set index runs beside them in its own thread (a white-box forward pass keeps no
+    state, and timm models, whose passes toggle hooks, have nothing to index)."""
 
     def __init__(
         self,
