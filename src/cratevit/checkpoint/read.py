@@ -11,7 +11,12 @@ Families of files, recognised from the file's own structure (``meta["family"]`` 
 * ``emergence-demo``: the emergence-demo models (``CRATE_base_demo``, ``CRATE_small_21k``, ``CRATE_base_21k``,
   ``CRATE_base_768``): weights under ``"model"``, keys without prefix; ``CRATE_base_demo`` has a two-stage head,
   ``mlp_head`` = LayerNorm -> Linear(768, 768), then ``head`` = Linear(768, 21842), no activation between;
-* ``reference-state-dict`` / ``cratevit-state-dict``: a bare state_dict in either key layout.
+* ``reference-state-dict`` / ``cratevit-state-dict``: a bare state_dict in either key layout; CRATE-alpha's
+  released PyTorch files (``conv1.*``, ``transformer.layers.{i}.1.fn.D`` / ``D1``, ``mlp_head.*``) are bare
+  state_dicts in the official CRATE-alpha layout.
+
+The architecture family of a file without a stored configuration (``meta["model_family"]``) is the family whose
+key table (:mod:`.keys`) names every tensor of the file.
 
 Every file is read with ``torch.load(weights_only=True)`` (or safetensors): loading a checkpoint never runs code.
 A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``save_pretrained``) is read by
@@ -30,7 +35,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..registry import families, get_family
-from .keys import from_reference_keys, is_reference_state, strip_prefix
+from .keys import from_reference_keys, state_family, strip_prefix
 
 __all__ = [
     "CONFIG_NAME",
@@ -57,7 +62,7 @@ FAMILIES: dict[str, str] = {
     "reference": "original main.py (ImageNet-1K training): state_dict with module. keys, epoch, arch, optimizer",
     "reference-finetune": "original finetune.py: model with module. keys, optimizer, scaler",
     "emergence-demo": "model without prefix: the emergence-demo weights (CRATE_base_demo, CRATE_*_21k, CRATE_base_768)",
-    "reference-state-dict": "bare state_dict in the reference key layout",
+    "reference-state-dict": "bare state_dict in the reference key layout (also CRATE-alpha's released .pth files)",
 }
 
 
@@ -117,26 +122,31 @@ def _tensors(weights: Mapping[str, Any], path: Path, slot: str) -> Mapping[str, 
 def _layout(weights: Mapping[str, Tensor]) -> dict[str, Any]:
     """How the weights are keyed: ``layout`` (reference or cratevit) and ``key_prefix`` (``module.`` or '')."""
     prefix = "module." if weights and all(k.startswith("module.") for k in weights) else ""
-    return {"layout": "reference" if is_reference_state(weights) else "cratevit", "key_prefix": prefix}
+    return {"layout": state_family(weights)[1], "key_prefix": prefix}
 
 
 def _to_ours(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return from_reference_keys(weights) if is_reference_state(weights) else strip_prefix(weights)
+    family, layout = state_family(weights)
+    return from_reference_keys(weights, family) if layout == "reference" else strip_prefix(weights)
+
+
+def _is_reference(weights: Mapping[str, Tensor]) -> bool:
+    return state_family(weights)[1] == "reference"
 
 
 def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mapping[str, Tensor]]:
     """(family, entry name or '', weights) of a checkpoint dict, told apart by the file's own structure."""
     if isinstance(obj.get("state_dict"), Mapping):
         weights = _tensors(obj["state_dict"], path, "state_dict")
-        return ("reference" if is_reference_state(weights) else "cratevit-state-dict"), "state_dict", weights
+        return ("reference" if _is_reference(weights) else "cratevit-state-dict"), "state_dict", weights
     if isinstance(obj.get("model"), Mapping):
         weights = _tensors(obj["model"], path, "model")
-        if not is_reference_state(weights):
+        if not _is_reference(weights):
             return "cratevit-state-dict", "model", weights
         prefixed = _layout(weights)["key_prefix"] == "module."
         return ("reference-finetune" if prefixed else "emergence-demo"), "model", weights
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
-        family = "reference-state-dict" if is_reference_state(obj) else "cratevit-state-dict"
+        family = "reference-state-dict" if _is_reference(obj) else "cratevit-state-dict"
         return family, "", obj
     raise CheckpointError(
         f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "
@@ -170,7 +180,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         return dict(obj["model"]), cfg, {**meta, "family": "cratevit", "layout": "cratevit", "key_prefix": ""}
     family, entry, weights = _weights_entry(obj, path)
     meta = {k: v for k, v in obj.items() if entry and k != entry}
-    return _to_ours(weights), None, {"model_family": "crate", **meta, "family": family, **_layout(weights)}
+    return (
+        _to_ours(weights),
+        None,
+        {"model_family": state_family(weights)[0], **meta, "family": family, **_layout(weights)},
+    )
 
 
 # --------------------------------------------------------------------------------------------- folders

@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "attention": "cratevit.cli.attention",
     "pca": "cratevit.cli.pca",
     "segeval": "cratevit.cli.segeval",
+    "maskcut": "cratevit.cli.maskcut",
+    "detect-eval": "cratevit.cli.detect_eval",
     "explore": "cratevit.cli.explore",
     "export": "cratevit.cli.export",
 }

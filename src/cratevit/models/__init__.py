@@ -1,7 +1,9 @@
 """The architectures: one file per family, each importing torch alone (no I/O, no hub, no timm).
 
 * :mod:`.crate`: CRATE (Yu et al., NeurIPS 2023), the fast formulation;
-* :mod:`.reference`: the literal reference formulation of CRATE (tests and benchmarks compare against it).
+* :mod:`.reference`: the literal reference formulation of CRATE (tests and benchmarks compare against it);
+* :mod:`.crate_alpha`: CRATE-alpha (Yang et al., 2024): overcomplete two-step ISTA, decoupled decoder, residual;
+* :mod:`.reference_alpha`: the literal formulation of CRATE-alpha, in the official release's module names.
 
 A family is registered (model class, config class, key table, trace method) in :mod:`cratevit.registry`.
 """
@@ -19,18 +21,25 @@ from .crate import (
     geometry_cfg,
     to_2tuple,
 )
+from .crate_alpha import AlphaLayerTrace, CRATEAlpha, CRATEAlphaConfig, alpha_forward_flops
 from .reference import ReferenceCRATE
+from .reference_alpha import ReferenceCRATEAlpha
 
 __all__ = [
     "CRATE",
     "ISTA",
     "MSSA",
+    "AlphaLayerTrace",
+    "CRATEAlpha",
+    "CRATEAlphaConfig",
     "CRATEBlock",
     "CRATEConfig",
     "CRATETrace",
     "LayerTrace",
     "PatchEmbed",
     "ReferenceCRATE",
+    "ReferenceCRATEAlpha",
+    "alpha_forward_flops",
     "forward_flops",
     "geometry_cfg",
     "to_2tuple",
