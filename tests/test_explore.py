@@ -201,3 +201,22 @@ def test_command_errors_are_one_line(tmp_path, capsys) -> None:
     assert "not a folder of images" in capsys.readouterr().err
     assert main(["explore", "no_such_model"]) == 2
     assert "neither a checkpoint file nor a preset" in capsys.readouterr().err
+
+
+def test_the_page_for_crate_alpha() -> None:
+    """CRATE-alpha (its small preset): the code facet is the overcomplete A_2; atoms and interventions work."""
+    torch.manual_seed(0)
+    ex = load_explorer("crate_alpha_debug")
+    client = create_app(ex).test_client()
+    info = client.get("/api/info").json
+    assert info["family"] == "crate_alpha" and info["has_code"] and info["resizable"]
+    image_id = _open(client, sample="chelsea")["image_id"]
+    v = client.get(f"/api/view?image_id={image_id}&layer=1&facet=code&protocol=paper-pca&threshold=0.4").json
+    assert "error" not in v and v["pca"]["explained"] and len(v["curves"]["image"]["sparsity"]) == 2
+    coord = v["atoms"][0]["coord"]
+    assert 0 <= coord < 4 * 32  # the code is 4x the width
+    assert _wait_job(client, client.post("/api/index").json)["state"] == "done"
+    a = client.get(f"/api/atom?image_id={image_id}&layer=0&coord={coord}").json
+    assert a["stats"]["code_dim"] == 128 and a["patches"]
+    r = client.get(f"/api/intervene?image_id={image_id}&layer=0&coord={coord}&value=0").json
+    assert [item["layer"] for item in r["later"]] == [1] and r["top_class"]["logit_change"] > 0

@@ -11,13 +11,13 @@ from torch import Tensor
 
 from cratevit import create_model
 from cratevit.analysis import layerwise_stats
+from cratevit.analysis.facets import paper_pca
 from cratevit.analysis.inspection import (
     active_atoms,
     atom_stats,
     attention_map,
     attention_rollout,
     class_names_for,
-    entries_mask,
     facet_features,
     family_of,
     image_curves,
@@ -97,9 +97,6 @@ def test_rollout_map_of_a_model(crate, images) -> None:
 
 
 def test_masks_under_each_protocol(crate, images) -> None:
-    maps = torch.arange(16.0).reshape(1, 4, 4)
-    kept = entries_mask(maps, 0.25)
-    assert kept.sum() == 4 and kept.flatten()[-4:].all()  # the four largest entries
     ins = inspect_model(crate, images)
     head_mean = attention_map(ins, -1).mean(1)
     entries = segmentation_mask(ins, -1, "entries", 0.5)
@@ -112,6 +109,11 @@ def test_masks_under_each_protocol(crate, images) -> None:
     assert (kept_mass >= 0.6).all()
     pca = segmentation_mask(ins, -1, "pca", facet="key")
     assert pca.dtype == torch.bool and pca.shape == (3, 8, 8)
+    paper = segmentation_mask(ins, -1, "paper-pca", 0.4, facet="key")
+    expected = [paper_pca([f], threshold=0.4).foreground[0] for f in facet_features(ins, -1, "key")]
+    assert paper.shape == (3, 8, 8) and all((p.numpy() == e).all() for p, e in zip(paper, expected, strict=True))
+    with pytest.raises(ValueError, match="paper's PCA cut"):
+        segmentation_mask(ins, -1, "paper-pca", 1.0)
     with pytest.raises(ValueError, match="unknown mask protocol"):
         segmentation_mask(ins, -1, "otsu")
 
@@ -227,7 +229,7 @@ def test_a_family_with_an_internal_code_uses_its_hook(images) -> None:
         new.load_state_dict(old.state_dict())
         model.blocks[i] = new
     ins = inspect_model(model, images)
-    assert family_of(model).name == "white-box"
+    assert family_of(model).name == "white-box" and ins.family == "crate"
     assert not torch.equal(ins.layers[0].facets["code"], ins.layers[0].facets["token"])
     result = intervene(model, ins, layer=0, coord=3, value=0.0)
     z, _ = model.blocks[0].trace(ins.layers[0].z_in, code_edit=lambda c: c.index_fill_(-1, torch.tensor([3]), 0.0))
@@ -308,3 +310,38 @@ def test_timm_vit_attention_and_facets() -> None:
         intervene(vit, ins, 0, 0)
     with pytest.raises(ValueError, match="no sparse code"):
         index_atoms(vit, x, [0])
+
+
+# ------------------------------------------------------------------ every family: the same facets as analysis.facets
+@pytest.mark.parametrize("spec", ["crate_debug", "crate_alpha_debug", "vit"])
+def test_facets_agree_with_the_segmentation_module(spec) -> None:
+    from cratevit.analysis import facets
+
+    torch.manual_seed(0)
+    if spec == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    else:
+        model = create_model(spec)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    ins = inspect_model(model, x)
+    for facet in family_of(model).facets:
+        for layer in (0, -1):
+            torch.testing.assert_close(facet_features(ins, layer, facet), facets.facet_features(model, x, layer, facet))
+
+
+def test_crate_alpha_intervention_decodes_the_edited_code() -> None:
+    """CRATE-alpha's code A_2 lives inside the block: Z^{l+1} = Z^{l+1/2} + A_2 D_hat^T."""
+    torch.manual_seed(0)
+    model = create_model("crate_alpha_debug").eval()
+    x = torch.randn(2, 3, 32, 32)
+    ins = inspect_model(model, x)
+    assert ins.family == "crate_alpha" and facet_features(ins, 0, "code").shape[-1] == 4 * model.config.dim
+    assert image_curves(ins)["sparsity"].shape == (2, 2)  # the sparsity of A_2, not of the dense output
+    result = intervene(model, ins, layer=0, coord=7, value=0.0)
+    t = model.forward_trace(x).layers[0]
+    code = t.code.clone()
+    code[..., 7] = 0.0
+    z = t.z_half + code @ model.blocks[0].ista.decoder.t()
+    torch.testing.assert_close(result.logits, model.forward_head(model.blocks[1](z)))
+    assert not torch.allclose(result.logits, ins.logits)

@@ -37,8 +37,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..models.crate_alpha import CRATEAlphaBlock
+from ..registry import family_for, is_family_model, trace_method
+from .facets import paper_pca
 from .layerwise import compression, sparsity
-from .visualize import first_component_foreground, mass_mask
+from .segprotocols import keep_top
+from .visualize import first_component_foreground
 
 __all__ = [
     "FACETS",
@@ -53,8 +57,8 @@ __all__ = [
     "attention_map",
     "attention_rollout",
     "class_names_for",
-    "entries_mask",
     "facet_features",
+    "family_label",
     "family_of",
     "image_curves",
     "index_atoms",
@@ -71,7 +75,7 @@ __all__ = [
 ]
 
 FACETS = ("token", "key", "attn", "code")
-MASK_PROTOCOLS = ("mass", "entries", "pca")
+MASK_PROTOCOLS = ("mass", "entries", "pca", "paper-pca")
 
 
 # --------------------------------------------------------------------------------------------- the record
@@ -156,9 +160,10 @@ class Family(Protocol):
 
 
 class WhiteBoxFamily:
-    """CRATE, and every family whose model offers ``embed``, ``forward_trace``, ``blocks[i].trace`` and
-    ``forward_head`` (layer traces with ``z_in``, ``proj``, ``attn``, ``z_out`` and, where the code is internal,
-    ``code``)."""
+    """Every registered family with a trace method (:mod:`cratevit.registry`: CRATE, CRATE-alpha, ...), whose
+    model has ``blocks[i].trace`` and, for classifiers, ``forward_head``. Layer traces carry ``z_in``, ``proj``,
+    ``attn``, ``z_half``, ``z_out`` and, where the code is internal to the block, ``code``; an autoencoder's trace
+    (``encoder`` instead of ``layers``) is read through its encoder."""
 
     name = "white-box"
     facets = FACETS
@@ -166,9 +171,7 @@ class WhiteBoxFamily:
     has_subspaces = True
 
     def matches(self, model: nn.Module) -> bool:
-        return all(hasattr(model, a) for a in ("forward_trace", "embed", "blocks")) and hasattr(
-            model.blocks[0], "trace"
-        )
+        return is_family_model(model) and family_for(model).trace is not None
 
     def geometry(self, model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(model.config.image_size), tuple(model.config.patch_size)
@@ -201,11 +204,12 @@ class WhiteBoxFamily:
         return model.forward_head(z)
 
     def inspect(self, model: nn.Module, x: Tensor) -> Inspection:
-        trace = model.forward_trace(x)
+        trace = trace_method(model)(x)
         traces = trace.layers if hasattr(trace, "layers") else trace.encoder  # an autoencoder: its encoder
         layers = [self._record(t) for t in traces]
         features = trace.features if hasattr(trace, "features") else traces[-1].z_out
-        return Inspection(self.name, layers, self._logits(model, features), tuple(trace.grid_size), 1)
+        logits = self._logits(model, features)
+        return Inspection(family_for(model).name, layers, logits, tuple(trace.grid_size), 1)
 
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
@@ -321,6 +325,10 @@ def register_code_editor(block_cls: type, editor: Callable[[nn.Module, LayerReco
     _CODE_EDITORS[block_cls] = editor
 
 
+# CRATE-alpha: Z^{l+1} = Z^{l+1/2} + A_2 D_hat^T, its sparse code A_2 decoded onto the residual.
+register_code_editor(CRATEAlphaBlock, lambda block, record, code: block.ista.decode(code, record.z_half))
+
+
 def register_family(family: Family) -> Family:
     """Add an adapter; it is tried before the built-in ones (so a family can refine the white-box adapter)."""
     _FAMILIES.insert(0, family)
@@ -335,6 +343,11 @@ def family_of(model: nn.Module) -> Family:
         f"cannot look inside a {type(model).__name__}: expected a CRATE-family model (forward_trace) or a timm "
         f"VisionTransformer"
     )
+
+
+def family_label(model: nn.Module) -> str:
+    """The model's family as a user knows it: the registry's name (``crate``, ``crate_alpha``), else the adapter's."""
+    return family_for(model).name if is_family_model(model) else family_of(model).name
 
 
 @torch.no_grad()
@@ -422,18 +435,6 @@ def pca_rgb(features: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rgb.reshape(rows, cols, 3), scores[:, 0].reshape(rows, cols), ratio[:k]
 
 
-def entries_mask(maps: Tensor, keep: float = 0.6) -> Tensor:
-    """Boolean mask per map (last two dims) keeping the ``keep`` fraction of entries with the largest values
-    (at least one)."""
-    if not 0.0 < keep <= 1.0:
-        raise UserError(f"the kept fraction must be in (0, 1], got {keep}")
-    flat = maps.flatten(-2)
-    k = max(1, round(keep * flat.shape[-1]))
-    order = flat.argsort(dim=-1, descending=True)[..., :k]
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, order, True)
-    return mask.reshape(maps.shape)
-
-
 def segmentation_mask(
     ins: Inspection,
     layer: int,
@@ -443,15 +444,22 @@ def segmentation_mask(
     facet: str = "key",
 ) -> Tensor:
     """Foreground mask of each image at the patch grid, (b, rows, cols) bool, under a protocol of
-    :data:`MASK_PROTOCOLS` (``head=None``: the head-averaged map)."""
+    :data:`MASK_PROTOCOLS` (``head=None``: the head-averaged map). ``threshold`` is the kept fraction of the
+    attention (``mass``, ``entries``; :func:`~cratevit.analysis.segprotocols.keep_top`) or, for ``paper-pca``, the
+    cut on the min-max scaled first component (:func:`~cratevit.analysis.facets.paper_pca`, 0.4 in the paper)."""
+    if protocol not in MASK_PROTOCOLS:
+        raise UserError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(MASK_PROTOCOLS)}")
     if protocol == "pca":
         feats = facet_features(ins, layer, facet)
         return torch.stack([torch.from_numpy(first_component_foreground(pca_rgb(f)[1])) for f in feats])
-    if protocol not in MASK_PROTOCOLS:
-        raise UserError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(MASK_PROTOCOLS)}")
+    if protocol == "paper-pca":
+        if not 0.0 < threshold < 1.0:
+            raise UserError(f"the paper's PCA cut must lie in (0, 1), got {threshold}")
+        feats = facet_features(ins, layer, facet)
+        return torch.stack([torch.from_numpy(paper_pca([f], threshold=threshold).foreground[0]) for f in feats])
     maps = attention_map(ins, layer)
     maps = maps.mean(1) if head is None else maps[:, head]
-    return mass_mask(maps, threshold) if protocol == "mass" else entries_mask(maps, threshold)
+    return keep_top(maps, threshold, kind=protocol)
 
 
 # --------------------------------------------------------------------------------------------- curves, classes

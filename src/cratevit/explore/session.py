@@ -177,7 +177,7 @@ class Explorer:
         f = self.family
         return {
             "model": self.name,
-            "family": f.name,
+            "family": insp.family_label(self.model),
             "depth": self.depth,
             "heads": self.heads,
             "facets": list(f.facets),
