@@ -123,9 +123,7 @@ class ReferenceCRATEMAE(nn.Module):
         self.patch_embed = ConvPatches(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(embed_dim, num_heads, embed_dim // num_heads) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(EncoderBlock(embed_dim, num_heads, embed_dim // num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(embed_dim, embed_dim)  # present in the official model, never applied
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

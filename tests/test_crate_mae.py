@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_crate_mae import ReferenceCRATEMAE, sincos_2d_numpy
 
 from cratevit.models.crate_mae import (
     CRATEMAE,
@@ -17,6 +16,7 @@ from cratevit.models.crate_mae import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from reference_crate_mae import ReferenceCRATEMAE, sincos_2d_numpy
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, decoder_depth=2, decoder_heads=4,
             decoder_dim_head=8)  # fmt: skip
