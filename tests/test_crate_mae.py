@@ -159,9 +159,10 @@ def test_trace_agrees_with_forward_and_intermediates():
         assert (tr.encoder[0].z_out >= 0).all()  # ISTA output is non-negative
         clean = model.forward_trace(x, encoder_layers=[-1], decoder_layers=[])
         assert len(clean.encoder) == 1 and not clean.decoder
-        inter = model.forward_intermediates(x, indices=[-1])
+        inter = model.forward_intermediates(x, indices=[-1], output_fmt="NLC", intermediates_only=True)
         torch.testing.assert_close(inter[0], clean.encoder[0].z_out[:, 1:])
-        maps = model.forward_intermediates(x, indices=1, output_fmt="NCHW")
+        latent, maps = model.forward_intermediates(x, indices=1)
+        torch.testing.assert_close(latent, model.forward_encoder_features(x))
         assert maps[0].shape == (2, 32, 4, 4)
         feats = model.forward_encoder_features(x)
         torch.testing.assert_close(feats, model.norm(clean.encoder[0].z_out))

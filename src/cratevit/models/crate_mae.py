@@ -403,11 +403,13 @@ class CRATEMAE(nn.Module):
         return self.forward_encoder(x, mask=None)
 
     def forward_intermediates(
-        self, x: Tensor, indices: int | list[int] | None = None, output_fmt: str = "NLC"
-    ) -> list[Tensor]:
-        """timm's feature API for the (unmasked) encoder: patch tokens of the selected layers' outputs, as
-        (b, n_patches, dim) (``"NLC"``) or maps (b, dim, rows, cols) (``"NCHW"``). ``indices``: None = every
-        layer, an int n = the last n, a list = those (negative from the end)."""
+        self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
+        output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:  # fmt: skip
+        """timm's feature API for the unmasked encoder: patch tokens of the selected layers' outputs, as maps
+        (b, dim, rows, cols) (``"NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies the final LayerNorm.
+        ``indices``: None = every layer, an int n = the last n, a list = those (negative from the end).
+        Returns ``(final latent, intermediates)``, or only the intermediates (timm's signature)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         depth = len(self.blocks)
@@ -421,12 +423,13 @@ class CRATEMAE(nn.Module):
                 raise ValueError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
             take = {i % depth for i in indices}
         z, out, (rows, cols) = self.embed(x), [], self.config.grid_size
-        for i, block in enumerate(self.blocks[: max(take) + 1]):
+        blocks = self.blocks[: max(take) + 1] if stop_early or intermediates_only else self.blocks
+        for i, block in enumerate(blocks):
             z = block(z)
             if i in take:
-                y = z[:, 1:]  # b n dim
+                y = (self.norm(z) if norm else z)[:, 1:]  # b n dim
                 out.append(y.transpose(1, 2).reshape(y.shape[0], -1, rows, cols) if output_fmt == "NCHW" else y)
-        return out
+        return out if intermediates_only else (self.norm(z), out)
 
     def forward_trace(
         self, images: Tensor, mask: Tensor | None = None, encoder_layers: list[int] | None = None,
