@@ -192,3 +192,29 @@ def test_bad_inputs_name_the_problem():
         CRATEMAEConfig(mask_ratio=1.0)
     with pytest.raises(ValueError, match="unknown CRATE-MAE config keys"):
         CRATEMAEConfig.from_dict({"depht": 3})
+
+
+def test_reconstruction_panels_and_figure(tmp_path):
+    from cratevit.reconstruction import reconstruct, reconstruction_figure
+    from cratevit.visualize import save_figure
+
+    torch.manual_seed(0)
+    model = CRATEMAE(CRATEMAEConfig(**TINY, norm_pix_loss=True))
+    x = torch.randn(2, 3, 32, 32)
+    a = reconstruct(model, x, mean=(0.5,) * 3, std=(0.5,) * 3, seed=3)
+    b = reconstruct(model, x, mean=(0.5,) * 3, std=(0.5,) * 3, seed=3)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.pasted, b.pasted)  # seeded
+    assert not torch.equal(a.mask, reconstruct(model, x, (0.5,) * 3, (0.5,) * 3, seed=4).mask)
+    assert a.mask.sum(1).tolist() == [12, 12]
+    shown = (x * 0.5 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(a.original, shown)
+    visible = ~a.mask[0].view(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)  # pixel map of visible patches
+    torch.testing.assert_close(a.pasted[0][:, visible], shown[0][:, visible])  # visible patches pasted back
+    torch.testing.assert_close(a.pasted[0][:, ~visible], a.reconstruction[0][:, ~visible])
+    torch.testing.assert_close(a.masked[0][:, ~visible], torch.full_like(a.masked[0][:, ~visible], 0.5))
+    # norm_pix_loss: the prediction is mapped back with each true patch's mean and variance
+    out = model(x, mask=a.mask)
+    pred = out.pred * (model.patchify(x).var(-1, keepdim=True) + 1e-6).sqrt() + model.patchify(x).mean(-1, keepdim=True)
+    torch.testing.assert_close(a.reconstruction, (model.unpatchify(pred) * 0.5 + 0.5).clamp(0, 1).detach())
+    paths = save_figure(reconstruction_figure(a, names=["one", "two"], title="t"), tmp_path / "rec")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
