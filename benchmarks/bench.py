@@ -5,7 +5,7 @@
     python benchmarks/bench.py --gpu --out runs/bench-gpu       # CRATE-B bf16 batch 256 vs reference and ViT-B/16
     python benchmarks/bench.py --quick                          # seconds-long smoke run
 
-All flags are those of ``cratevit bench --help``; the measurements live in :mod:`cratevit.bench`.
+All flags are those of ``cratevit bench --help``; the measurements live in ``benchmarks/cratebench.py``.
 """
 
 import sys

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # for reference_crate
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # for cratebench, the benchmark harness
 
 
 @pytest.fixture(autouse=True)

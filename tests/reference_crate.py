@@ -1,5 +1,5 @@
-"""The literal reference formulation, re-exported from :mod:`cratevit.reference` for the tests."""
+"""The literal reference formulation, re-exported from :mod:`cratevit.models.reference` for the tests."""
 
-from cratevit.reference import Attention, FeedForward, PreNorm, ReferenceCRATE, Transformer
+from cratevit.models.reference import Attention, FeedForward, PreNorm, ReferenceCRATE, Transformer
 
 __all__ = ["Attention", "FeedForward", "PreNorm", "ReferenceCRATE", "Transformer"]

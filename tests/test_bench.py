@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from cratevit.bench import (
+from cratebench import (
     BenchOptions,
     build_variant,
     coding_rate_timings,
@@ -16,9 +16,9 @@ from cratevit.bench import (
     vit_forward_flops,
 )
 from cratevit.cli import main
-from cratevit.model import forward_flops
+from cratevit.models import forward_flops
+from cratevit.models.reference import ReferenceCRATE
 from cratevit.presets import get_config
-from cratevit.reference import ReferenceCRATE
 
 
 def tiny_run(**kw):
@@ -109,7 +109,7 @@ def test_cli_quick_writes_table_and_json(tmp_path, capsys):
 
 def test_cli_flags_select_rows_and_sizes(monkeypatch):
     from cratevit.cli import build_parser
-    from cratevit.commands.bench import options_from_args
+    from cratevit.cli.bench import options_from_args
 
     parser = build_parser()
     opts = options_from_args(parser.parse_args(["bench", "--preset", "crate_small", "--batch", "8"]))
@@ -147,7 +147,7 @@ def test_options_validate_dtype():
 
 
 def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
-    from cratevit.bench import BenchResult, Row
+    from cratebench import BenchResult, Row
 
     opts = quick_options(dtypes=("bfloat16",), coding_rate=False)
     row = Row(mode="train", dtype="bfloat16", model="cratevit", batch=256, images_per_s=1000.0, gflops_per_image=33.0,

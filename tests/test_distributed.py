@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cratevit import create_model
-from cratevit.distributed import DistInfo, all_reduce_sum, any_true, init_distributed
+from cratevit.train.distributed import DistInfo, all_reduce_sum, any_true, init_distributed
 
 RECIPE = ["--arch", "crate_debug", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "3",
           "--optimizer", "sgd", "--lr", "0.5", "--warmup-epochs", "0", "--seed", "1", "--workers", "0",

@@ -1,4 +1,4 @@
-"""``cratevit export`` and cratevit.export: safetensors and Hugging Face folders, clear errors for bad outputs."""
+"""``cratevit export`` and cratevit.interop.export: safetensors and Hugging Face folders, clear errors for bad outputs."""
 
 import json
 import stat
@@ -10,7 +10,7 @@ from safetensors import safe_open
 import cratevit
 from cratevit import CRATE, create_model
 from cratevit.cli import main
-from cratevit.export import ExportError, check_writable, export_pretrained, export_safetensors, format_for
+from cratevit.interop.export import ExportError, check_writable, export_pretrained, export_safetensors, format_for
 from reference_crate import ReferenceCRATE
 
 DEBUG = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16)
@@ -116,3 +116,52 @@ def test_cli_errors_are_one_line(tmp_path, reference_checkpoint, capsys):
     assert main(["export", str(tmp_path / "missing.pth"), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "checkpoint file not found" in one_line_error(capsys)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------- preprocessing (#10)
+def digits_top1(model: CRATE, mean, std) -> float:
+    """Top-1 (%) of ``model`` on the held-out digits, prepared with ``mean``/``std``."""
+    from cratevit.data import transforms as T
+    from cratevit.data.digits import DigitsDataset
+
+    data = DigitsDataset("val", 32, T.digits_eval(tuple(mean), tuple(std)))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        return 100 * (model.eval()(x).argmax(1) == y).double().mean().item()
+
+
+def test_a_digits_run_exports_its_own_normalisation_and_classifies_as_well(tmp_path, capsys):
+    """Train on the digits (the default command, 3 epochs), export --format hf: config.json says 0.5/0.5 (what the
+    run used), and the exported model, prepared as its config.json says, scores the run's own top-1."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "3", "--output", str(run), "--threads", "1"]) == 0
+    best = max(json.loads(line).get("best_top1", -1) for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert best > 50  # far above chance (10%): the normalisation matters
+    assert main(["export", str(run / "best.pt"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    pretrained_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["pretrained_cfg"]
+    assert (pretrained_cfg["mean"], pretrained_cfg["std"]) == ([0.5] * 3, [0.5] * 3)
+    exported = CRATE.from_pretrained(tmp_path / "hf")
+    assert exported.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    top1 = digits_top1(exported, pretrained_cfg["mean"], pretrained_cfg["std"])
+    assert top1 == pytest.approx(best, abs=1e-3)
+    # the numbers the export used to write (ImageNet's) cost accuracy: the test above can fail
+    assert digits_top1(exported, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) < top1
+
+
+def test_any_preset_trained_on_digits_records_the_data_normalisation(tmp_path):
+    """The data, not the preset, decides: crate_debug (an ImageNet-normalised preset) trained on the digits
+    carries 0.5/0.5 in its checkpoint, its safetensors and Hugging Face exports, and for the analysis commands."""
+    from cratevit.analysis import input_normalization
+
+    assert create_model("crate_debug").pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "crate_debug", "--epochs", "1", "--steps-per-epoch", "2", "--threads", "1",
+                 "--output", str(run)]) == 0  # fmt: skip
+    half = (0.5, 0.5, 0.5)
+    assert cratevit.load_checkpoint(run / "best.pt").pretrained_cfg["mean"] == half
+    assert input_normalization(run / "best.pt") == (half, half)
+    assert main(["export", str(run / "best.pt"), "-o", str(tmp_path / "w.safetensors")]) == 0
+    assert cratevit.load_checkpoint(tmp_path / "w.safetensors").pretrained_cfg["std"] == half
+    assert main(["export", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["pretrained_cfg"]["mean"] == [0.5] * 3

@@ -4,7 +4,7 @@ import torch
 import cratevit
 from cratevit import CRATE, create_model, forward_flops
 from cratevit.checkpoint import from_reference_keys, to_reference_keys
-from cratevit.model import CRATEConfig
+from cratevit.models import CRATEConfig
 from cratevit.presets import PRESETS
 from reference_crate import ReferenceCRATE
 

@@ -8,7 +8,7 @@ import torch
 
 from cratevit import CRATE, create_model
 from cratevit.cli import main
-from cratevit.export import ExportError, export_onnx, verify_onnx
+from cratevit.interop.export import ExportError, export_onnx, verify_onnx
 
 ATOL = 1e-4
 

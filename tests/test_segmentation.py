@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from cratevit import create_model, save_checkpoint
-from cratevit.cli import main
-from cratevit.segmentation import (
+from cratevit.analysis.segmentation import (
     VOCSegmentationFolder,
     attention_maps,
     evaluate,
@@ -22,6 +21,7 @@ from cratevit.segmentation import (
     patch_features,
     shapes_samples,
 )
+from cratevit.cli import main
 
 
 def test_iou() -> None:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cratevit import create_model
+from cratevit.analysis.segmentation import evaluate, shapes_samples
 from cratevit.data.shapes import ShapesDataset
-from cratevit.segmentation import evaluate, shapes_samples
 
 SIZE, PATCH = 32, 8
 

@@ -7,8 +7,8 @@ import torch
 
 from cratevit import CRATE
 from cratevit.checkpoint import from_reference_keys
-from cratevit.model import ISTA
-from cratevit.reference import FeedForward, ReferenceCRATE
+from cratevit.models import ISTA
+from cratevit.models.reference import FeedForward, ReferenceCRATE
 
 KW = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, dim_head=16)
 

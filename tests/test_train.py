@@ -109,7 +109,7 @@ def test_timm_model_with_the_same_recipe(tmp_path):
     assert ckpt["model"]["head.weight"].shape == (10, 96)
     assert ckpt["model"]["pos_embed"].shape == (1, 17, 96)
     assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("blocks.")} == {"0", "1"}
-    from cratevit.segmentation import load_vision_model
+    from cratevit.analysis.segmentation import load_vision_model
 
     vit = load_vision_model(str(run / "last.pt"))  # rebuilt with the same width and depth
     assert len(vit.blocks) == 2 and vit.embed_dim == 96

@@ -11,9 +11,9 @@ from PIL import Image
 from skimage import data
 
 from cratevit import create_model, save_checkpoint
+from cratevit.analysis.images import load_image, prepare
+from cratevit.analysis.visualize import cls_attention, first_component_foreground, mass_mask, pca_maps, upsample
 from cratevit.cli import main
-from cratevit.images import load_image, prepare
-from cratevit.visualize import cls_attention, first_component_foreground, mass_mask, pca_maps, upsample
 
 
 @pytest.fixture(scope="module")

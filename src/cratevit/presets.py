@@ -1,36 +1,117 @@
-"""Named CRATE configurations and ``create_model``.
+"""Named configurations and their metadata, as data: family, configuration, preprocessing, timm name.
 
-A preset is a :class:`CRATEConfig` registered under a name; the original code's names (``CRATE_tiny``) resolve
-to ours (``crate_tiny``) case-insensitively.
+This module is the ONE source of truth for preprocessing (mean/std, crop, interpolation):
+
+* :data:`PRESET_INFO` gives each preset's :class:`Preprocessing` (what the released weights expect, and what
+  ``timm.data.resolve_data_config`` reads through ``pretrained_cfg``);
+* :data:`DATA_PREPROCESSING` gives the normalisation each kind of training data uses; the engine records it in
+  every checkpoint, so a model trained on the built-in digits exports and analyses with 0.5/0.5.
+
+The original code's names (``CRATE_tiny``) resolve to ours (``crate_tiny``) case-insensitively.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .model import CRATE, CRATEConfig
+from .errors import UserError
+from .models import CRATEConfig, geometry_cfg
+from .registry import family_for, get_family
 
-__all__ = ["PRESETS", "create_model", "get_config", "list_models", "register_preset", "resolve_name"]
+__all__ = [
+    "DATA_PREPROCESSING",
+    "HALF",
+    "IMAGENET",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "PRESET_INFO",
+    "Preprocessing",
+    "Preset",
+    "data_preprocessing",
+    "get_config",
+    "list_models",
+    "merged_pretrained_cfg",
+    "preprocessing_for",
+    "pretrained_cfg_for",
+    "register_preset",
+    "resolve_name",
+    "timm_name",
+    "timm_name_for",
+]
 
-PRESETS: dict[str, CRATEConfig] = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a model: timm's ``mean``, ``std``, ``crop_pct``, ``interpolation``."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875  # Resize(224 / 0.875 = 256) + CenterCrop(224), the reference recipe
+    interpolation: str = "bilinear"  # torchvision's default, which the reference used
+
+    def to_cfg(self) -> dict[str, Any]:
+        return {"mean": tuple(self.mean), "std": tuple(self.std), "crop_pct": self.crop_pct,
+                "crop_mode": "center", "interpolation": self.interpolation}  # fmt: skip
+
+
+IMAGENET = Preprocessing()
+IMAGENET_NO_CROP = Preprocessing(crop_pct=1.0)  # small images (32 px) are used without a crop
+HALF = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=1.0)  # the built-in digits and shapes data
+
+# The normalisation of each kind of training data (cratevit.data.DataInfo.kind); other kinds use ImageNet's.
+DATA_PREPROCESSING: Mapping[str, Preprocessing] = {"digits": HALF, "shapes": HALF}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of an architecture family and the preprocessing its weights expect."""
+
+    name: str
+    config: Any  # the family's config class
+    preprocessing: Preprocessing
+    family: str = "crate"
+
+
+PRESET_INFO: dict[str, Preset] = {}
+PRESETS: dict[str, CRATEConfig] = {}  # name -> configuration (every family's), the view most code needs
 _ALIASES: dict[str, str] = {}
 
 
-def register_preset(name: str, cfg: CRATEConfig, aliases: tuple[str, ...] = ()) -> CRATEConfig:
+def register_preset(
+    name: str,
+    cfg: Any,
+    aliases: tuple[str, ...] = (),
+    preprocessing: Preprocessing | None = None,
+    family: str | None = None,
+) -> Any:
+    """Register ``cfg`` under ``name`` (its family is that of the config class unless given)."""
     if name in PRESETS:
         raise ValueError(f"preset {name!r} is already registered")
-    PRESETS[name] = cfg.replace(name=name)
+    family = family or family_for(cfg).name
+    get_family(family)
+    cfg = cfg.replace(name=name)
+    if preprocessing is None:
+        preprocessing = IMAGENET if min(cfg.image_size) >= 128 else IMAGENET_NO_CROP
+    PRESET_INFO[name] = Preset(name, cfg, preprocessing, family)
+    PRESETS[name] = cfg
     for alias in aliases:
         _ALIASES[alias.lower()] = name
-    return PRESETS[name]
+    return cfg
 
 
-def _vit(name: str, dim: int, heads: int, depth: int, patch: int = 16, image: int = 224, **kw: Any) -> None:
+def _vit(name: str, dim: int, heads: int, depth: int, patch: int = 16, image: int = 224,
+         preprocessing: Preprocessing | None = None, **kw: Any) -> None:  # fmt: skip
     register_preset(
         name,
         CRATEConfig(image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw),
         aliases=(name.upper(), "CRATE_" + name.removeprefix("crate_")),
+        preprocessing=preprocessing,
     )
 
 
@@ -57,7 +138,7 @@ _vit("crate_base_768", 768, 12, 12, patch=8, num_classes=768)
 _vit("crate_debug", 32, 2, 2, patch=8, image=32, num_classes=10)
 _vit("crate_nano", 96, 3, 6, patch=4, image=32, num_classes=10)
 _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
-_vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10)  # `cratevit train` default: 16 tokens
+_vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
 
 def resolve_name(name: str) -> str:
@@ -67,7 +148,7 @@ def resolve_name(name: str) -> str:
     key = _ALIASES.get(key, key)
     if key in PRESETS:
         return key
-    raise ValueError(f"unknown CRATE preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    raise UserError(f"unknown CRATE preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
 
 
 def get_config(name: str, **overrides: Any) -> CRATEConfig:
@@ -81,23 +162,63 @@ def list_models() -> list[str]:
     return sorted(PRESETS)
 
 
-def create_model(
-    name: str,
-    num_classes: int | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    patch_size: int | tuple[int, int] | None = None,
-    checkpoint: str | Path | None = None,
-    **overrides: Any,
-) -> CRATE:
-    """Build a preset, optionally with other class count / image size / patch size, and load weights.
+# --------------------------------------------------------------------------------------------- preprocessing
+def data_preprocessing(kind: str | None) -> Preprocessing:
+    """The normalisation a kind of training data uses (``digits``/``shapes``: 0.5; others ImageNet's)."""
+    return DATA_PREPROCESSING.get(kind or "", IMAGENET)
 
-    With ``checkpoint``, the file is loaded strictly; if ``num_classes`` differs from the checkpoint's head, the
-    head is dropped and re-initialised (fine-tuning).
+
+def preprocessing_for(config: Any) -> Preprocessing:
+    """A configuration's preprocessing: its preset's (when it has a preset's name and input size), else ImageNet's
+    (crop 0.875 from 128 px up, no crop below); non-RGB inputs are normalised with 0.5."""
+    preset = PRESET_INFO.get(getattr(config, "name", None) or "")
+    by_size = IMAGENET if min(config.image_size) >= 128 else IMAGENET_NO_CROP
+    prep = by_size if preset is None else preset.preprocessing
+    if preset is not None and preset.config.image_size != config.image_size:
+        prep = replace(prep, crop_pct=by_size.crop_pct)
+    channels = int(config.channels)
+    if channels != len(prep.mean):
+        prep = Preprocessing((0.5,) * channels, (0.5,) * channels, prep.crop_pct, prep.interpolation)
+    return prep
+
+
+def pretrained_cfg_for(config: Any, preprocessing: Preprocessing | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """timm's per-weight metadata for a configuration: geometry, preprocessing and the family's paper fields."""
+    family = family_for(config)
+    if preprocessing is None:
+        preprocessing = preprocessing_for(config)
+    prep = preprocessing.to_cfg() if isinstance(preprocessing, Preprocessing) else dict(preprocessing)
+    return {**geometry_cfg(config), **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}, **family.paper}
+
+
+# timm's pretrained_cfg keys that say where weights come from; a saved folder must not point back to its source.
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag")
+
+
+def merged_pretrained_cfg(stored: Mapping[str, Any] | None, config: Any) -> dict[str, Any]:
+    """Stored per-weight metadata (mean/std, crop ...) with the input size and class count of ``config``."""
+    current = pretrained_cfg_for(config)
+    merged = {**current, **{k: v for k, v in dict(stored or {}).items() if k not in _SOURCE_KEYS}}
+    merged.update({k: current[k] for k in ("input_size", "fixed_input_size", "num_classes")})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k != "architecture"}
+
+
+# --------------------------------------------------------------------------------------------- timm names
+def timm_name(preset: str) -> str:
+    """``crate_tiny`` (224 px, patch 16) -> ``crate_tiny_patch16_224``."""
+    cfg = PRESETS[preset]
+    (ph, pw), (h, w) = cfg.patch_size, cfg.image_size
+    patch = f"patch{ph}" if ph == pw else f"patch{ph}x{pw}"
+    size = f"{h}" if h == w else f"{h}x{w}"
+    return f"{preset}_{size}" if f"_{patch}" in preset else f"{preset}_{patch}_{size}"
+
+
+def timm_name_for(cfg: Any) -> str:
+    """The timm name to record for a configuration: its preset's, else an equal preset's, else crate_tiny's.
+
+    (A saved folder records every configuration field in ``model_args``, so the base name only picks defaults.)
     """
-    cfg = get_config(name, num_classes=num_classes, image_size=image_size, patch_size=patch_size, **overrides)
-    model = CRATE(config=cfg)
-    if checkpoint is not None:
-        from .checkpoint import load_into
-
-        load_into(model, checkpoint, drop_head=num_classes is not None)
-    return model
+    if cfg.name in PRESETS:
+        return timm_name(cfg.name)
+    equal = [name for name, preset in PRESETS.items() if preset == cfg]
+    return timm_name(equal[0] if equal else "crate_tiny")

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .model import CRATE, CRATEConfig
+from .errors import UserError
+from .models import CRATE, CRATEConfig
 from .presets import get_config, resolve_name
 
 __all__ = ["ZOO", "ZooEntry", "count_params", "describe_config", "get_entry", "zoo_rows"]
@@ -93,7 +94,7 @@ def get_entry(name: str) -> ZooEntry:
     for entry in ZOO:
         if entry.name == key:
             return entry
-    raise ValueError(f"no checkpoint named {name!r} in the zoo; known: {', '.join(e.name for e in ZOO)}")
+    raise UserError(f"no checkpoint named {name!r} in the zoo; known: {', '.join(e.name for e in ZOO)}")
 
 
 def zoo_rows() -> list[dict[str, Any]]:

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from ..presets import data_preprocessing
 from . import transforms as T
 
 __all__ = [
-    "BUILTIN",
     "Batch",
     "DataInfo",
     "EpochSampler",
@@ -36,7 +36,6 @@ __all__ = [
     "data_info",
 ]
 
-BUILTIN = ("digits", "shapes", "cifar10", "cifar100", "flower", "pets")
 SHAPES_SIZES = {"train": 6000, "val": 1200}
 DUMMY_SIZES = {"train": 10_000, "val": 1_000}
 
@@ -82,36 +81,39 @@ def build_datasets(
     download: bool = True,
     seed: int = 0,
 ) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets returning ``(image tensor, label)``, ``None`` for an unreadable file."""
-    if info.kind == "digits":
-        from .digits import MEAN, STD, DigitsDataset
+    """(train, val) datasets returning ``(image tensor, label)``, ``None`` for an unreadable file.
 
-        return (DigitsDataset("train", image_size, T.digits_train(image_size, MEAN, STD)),
-                DigitsDataset("val", image_size, T.digits_eval(MEAN, STD)))  # fmt: skip
+    Images are normalised with the data's own mean/std (:func:`cratevit.presets.data_preprocessing`)."""
+    prep = data_preprocessing(info.kind)
+    mean, std = prep.mean, prep.std
+    if info.kind == "digits":
+        from .digits import DigitsDataset
+
+        return (DigitsDataset("train", image_size, T.digits_train(image_size, mean, std)),
+                DigitsDataset("val", image_size, T.digits_eval(mean, std)))  # fmt: skip
     if info.kind == "shapes":
         from .shapes import ShapesDataset
 
-        half = (0.5, 0.5, 0.5)
         make = ShapesDataset  # (split, size, image_size, seed, transform)
-        return (make("train", SHAPES_SIZES["train"], image_size, seed, T.transfer_train(image_size, half, half, randaug)),
-                make("val", SHAPES_SIZES["val"], image_size, seed, T.transfer_eval(image_size, half, half)))  # fmt: skip
+        return (make("train", SHAPES_SIZES["train"], image_size, seed, T.transfer_train(image_size, mean, std, randaug)),
+                make("val", SHAPES_SIZES["val"], image_size, seed, T.transfer_eval(image_size, mean, std)))  # fmt: skip
     if info.kind == "transfer":
         from .transfer import make_transfer
 
-        train = make_transfer(info.name, data_dir, True, T.transfer_train(image_size, randaug=randaug), download)
-        return train, make_transfer(info.name, data_dir, False, T.transfer_eval(image_size), download)
+        train = make_transfer(info.name, data_dir, True, T.transfer_train(image_size, mean, std, randaug), download)
+        return train, make_transfer(info.name, data_dir, False, T.transfer_eval(image_size, mean, std), download)
     if info.kind == "dummy":
         from torchvision.datasets import FakeData
 
         shape = (3, image_size, image_size)
-        tf = T.transfer_eval(image_size)
+        tf = T.transfer_eval(image_size, mean, std)
         return (FakeData(DUMMY_SIZES["train"], shape, info.num_classes, tf, random_offset=seed),
                 FakeData(DUMMY_SIZES["val"], shape, info.num_classes, tf, random_offset=seed + 1))  # fmt: skip
     from .folder import SafeImageFolder
 
     root = Path(info.name)
-    return (SafeImageFolder(root / "train", T.imagenet_train(image_size, randaug=randaug)),
-            SafeImageFolder(root / "val", T.imagenet_eval(image_size)))  # fmt: skip
+    return (SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug)),
+            SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std)))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ deterministic loading

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["CLASSES", "MEAN", "STD", "DigitsDataset"]
+from ..errors import UserError
+
+__all__ = ["CLASSES", "DigitsDataset"]
 
 CLASSES = [str(i) for i in range(10)]
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
 HELD_OUT = 0.2  # fraction kept for validation (stratified, always the same images)
 SPLIT_SEED = 0
 
@@ -24,7 +24,7 @@ def _load(split: str, image_size: int) -> tuple[Tensor, Tensor]:
     from sklearn.model_selection import train_test_split
 
     if split not in ("train", "val"):
-        raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
+        raise UserError(f"digits split must be 'train' or 'val', got {split!r}")
     x, y = load_digits(return_X_y=True)
     idx_train, idx_val = train_test_split(range(len(y)), test_size=HELD_OUT, random_state=SPLIT_SEED, stratify=y)
     idx = idx_train if split == "train" else idx_val

@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UserError
+
 __all__ = ["SafeImageFolder", "check_image_folder", "load_image"]
 
 
@@ -69,7 +71,7 @@ def check_image_folder(root: str | Path) -> list[str]:
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise ValueError(
+        raise UserError(
             f"train/ and val/ of {root} have different classes (only in train: {only_train[:5]}, only in val: "
             f"{only_val[:5]}); both need the same class sub-folders"
         )

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["CLASSES", "NUM_CLASSES", "SPLITS", "ShapesDataset", "render"]
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -42,7 +44,7 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return ((np.abs(u) <= 0.28) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.28) & (np.abs(u) <= 0.95))
     if kind == "ring":
         return (r <= 1.0) & (r >= 0.55)
-    raise ValueError(f"unknown shape {kind!r}; known shapes: {', '.join(CLASSES)}")
+    raise UserError(f"unknown shape {kind!r}; known shapes: {', '.join(CLASSES)}")
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -75,7 +77,7 @@ def _colour_far_from(rng: np.random.Generator, others: list[np.ndarray], min_dis
 def render(seed: int, split: str, index: int, image_size: int) -> tuple[np.ndarray, int, np.ndarray]:
     """Item ``index`` of a split: (uint8 image HxWx3, label, bool mask HxW)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng((seed, SPLITS.index(split), index))
     size = image_size
     label = index % NUM_CLASSES
@@ -131,9 +133,9 @@ class ShapesDataset(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown shapes split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise UserError(f"unknown shapes split {split!r}; choose one of {', '.join(SPLITS)}")
         if size <= 0 or image_size < 8:
-            raise ValueError(f"shapes needs size > 0 and image_size >= 8, got size={size}, image_size={image_size}")
+            raise UserError(f"shapes needs size > 0 and image_size >= 8, got size={size}, image_size={image_size}")
         self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
         self.transform = transform
         self.targets = [i % NUM_CLASSES for i in range(self.size)]

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["TRANSFER", "TransferSpec", "make_transfer"]
 
 
@@ -49,7 +51,7 @@ def make_transfer(name: str, data_dir: str | Path | None, train: bool, transform
     """The torchvision dataset ``name`` read from ``data_dir``; downloads if absent and allowed."""
     spec = TRANSFER[name]
     if data_dir is None:
-        raise ValueError(f"--data {name} needs --data-dir DIR: the folder that holds (or will hold) {spec.layout}")
+        raise UserError(f"--data {name} needs --data-dir DIR: the folder that holds (or will hold) {spec.layout}")
     root = Path(data_dir).expanduser()
     try:
         return spec.build(root, train, transform, download=False)

@@ -1,10 +1,14 @@
-"""Preprocessing recipes (torchvision transforms v2) for the datasets the engine trains on."""
+"""Preprocessing recipes (torchvision transforms v2) for the datasets the engine trains on.
+
+The normalisation values come from :mod:`cratevit.presets` (``DATA_PREPROCESSING``), the one source of truth.
+"""
 
 from __future__ import annotations
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
+
+from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -17,8 +21,7 @@ __all__ = [
     "transfer_train",
 ]
 
-IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm's constants
-CROP_PCT = 0.875  # 224 / 256: validation images are resized to 256 and centre-cropped to 224
+CROP_PCT = IMAGENET.crop_pct  # 224 / 256: validation images are resized to 256 and centre-cropped to 224
 
 
 def _to_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:

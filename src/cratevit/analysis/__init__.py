@@ -1,0 +1,31 @@
+"""Looking inside trained models: functions of tensors, plus the few that run a model.
+
+* :mod:`.layerwise`: coding rate ``R^c`` and sparsity per layer (Figure 3 of the CRATE paper);
+* :mod:`.segmentation`: foreground masks from attention and PCA, scored against ground truth;
+* :mod:`.visualize`: attention maps, masks, PCA maps and figures;
+* :mod:`.images`: reading and preparing image files for a model.
+"""
+
+from .layerwise import (
+    DEFINITIONS,
+    LayerwiseStats,
+    coding_rate,
+    compression,
+    input_normalization,
+    layerwise_stats,
+    load_model,
+    logdet_spd,
+    sparsity,
+)
+
+__all__ = [
+    "DEFINITIONS",
+    "LayerwiseStats",
+    "coding_rate",
+    "compression",
+    "input_normalization",
+    "layerwise_stats",
+    "load_model",
+    "logdet_spd",
+    "sparsity",
+]

@@ -1,0 +1,66 @@
+"""Reading and writing weights: every released CRATE checkpoint family loads with one call.
+
+* :mod:`.keys`: one key table per architecture family (reference layout <-> ours), both directions derived;
+* :mod:`.read`: the only ``torch.load`` and safetensors read of cratevit; tells the file families apart;
+* :mod:`.infer`: tensor shapes -> configuration (for files that do not record it);
+* :mod:`.write`: atomic writes of checkpoints, safetensors files and Hugging Face folders;
+* :mod:`.load`: the one front door (:func:`load_model`: preset name, file or folder -> model), used by
+  :func:`load_checkpoint`, :func:`create_model` (``checkpoint=``), analysis, segmentation, the engine and export.
+"""
+
+from ..errors import CheckpointError
+from .infer import infer_config, resolve_config
+from .keys import KEY_TABLES, from_reference_keys, is_reference_state, strip_prefix, to_reference_keys
+from .load import (
+    HEAD_KEYS,
+    create_model,
+    load_checkpoint,
+    load_folder,
+    load_into,
+    load_model,
+    load_state_dict_strict,
+    pretrained_cfg_from_meta,
+)
+from .read import (
+    FAMILIES,
+    FORMAT,
+    check_hub_config,
+    load_file,
+    read_checkpoint,
+    read_folder,
+    stored_preprocessing,
+)
+from .write import atomic_path, atomic_save, checkpoint_dict, hub_config, save_checkpoint, save_folder, save_safetensors
+
+__all__ = [
+    "FAMILIES",
+    "FORMAT",
+    "HEAD_KEYS",
+    "KEY_TABLES",
+    "CheckpointError",
+    "atomic_path",
+    "atomic_save",
+    "check_hub_config",
+    "checkpoint_dict",
+    "create_model",
+    "from_reference_keys",
+    "hub_config",
+    "infer_config",
+    "is_reference_state",
+    "load_checkpoint",
+    "load_file",
+    "load_folder",
+    "load_into",
+    "load_model",
+    "load_state_dict_strict",
+    "pretrained_cfg_from_meta",
+    "read_checkpoint",
+    "read_folder",
+    "resolve_config",
+    "save_checkpoint",
+    "save_folder",
+    "save_safetensors",
+    "stored_preprocessing",
+    "strip_prefix",
+    "to_reference_keys",
+]

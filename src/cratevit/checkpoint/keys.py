@@ -1,0 +1,143 @@
+"""Key tables: how each architecture family's weights are named in the reference layout and in ours.
+
+One table per family (:data:`KEY_TABLES`), written once as (reference name, our name) pairs with placeholders;
+both directions are derived from it. ``{i}`` stands for a layer index, ``{p}`` for ``weight`` or ``bias``.
+The head rules depend on the head layout: one stage (``mlp_head`` = LN -> Linear(dim, classes)) or the
+emergence demo's two stages (``mlp_head`` = LN -> Linear(dim, hidden), ``head`` = Linear(hidden, classes)).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+__all__ = [
+    "KEY_TABLES",
+    "KeyTable",
+    "from_reference_keys",
+    "is_reference_state",
+    "key_namer",
+    "strip_prefix",
+    "to_reference_keys",
+]
+
+KeyNamer = Callable[[str], str]
+Rule = tuple[str, str]  # (pattern, template) for re.fullmatch / re.sub
+
+_PLACEHOLDERS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)"}
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """(reference name, our name) pairs of one family; both directions are derived."""
+
+    body: tuple[tuple[str, str], ...]
+    head_one_stage: tuple[tuple[str, str], ...]
+    head_two_stage: tuple[tuple[str, str], ...]
+    reference_markers: tuple[str, ...]  # key prefixes only the reference layout has
+    two_stage_reference_key: str  # present in a reference state_dict with a two-stage head
+    two_stage_our_key: str  # present in our state_dict with a two-stage head
+
+    def rules(self, to_ours: bool, two_stage: bool) -> list[Rule]:
+        pairs = self.body + (self.head_two_stage if two_stage else self.head_one_stage)
+        return [_rule(src, dst) if to_ours else _rule(dst, src) for src, dst in pairs]
+
+
+def _rule(source: str, target: str) -> Rule:
+    pattern = re.escape(source).replace(r"\{", "{").replace(r"\}", "}").format(**_PLACEHOLDERS)
+    template = target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")
+    return pattern, template
+
+
+CRATE_KEYS = KeyTable(
+    body=(
+        ("pos_embedding", "pos_embed"),
+        ("cls_token", "cls_token"),
+        ("to_patch_embedding.1.{p}", "patch_embed.norm_in.{p}"),
+        ("to_patch_embedding.2.{p}", "patch_embed.proj.{p}"),
+        ("to_patch_embedding.3.{p}", "patch_embed.norm_out.{p}"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(("mlp_head.1.{p}", "pre_logits.{p}"), ("head.{p}", "head.{p}")),
+    reference_markers=("transformer.layers.", "to_patch_embedding."),
+    two_stage_reference_key="head.weight",
+    two_stage_our_key="pre_logits.weight",
+)
+
+KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS}
+
+
+def _table(family: str) -> KeyTable:
+    try:
+        return KEY_TABLES[family]
+    except KeyError:
+        raise CheckpointError(f"no key table for architecture family {family!r}; known: {sorted(KEY_TABLES)}") from None
+
+
+def rename(key: str, rules: list[Rule]) -> str | None:
+    for pattern, template in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, template, key)
+    return None
+
+
+def _convert(state: Mapping[str, Tensor], rules: list[Rule], what: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = rename(key, rules)
+        if new is None:
+            raise CheckpointError(f"unexpected key {key!r} in a {what} state_dict: this is not a CRATE checkpoint")
+        out[new] = value
+    return out
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def is_reference_state(state: Mapping[str, Any], family: str = "crate") -> bool:
+    markers = _table(family).reference_markers
+    return any(k.removeprefix("module.").startswith(markers) for k in state)
+
+
+def from_reference_keys(state: Mapping[str, Tensor], family: str = "crate") -> dict[str, Tensor]:
+    """Reference key layout (``transformer.layers.3.1.fn.weight``, optional ``module.``) -> ours.
+
+    A separate ``head.*`` next to ``mlp_head.*`` marks the demo's two-stage head: ``mlp_head.1`` becomes
+    ``pre_logits`` and ``head`` stays ``head``.
+    """
+    table = _table(family)
+    state = strip_prefix(state)
+    return _convert(state, table.rules(True, table.two_stage_reference_key in state), "reference CRATE")
+
+
+def to_reference_keys(state: Mapping[str, Tensor], family: str = "crate") -> dict[str, Tensor]:
+    """Our key layout -> the reference layout (without ``module.``), for export."""
+    table = _table(family)
+    return _convert(state, table.rules(False, table.two_stage_our_key in state), "cratevit")
+
+
+def key_namer(meta: Mapping[str, Any], state: Mapping[str, Tensor], family: str = "crate") -> KeyNamer:
+    """Our key -> the name the same tensor has in the file (for error messages)."""
+    if meta.get("layout") != "reference":
+        return lambda key: key
+    table = _table(family)
+    prefix, rules = str(meta.get("key_prefix", "")), table.rules(False, table.two_stage_our_key in state)
+    return lambda key: prefix + (rename(key, rules) or key)
+
+
+def described(key: str, name_in_file: KeyNamer | None) -> str:
+    name = name_in_file(key) if name_in_file else key
+    return key if name == key else f"{key} ({name} in the file)"

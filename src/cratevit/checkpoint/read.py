@@ -1,0 +1,255 @@
+"""Reading checkpoint files: the only ``torch.load`` and the only safetensors read of cratevit.
+
+Families of files, recognised from the file's own structure (``meta["family"]`` after :func:`read_checkpoint`):
+
+* ``cratevit``: ``torch.save`` of ``{"format": "cratevit", "config": {...}, "model": state_dict, ...}``;
+* ``cratevit-safetensors``: our ``.safetensors`` export (the config is kept in the file's metadata);
+* ``reference``: ImageNet-1K training checkpoints of the original ``main.py``: ``{"state_dict", "epoch",
+  "arch", "best_acc1", "optimizer", "scheduler"}`` with ``module.`` prefixed keys;
+* ``reference-finetune``: checkpoints of the original ``finetune.py``: ``{"model", "optimizer", "scaler"}``, keys
+  prefixed ``module.`` (DataParallel);
+* ``emergence-demo``: the emergence-demo models (``CRATE_base_demo``, ``CRATE_small_21k``, ``CRATE_base_21k``,
+  ``CRATE_base_768``): weights under ``"model"``, keys without prefix; ``CRATE_base_demo`` has a two-stage head,
+  ``mlp_head`` = LayerNorm -> Linear(768, 768), then ``head`` = Linear(768, 21842), no activation between;
+* ``reference-state-dict`` / ``cratevit-state-dict``: a bare state_dict in either key layout.
+
+Every file is read with ``torch.load(weights_only=True)`` (or safetensors): loading a checkpoint never runs code.
+A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``save_pretrained``) is read by
+:func:`read_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from ..registry import families, get_family
+from .keys import from_reference_keys, is_reference_state, strip_prefix
+
+__all__ = [
+    "CONFIG_NAME",
+    "FAMILIES",
+    "FORMAT",
+    "MODEL_TYPE",
+    "WEIGHTS_NAME",
+    "check_hub_config",
+    "config_from_dict",
+    "load_file",
+    "read_checkpoint",
+    "read_folder",
+    "read_safetensors",
+    "stored_preprocessing",
+]
+
+FORMAT = "cratevit"
+CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
+WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
+MODEL_TYPE = "crate"  # config.json's model_type: the family name (this one is CRATE's)
+
+FAMILIES: dict[str, str] = {
+    "cratevit": "cratevit checkpoint: format tag, configuration, weights",
+    "cratevit-safetensors": "cratevit .safetensors export (configuration in the metadata)",
+    "cratevit-state-dict": "bare state_dict in the cratevit key layout",
+    "reference": "original main.py (ImageNet-1K training): state_dict with module. keys, epoch, arch, optimizer",
+    "reference-finetune": "original finetune.py: model with module. keys, optimizer, scaler",
+    "emergence-demo": "model without prefix: the emergence-demo weights (CRATE_base_demo, CRATE_*_21k, CRATE_base_768)",
+    "reference-state-dict": "bare state_dict in the reference key layout",
+}
+
+
+def config_from_dict(d: Mapping[str, Any], family: str = "crate") -> Any:
+    """A stored configuration dict -> the family's config object."""
+    return get_family(family).config_cls.from_dict(dict(d))
+
+
+def load_file(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear :class:`CheckpointError` per failure."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a directory; pass the checkpoint file inside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types here; turn each into one clear line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
+                f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): {msg[:200]}"
+        ) from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from None
+    return state, meta
+
+
+def _tensors(weights: Mapping[str, Any], path: Path, slot: str) -> Mapping[str, Tensor]:
+    bad = [k for k, v in weights.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: entry {slot!r} holds non-tensor values (e.g. {bad[0]!r}); it is not a state_dict"
+        )
+    return weights
+
+
+def _layout(weights: Mapping[str, Tensor]) -> dict[str, Any]:
+    """How the weights are keyed: ``layout`` (reference or cratevit) and ``key_prefix`` (``module.`` or '')."""
+    prefix = "module." if weights and all(k.startswith("module.") for k in weights) else ""
+    return {"layout": "reference" if is_reference_state(weights) else "cratevit", "key_prefix": prefix}
+
+
+def _to_ours(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return from_reference_keys(weights) if is_reference_state(weights) else strip_prefix(weights)
+
+
+def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mapping[str, Tensor]]:
+    """(family, entry name or '', weights) of a checkpoint dict, told apart by the file's own structure."""
+    if isinstance(obj.get("state_dict"), Mapping):
+        weights = _tensors(obj["state_dict"], path, "state_dict")
+        return ("reference" if is_reference_state(weights) else "cratevit-state-dict"), "state_dict", weights
+    if isinstance(obj.get("model"), Mapping):
+        weights = _tensors(obj["model"], path, "model")
+        if not is_reference_state(weights):
+            return "cratevit-state-dict", "model", weights
+        prefixed = _layout(weights)["key_prefix"] == "module."
+        return ("reference-finetune" if prefixed else "emergence-demo"), "model", weights
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        family = "reference-state-dict" if is_reference_state(obj) else "cratevit-state-dict"
+        return family, "", obj
+    raise CheckpointError(
+        f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "
+        f"'state_dict' or 'model', or a bare state_dict; found keys {sorted(map(str, obj))[:8]}"
+    )
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
+    """Read any supported file -> (state_dict in our key layout, stored config or None, the rest of the file).
+
+    The returned ``meta`` dict holds what else the file carried (``epoch``, ``arch``, ``optimizer``,
+    ``pretrained_cfg`` ...), ``"family"`` (a key of :data:`FAMILIES`), ``"layout"`` (``"reference"`` or
+    ``"cratevit"``: the file's key layout), ``"key_prefix"`` (``"module."`` or ``""``) and ``"model_family"``
+    (the architecture family, ``"crate"`` for files that do not say).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = read_safetensors(path)
+        rest: dict[str, Any] = {k: v for k, v in meta.items() if k != "config"}
+        if "pretrained_cfg" in rest:
+            rest["pretrained_cfg"] = json.loads(rest["pretrained_cfg"])
+        rest.setdefault("model_family", "crate")
+        cfg = config_from_dict(json.loads(meta["config"]), rest["model_family"]) if "config" in meta else None
+        return _to_ours(state), cfg, {"family": "cratevit-safetensors", **rest, **_layout(state)}
+    obj = load_file(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
+    if obj.get("format") == FORMAT:
+        meta = {"model_family": "crate", **{k: v for k, v in obj.items() if k not in ("model", "config")}}
+        cfg = config_from_dict(obj["config"], meta["model_family"])
+        return dict(obj["model"]), cfg, {**meta, "family": "cratevit", "layout": "cratevit", "key_prefix": ""}
+    family, entry, weights = _weights_entry(obj, path)
+    meta = {k: v for k, v in obj.items() if entry and k != entry}
+    return _to_ours(weights), None, {"model_family": "crate", **meta, "family": family, **_layout(weights)}
+
+
+# --------------------------------------------------------------------------------------------- folders
+def check_hub_config(data: Any, where: str) -> dict[str, Any]:
+    """Raise one clear error when a loaded config.json is not a cratevit config."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} holds a {type(data).__name__}, not a model configuration object")
+    if data.get("model_type") not in families() or not isinstance(data.get("model_args"), dict):
+        arch = data.get("architecture") or data.get("architectures") or data.get("model_type") or "unknown"
+        raise CheckpointError(
+            f"{where} describes another architecture ({arch!r}), not a cratevit CRATE model "
+            f'(expected "model_type": "crate" and "model_args"); load it with the library that wrote it, or '
+            f"point CRATE.from_pretrained at a folder written by CRATE.save_pretrained / `cratevit export --format hf`"
+        )
+    return data
+
+
+def read_folder_config(folder: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of a ``save_pretrained`` folder."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {CONFIG_NAME}; pass a folder written by CRATE.save_pretrained or "
+            f"`cratevit export --format hf` (training checkpoints load with cratevit.load_checkpoint)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); it was not written by save_pretrained") from None
+    return check_hub_config(data, f"{CONFIG_NAME} of {folder}")
+
+
+def read_folder(
+    folder: str | Path, config: dict[str, Any] | None = None, weights: str | Path | None = None
+) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
+    """A ``save_pretrained`` folder -> (state_dict, config, meta with its ``pretrained_cfg``).
+
+    ``config`` (the parsed ``config.json``) and ``weights`` (the safetensors file) may be given when they were
+    fetched from elsewhere (the Hub cache)."""
+    folder = Path(folder)
+    data = check_hub_config(config, f"{CONFIG_NAME} of {folder}") if config is not None else read_folder_config(folder)
+    weights = Path(weights) if weights is not None else folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; save the model again")
+    state, _, _ = read_checkpoint(weights)
+    cfg = config_from_dict(data["model_args"], data["model_type"])
+    meta = {"family": "cratevit-safetensors", "model_family": data["model_type"], "layout": "cratevit",
+            "key_prefix": "", "pretrained_cfg": data.get("pretrained_cfg"), "hub_config": data}  # fmt: skip
+    return state, cfg, meta
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+def stored_preprocessing(path: str | Path) -> dict[str, Any] | None:
+    """What a checkpoint file records about its preprocessing, without reading its tensors into memory:
+    its ``pretrained_cfg`` (files written since this layout), else ``{"data": ...}`` from its ``train_config``
+    (older training checkpoints), else None. Unreadable files give None (the loader reports them)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return dict(read_folder_config(path).get("pretrained_cfg") or {}) or None
+        if path.suffix == ".safetensors":
+            meta = read_safetensors_metadata(path)
+            return json.loads(meta["pretrained_cfg"]) if "pretrained_cfg" in meta else None
+        obj = load_file(path, mmap=True)  # mmap: the tensors stay on disk
+    except (CheckpointError, FileNotFoundError, OSError, ValueError):
+        return None
+    if not isinstance(obj, Mapping):
+        return None
+    if isinstance(obj.get("pretrained_cfg"), Mapping):
+        return dict(obj["pretrained_cfg"])
+    config = obj.get("train_config")
+    if isinstance(config, Mapping) and config.get("data") is not None:
+        return {"data": config["data"]}
+    return None
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

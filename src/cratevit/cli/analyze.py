@@ -1,0 +1,129 @@
+"""``cratevit analyze CKPT``: layer-wise compression R^c and sparsity over images (Figure 3 of the CRATE paper)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+HELP = "per-layer coding rate R^c and sparsity of a CRATE over images (CSV, JSON, plots: Figure 3)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="CKPT",
+                   help="checkpoint files or preset names (random weights); all are drawn on the same axes")  # fmt: skip
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    p.add_argument("--with-random", action="store_true",
+                   help="also measure the first model's architecture at random initialisation (seed --seed)")  # fmt: skip
+    p.add_argument("--data", default="digits",
+                   help="'digits' (the built-in held-out digits), 'shapes', or a folder of images (searched "
+                        "recursively, e.g. an ImageFolder)")  # fmt: skip
+    p.add_argument("--images", nargs="+", type=Path, default=None, help="image files to use instead of --data")
+    p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default=None, help="preset of checkpoints that do not record their architecture")
+    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument("--eps", type=float, default=0.01, help="eps of the coding rate")
+    p.add_argument("--plot-rc", choices=("rc_in", "rc_half"), default="rc_in",
+                   help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV")  # fmt: skip
+
+
+def _label(spec: str, used: set[str]) -> str:
+    path = Path(spec)
+    label = f"{path.parent.name}/{path.name}" if path.is_file() and path.parent.name else path.name
+    base, k = label, 1
+    while label in used:
+        k += 1
+        label = f"{base} ({k})"
+    used.add(label)
+    return label
+
+
+def _subset(n: int, limit: int, seed: int) -> list[int]:
+    import numpy as np
+
+    from ..errors import UserError
+
+    if limit <= 0:
+        raise UserError(f"--num-images must be positive, got {limit}")
+    if n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, str]:
+    """(N, 3, H, W) inputs for ``model`` and a description of them."""
+    import torch
+
+    from ..analysis import input_normalization
+    from ..analysis.images import find_images, load_image, prepare
+    from ..errors import UserError
+
+    size, patch = model.config.image_size, model.config.patch_size
+    if args.images is None and args.data == "digits":
+        from ..data import transforms as T
+        from ..data.digits import DigitsDataset
+        from ..presets import data_preprocessing
+
+        if size[0] != size[1]:
+            raise UserError(f"the digits data is square; the model expects {size[0]}x{size[1]} images")
+        prep = data_preprocessing("digits")
+        data = DigitsDataset("val", size[0], T.digits_eval(prep.mean, prep.std))
+        idx = _subset(len(data), args.num_images, args.seed)
+        return torch.stack([data[i][0] for i in idx]), f"{len(idx)} held-out digits images at {size[0]} px"
+    if args.images is None and args.data == "shapes":
+        from ..data.shapes import ShapesDataset
+
+        data = ShapesDataset("val", args.num_images, size[0], args.seed)
+        pils = [data.sample(i)[0] for i in range(len(data))]
+        what = f"{len(pils)} shapes validation images at {size[0]} px"
+    else:
+        files = list(args.images) if args.images is not None else find_images(args.data)
+        files = [files[i] for i in _subset(len(files), args.num_images, args.seed)]
+        pils = [load_image(f) for f in files]
+        what = f"{len(files)} image files resized to {size[1]}x{size[0]}"
+    mean, std = input_normalization(spec)
+    return torch.stack([prepare(im, size, patch, mode="model", mean=mean, std=std).tensor for im in pils]), what
+
+
+def run(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    import torch
+
+    from ..analysis import layerwise_stats, load_model
+    from ..analysis.visualize import layerwise_figure, save_figure
+
+    torch.manual_seed(args.seed)
+    models = [(spec, load_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
+    if args.with_random:
+        first = models[0][1]
+        torch.manual_seed(args.seed)
+        models.append(("random init", type(first)(config=first.config)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, used = {}, set()
+    for spec, model in models:
+        label = "random init" if spec == "random init" else _label(spec, used)
+        images, what = load_images(args, model, args.models[0] if spec == "random init" else spec)
+        stats = layerwise_stats(model, images, batch_size=args.batch_size, eps=args.eps)
+        stats.meta = {"model": spec, "images": what, "architecture": model.config.to_dict()}
+        results[label] = stats
+        last = stats.rows()[-1]
+        print(f"{label}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
+              f"non-zeros {last['sparsity_mean']:.3f}")  # fmt: skip
+    rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
+    with (args.out / "layerwise.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
+    series = {label: stats.rows() for label, stats in results.items()}
+    where = "Z^l (MSSA input)" if args.plot_rc == "rc_in" else "Z^{l+1/2} (after MSSA)"
+    save_figure(layerwise_figure(series, args.plot_rc, f"compression R^c of {where}",
+                                 "coding rate per layer (lower: more compressed)"), args.out / "compression")  # fmt: skip
+    save_figure(layerwise_figure(series, "sparsity", "fraction of non-zeros of Z^{l+1}",
+                                 "sparsity of the ISTA output (lower: sparser)"), args.out / "sparsity")  # fmt: skip
+    print(f"wrote {args.out}/layerwise.csv, layerwise.json, compression.png/pdf, sparsity.png/pdf")
+    return 0

@@ -1,0 +1,50 @@
+"""``cratevit info PRESET``: configuration, parameter count and forward GFLOPs per image."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "print a preset's configuration, parameter count and forward GFLOPs per image"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", help="preset name (crate_tiny, CRATE_small, ...) or a checkpoint file")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..checkpoint import create_model, load_checkpoint
+    from ..models import forward_flops
+
+    if Path(args.preset).is_file():
+        model = load_checkpoint(args.preset, heads=args.heads)
+    else:
+        model = create_model(args.preset, num_classes=args.num_classes, image_size=args.image_size,
+                             patch_size=args.patch_size)  # fmt: skip
+    cfg = model.config
+    info = {
+        "name": cfg.name or args.preset,
+        **cfg.to_dict(),
+        "num_patches": cfg.num_patches,
+        "params": model.num_params(),
+        "gflops_per_image": forward_flops(cfg) / 1e9,
+        "gflops_per_image_reference": forward_flops(cfg, ista_matmuls=3) / 1e9,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        if key == "params":
+            value = f"{value:,}"
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        print(f"{key:<{width}}  {value}")
+    return 0

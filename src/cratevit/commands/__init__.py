@@ -1,1 +1,0 @@
-"""Sub-commands of the ``cratevit`` program (see :mod:`cratevit.cli`)."""

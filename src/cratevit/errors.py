@@ -1,0 +1,18 @@
+"""The errors that mean "the user asked for something that cannot be done"; the CLI prints them as one line.
+
+Both subclass :class:`ValueError`, so code written against the first release (``except ValueError``) still
+catches them. Anything else that escapes a command is a bug and keeps its traceback. This module imports nothing,
+so every layer (``models/`` included) may raise these.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "UserError"]
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a bad option, path, size or value); the message names the problem and the fix."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used; the message names the problem and the fix."""

@@ -1,0 +1,139 @@
+"""Every cratevit preset as a timm model: ``timm.create_model("crate_small_patch16_224", num_classes=10)``.
+
+Importing :mod:`cratevit` registers the presets under timm-style names (``crate_tiny_patch16_224``,
+``crate_debug_patch8_32``, ...), each with a ``pretrained_cfg`` (input size, mean/std, crop, interpolation,
+classifier name) so that ``timm.data.resolve_data_config`` + ``timm.data.create_transform`` give the right
+preprocessing (from :mod:`cratevit.presets`). timm's keyword arguments map onto
+:class:`~cratevit.models.CRATEConfig`:
+
+==================================  ============================
+timm                                CRATEConfig
+==================================  ============================
+``num_classes``                     ``num_classes``
+``in_chans``                        ``channels``
+``img_size``                        ``image_size``
+``global_pool`` (token/avg)         ``pool`` (cls/mean)
+``drop_rate``, ``proj_drop_rate``   ``dropout``
+``pos_drop_rate``                   ``emb_dropout``
+==================================  ============================
+
+Any :class:`CRATEConfig` field may also be passed by its own name (``dim=``, ``ista=``, ``dynamic_img_size=``).
+Weights given to timm (``pretrained_cfg_overlay=dict(file=PATH)``, ``local-dir:``/``hf-hub:`` folders) go through
+:func:`checkpoint_filter_fn`, which also accepts the reference implementation's key layout.
+
+timm keeps its registry in module-level tables and reads each module's ``default_cfgs``; that table is the one
+piece of module state here, filled once per preset by :func:`register_timm_models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import is_model as timm_is_model
+from torch import Tensor
+
+from ..checkpoint.keys import from_reference_keys, is_reference_state, strip_prefix
+from ..errors import UserError
+from ..models import CRATE, CRATEConfig
+from ..presets import PRESET_INFO, PRESETS, pretrained_cfg_for, timm_name, timm_name_for
+from ..registry import get_family
+
+__all__ = ["checkpoint_filter_fn", "register_timm_models", "timm_name", "timm_name_for"]
+
+default_cfgs: dict[str, Any] = {}  # timm's per-module pretrained-config table (see the module docstring)
+
+_POOL = {"token": "cls", "cls": "cls", "avg": "mean", "mean": "mean"}
+_RENAMED = {"in_chans": "channels", "img_size": "image_size", "pos_drop_rate": "emb_dropout"}
+_DROPOUT = ("drop_rate", "proj_drop_rate", "attn_drop_rate")
+
+
+def _config_from_timm_kwargs(preset: str, kwargs: dict[str, Any]) -> CRATEConfig:
+    """Translate timm's keyword arguments (see the module docstring) into a CRATEConfig for ``preset``."""
+    kwargs = dict(kwargs)
+    changes: dict[str, Any] = {}
+    drop_path = kwargs.pop("drop_path_rate", 0.0)
+    if drop_path:
+        raise UserError(f"CRATE has no stochastic depth; drop_path_rate must be 0, got {drop_path}")
+    if "global_pool" in kwargs:
+        pool = kwargs.pop("global_pool")
+        if pool not in _POOL:
+            raise UserError(f"global_pool must be 'token' (or 'cls') or 'avg' (or 'mean') for CRATE, got {pool!r}")
+        changes["pool"] = _POOL[pool]
+    for name in _DROPOUT:
+        if name in kwargs:
+            changes["dropout"] = kwargs.pop(name)
+    for timm_key, ours in _RENAMED.items():
+        if timm_key in kwargs:
+            changes[ours] = kwargs.pop(timm_key)
+    fields = set(type(PRESETS[preset]).__dataclass_fields__)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise UserError(
+            f"{timm_name(preset)} does not take {unknown}; it takes timm's num_classes, in_chans, img_size, "
+            f"global_pool, drop_rate, pos_drop_rate or CRATE config fields {sorted(fields)}"
+        )
+    changes.update(kwargs)
+    changes.setdefault("name", preset)  # a saved folder records its own name (None: not a preset)
+    return PRESETS[preset].replace(**changes)  # explicit None values count (head_hidden_dim=None)
+
+
+def _build(preset: str, **kwargs: Any) -> CRATE:
+    return get_family(PRESET_INFO[preset].family).build(_config_from_timm_kwargs(preset, kwargs))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: CRATE | None = None) -> dict[str, Tensor]:
+    """timm's weight filter: a cratevit or reference checkpoint (dict or state_dict) -> our key layout."""
+    for key in ("model", "state_dict"):  # our checkpoints, the reference's main.py / finetune.py files
+        if isinstance(state_dict.get(key), Mapping):
+            state_dict = state_dict[key]
+    if is_reference_state(state_dict):
+        return from_reference_keys(state_dict)
+    return strip_prefix(state_dict)
+
+
+def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> CRATE:
+    """timm entry point body: timm handles pretrained_cfg and weights, :func:`_build` the configuration."""
+    for ours, timm_key in (("image_size", "img_size"), ("channels", "in_chans")):
+        if ours in kwargs:  # use timm's names so that timm's defaults and traits see them
+            kwargs[timm_key] = kwargs.pop(ours)
+    depth = int(kwargs.get("depth", PRESETS[preset].depth))
+    feature_cfg = {"out_indices": min(3, depth), "feature_cls": "getter"}  # features_only: the last 3 layers
+    return build_model_with_cfg(
+        partial(_build, preset), timm_name(preset), pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg, **kwargs,
+    )  # fmt: skip
+
+
+def _entrypoint(preset: str) -> Callable[..., CRATE]:
+    name = timm_name(preset)
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CRATE:
+        return _create(preset, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"CRATE preset {preset!r} ({PRESETS[preset].dim} dim, depth {PRESETS[preset].depth})."
+    return entrypoint
+
+
+def register_timm_models() -> list[str]:
+    """Register every preset not yet known to timm; returns the timm names registered by this call.
+
+    A name timm already knows from another library is left alone (never overwritten).
+    """
+    added = []
+    for preset in sorted(PRESETS):
+        name = timm_name(preset)
+        if name in default_cfgs or timm_is_model(name):
+            continue
+        preset_cfg = pretrained_cfg_for(PRESETS[preset], PRESET_INFO[preset].preprocessing)
+        default_cfgs.update(generate_default_cfgs({name: preset_cfg}))
+        register_model(_entrypoint(preset))
+        added.append(name)
+    return added
+
+
+register_timm_models()

@@ -1,0 +1,94 @@
+"""Architecture families: what the rest of cratevit needs to know about each model file in :mod:`cratevit.models`.
+
+A family is one model class and its configuration class. Everything above this layer (checkpoint loading, timm
+and Hub interop, the engine, analysis) finds the class to build for a configuration or a preset here, never by
+importing a model file directly:
+
+* presets (:mod:`cratevit.presets`) name their family;
+* checkpoint files record it (``"family"``; files without it are CRATE files), and :mod:`cratevit.checkpoint.keys`
+  holds one key table per family;
+* ``trace`` names the model method that returns every layer's intermediates (:meth:`CRATE.forward_trace`).
+
+Adding a family: a file in ``models/``, one :func:`register_family` call below, its key table in
+``checkpoint/keys.py`` and its presets in ``presets.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import UserError
+from .models import CRATE, CRATEConfig
+
+__all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family."""
+
+    name: str  # recorded in checkpoints and presets ("crate")
+    model_cls: type[nn.Module]  # built as model_cls(config=config)
+    config_cls: type  # a dataclass with to_dict() / from_dict() / replace() and a ``name`` field
+    description: str
+    trace: str | None = "forward_trace"  # method returning per-layer intermediates (None: the family has none)
+    paper: dict[str, Any] = field(default_factory=dict)  # timm's pretrained_cfg paper fields
+
+    def build(self, config: Any) -> nn.Module:
+        return self.model_cls(config=config)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ValueError(f"architecture family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name (a copy)."""
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown architecture family {name!r}; this cratevit knows {', '.join(sorted(_FAMILIES))}"
+        ) from None
+
+
+def is_family_model(obj: Any) -> bool:
+    """Whether ``obj`` is a model of a registered family (as opposed to, e.g., a timm ViT baseline)."""
+    return any(isinstance(obj, family.model_cls) for family in _FAMILIES.values())
+
+
+def family_for(obj: Any) -> Family:
+    """The family of a model or a configuration (by its class)."""
+    for family in _FAMILIES.values():
+        if isinstance(obj, (family.model_cls, family.config_cls)):
+            return family
+    raise UserError(f"{type(obj).__name__} belongs to no registered architecture family ({', '.join(_FAMILIES)})")
+
+
+register_family(
+    Family(
+        name="crate",
+        model_cls=CRATE,
+        config_cls=CRATEConfig,
+        description="CRATE: white-box transformer via sparse rate reduction (Yu et al., NeurIPS 2023)",
+        paper={
+            "license": "mit",
+            "paper_name": "White-Box Transformers via Sparse Rate Reduction",
+            "paper_ids": "arXiv:2306.01129",
+            "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
+        },
+    )
+)

@@ -1,0 +1,626 @@
+"""The training engine behind ``cratevit train`` and ``cratevit finetune``: one configuration, one loop.
+
+A run is described by a :class:`TrainConfig`. Fields left ``None`` take the recipe of the data (see
+:data:`RECIPES`): the ImageNet recipe for image folders, the transfer recipe for CIFAR/Flowers/Pets, and a quick
+recipe for the built-in digits. The run directory receives ``config.json`` (rerun with ``--config``),
+``metrics.jsonl``, ``last.pt``, ``best.pt``, ``curves.png`` and, with ``--tensorboard``, an event file.
+
+Nothing is lost: checkpoints are written atomically, SIGTERM/SIGINT save a resumable ``last.pt`` at the current
+step, and resuming (``--resume``) continues mid-epoch with the same data order and augmentation, so the final
+weights equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import (
+    CheckpointError,
+    atomic_save,
+    checkpoint_dict,
+    create_model,
+    load_file,
+    load_into,
+    load_state_dict_strict,
+)
+from ..data import Batch, EpochSampler, SeededDataset, build_datasets, collate_skip, data_info
+from ..errors import UserError
+from ..presets import data_preprocessing, list_models, pretrained_cfg_for, resolve_name
+from ..registry import is_family_model
+from .config import RECIPES, TrainConfig, resolve_config
+from .distributed import DistInfo, all_reduce_sum, any_true, barrier, cleanup, init_distributed
+
+__all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_config", "train"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PLOT_EVERY_S = 60.0  # redraw curves.png at most this often (and after the last epoch): plotting costs ~0.5 s
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """The configuration of a run: from its ``config.json``, or from a checkpoint's ``train_config``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    if path.suffix in (".json", ".yaml", ".yml"):
+        import yaml  # JSON is YAML
+
+        return TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    return TrainConfig.from_dict(dict(read_resume_checkpoint(path)["train_config"]))
+
+
+def resume_path(path: str | Path) -> Path:
+    """``--resume`` accepts a checkpoint file or a run directory (its ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint; pass a run directory or its last.pt")
+    return path
+
+
+def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint, read with ``weights_only=True``."""
+    path = resume_path(path)
+    try:
+        obj = load_file(path)
+    except CheckpointError as e:  # corrupt, truncated, or not a checkpoint: one line
+        raise UserError(f"--resume {path} is not a readable checkpoint ({str(e)[:200]})") from None
+    if not isinstance(obj, dict) or "train_config" not in obj or "optimizer" not in obj:
+        raise UserError(f"--resume {path} is not a cratevit training checkpoint (no optimizer state); "
+                        f"use --pretrained to start from its weights instead")  # fmt: skip
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------- model
+def is_crate_arch(arch: str) -> bool:
+    try:
+        resolve_name(arch)
+    except UserError:
+        return False
+    return True
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """A cratevit preset or a timm model, with the class count and optional size overrides."""
+    if is_crate_arch(cfg.arch):
+        return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                            **(cfg.model_kwargs or {}))  # fmt: skip
+    import timm
+
+    if not timm.is_model(cfg.arch):
+        raise UserError(f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
+                         f"nor a timm model name (see timm.list_models())")  # fmt: skip
+    kwargs: dict[str, Any] = {**(cfg.model_kwargs or {}), "num_classes": num_classes}
+    if cfg.image_size is not None:
+        kwargs["img_size"] = cfg.image_size
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    try:
+        return timm.create_model(cfg.arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise UserError(f"timm model {cfg.arch!r} does not accept {sorted(kwargs)}: {e}") from None
+
+
+def model_image_size(model: nn.Module) -> int:
+    if is_family_model(model):
+        return model.config.image_size[0]
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return int(model.pretrained_cfg["input_size"][-1])
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Start from a checkpoint's weights, replacing the classifier when the class count differs."""
+    if is_family_model(model):
+        load_into(model, path, drop_head=True)
+        return
+    try:
+        obj = load_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--pretrained {path}: {str(e)[:300]}") from None
+    state = dict(obj.get("model", obj.get("state_dict", obj)))
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = {k for k in state if k in own and state[k].shape != own[k].shape and k.startswith(("head.", "fc."))}
+    for k in head:
+        state[k] = own[k]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"--pretrained {path} does not fit {type(model).__name__}: {str(e)[:300]}") from None
+
+
+def checkpoint_payload(model: nn.Module, arch: str, **extra: Any) -> dict[str, Any]:
+    """Our checkpoint layout for CRATE; the same keys with the timm name for timm models."""
+    if is_family_model(model):
+        return checkpoint_dict(model, arch=arch, **extra)
+    return {"format": "timm", "arch": arch, "model": model.state_dict(), **extra}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (restored on exit)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def accuracy_counts(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the top-k logits, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == targets[:, None]
+    return [int(hit[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]
+
+
+def rng_state() -> dict[str, Any]:
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """JSON lines (and optional TensorBoard scalars) in the run directory; a no-op on non-main ranks."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl" if run_dir else None
+        self.writer = None
+        if run_dir is not None and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            kind = record["kind"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step", "global_step"):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+            self.writer.flush()
+
+    def history(self) -> list[dict[str, Any]]:
+        if self.path is None or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy against epochs, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        x = [r["epoch"] + r["step"] / r["steps"] for r in train]
+        ax_loss.plot(x, [r["loss"] for r in train], label="train", lw=1)
+        ax_acc.plot(x, [100 * r["acc"] for r in train], label="train (batch)", lw=1, alpha=0.6)
+    if val:
+        x = [r["epoch"] + 1 for r in val]
+        ax_loss.plot(x, [r["loss"] for r in val], "o-", label="val")
+        ax_acc.plot(x, [r["top1"] for r in val], "o-", label="val top-1")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines every ``print_freq`` steps otherwise."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, print_freq: int) -> None:
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled, self.print_freq, self.desc, self.total = enabled, max(print_freq, 1), desc, total
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=True)
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = (f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} "
+                f"{stats['img_s']:.0f} img/s")  # fmt: skip
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif step % self.print_freq == 0 or step == self.total:
+            print(f"{self.desc} [{step}/{self.total}] {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds the model, data, optimiser and schedule of a run, and trains, evaluates and checkpoints it."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, resume: str | None = None, evaluate_only: bool = False,
+                 resume_state: dict[str, Any] | None = None):  # fmt: skip
+        self.dist = dist
+        if resume and resume_state is None:
+            resume_state = read_resume_checkpoint(resume)
+        self.resume_state = resume_state
+        self.info = data_info(cfg.data, cfg.dummy, cfg.num_classes)
+        self.cfg = cfg = resolve_config(cfg, self.info)
+        self.run_dir = self._run_dir(resume, evaluate_only)
+        if cfg.batch_size % dist.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+        self.local_batch = cfg.batch_size // dist.world_size
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.amp == "fp16" and dist.device.type != "cuda":
+            raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.model = build_model(cfg, self.info.num_classes)
+        if is_family_model(self.model):  # checkpoints record the data's preprocessing (cratevit.presets)
+            self.model.pretrained_cfg = self.model.default_cfg = pretrained_cfg_for(
+                self.model.config, data_preprocessing(self.info.kind)
+            )
+        if cfg.pretrained and self.resume_state is None:
+            load_pretrained(self.model, cfg.pretrained)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.model.to(dist.device)
+        self.image_size = model_image_size(self.model)
+        self.forward_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model = self.forward_model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.train_model = DDP(self.forward_model, device_ids=ids)
+
+        self._build_data()
+        self._build_optimisation()
+        self.epoch, self.step_in_epoch, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
+            self.resume_state = None
+        if dist.enabled:  # dropout etc. differ between ranks (a resumed multi-process run reseeds here)
+            torch.manual_seed(cfg.seed + 7919 * dist.rank + self.global_step)
+
+    # ------------------------------------------------------------------------------------------- building
+    def _run_dir(self, resume: str | None, evaluate_only: bool) -> Path | None:
+        cfg = self.cfg
+        if evaluate_only:
+            return None
+        if cfg.output:
+            run_dir = Path(cfg.output)
+        elif resume:
+            run_dir = resume_path(resume).parent
+        else:
+            arch = (cfg.arch or "model").replace("/", "_")
+            data = "dummy" if cfg.dummy else Path(cfg.data).name
+            run_dir = Path("runs") / f"{data}-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not resume and (run_dir / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir}, "
+                             f"or choose another --output")  # fmt: skip
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"--output {run_dir} is a file; pass a directory")
+        return run_dir if self.dist.is_main else None
+
+    def _build_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download,
+                                          cfg.seed)  # fmt: skip
+        if len(train_ds) < cfg.batch_size:
+            raise UserError(f"the training set has {len(train_ds)} images, fewer than --batch-size "
+                             f"{cfg.batch_size}; lower the batch size")  # fmt: skip
+        self.train_sampler = EpochSampler(len(train_ds), cfg.seed, True, dist.rank, dist.world_size)
+        self.val_sampler = EpochSampler(len(val_ds), cfg.seed, False, dist.rank, dist.world_size, pad=False)
+        common = {"num_workers": cfg.workers, "collate_fn": collate_skip, "worker_init_fn": ignore_sigint,
+                  "pin_memory": dist.device.type == "cuda", "persistent_workers": False}  # fmt: skip
+        self.train_loader = torch.utils.data.DataLoader(SeededDataset(train_ds), batch_size=self.local_batch,
+                                                        sampler=self.train_sampler, drop_last=True, **common)  # fmt: skip
+        self.val_loader = torch.utils.data.DataLoader(SeededDataset(val_ds), batch_size=self.local_batch,
+                                                      sampler=self.val_sampler, **common)  # fmt: skip
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
+
+    def _build_optimisation(self) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        cfg = self.cfg
+        try:
+            self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer.lower(), lr=cfg.lr,
+                                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum)  # fmt: skip
+        except (AssertionError, ValueError) as e:
+            raise UserError(f"--optimizer {cfg.optimizer!r}: {e}; try lion, adamw or sgd") from None
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.01, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                               num_classes=self.info.num_classes)  # fmt: skip
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def autocast(self) -> AbstractContextManager:
+        if self.cfg.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=AMP_DTYPES[self.cfg.amp])
+
+    # ------------------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """A checkpoint that :meth:`_load_state` continues from exactly."""
+        return checkpoint_payload(
+            self.model, self.cfg.arch,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step, best_top1=self.best_top1, rng=rng_state(), train_config=asdict(self.cfg),
+        )  # fmt: skip
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
+        if is_family_model(self.model):
+            load_state_dict_strict(self.model, ckpt["model"], source="--resume")
+        else:
+            self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        schedule = ("epochs", "warmup_epochs", "lr", "min_lr")
+        before = ckpt["train_config"]
+        if all(before.get(k) == getattr(self.cfg, k) for k in schedule):  # else: the new schedule (e.g. more epochs)
+            self.scheduler.load_state_dict(dict(ckpt["scheduler"]))
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+        self.global_step, self.best_top1 = int(ckpt["global_step"]), float(ckpt["best_top1"])
+        self.scheduler.step_update(self.global_step)
+        if not self.dist.enabled:
+            set_rng_state(ckpt["rng"])
+
+    def save(self, name: str) -> Path | None:
+        if self.run_dir is None:
+            return None
+        return atomic_save(self.state(), self.run_dir / name)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> int:
+        """Train to the last epoch; returns 0, or 128 + signal number if stopped by SIGTERM/SIGINT."""
+        cfg = self.cfg
+        self.log = MetricsLog(self.run_dir, cfg.tensorboard)
+        self._plotted = time.perf_counter()
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self._announce()
+        try:
+            with StopFlag() as stop:
+                while self.epoch < cfg.epochs:
+                    if not self.train_epoch(stop):
+                        self.save("last.pt")
+                        self._say(f"stopped by signal {stop.signum} at epoch {self.epoch} step "
+                                  f"{self.step_in_epoch}; saved {self.run_dir / 'last.pt' if self.run_dir else ''}; "
+                                  f"continue with --resume {self.run_dir}")  # fmt: skip
+                        return 128 + int(stop.signum or 0)
+                    self.end_epoch()
+        finally:
+            self.log.close()
+        self._say(f"done: best val top-1 {self.best_top1:.2f}% ; run directory {self.run_dir}")
+        return 0
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text, flush=True)
+
+    def _announce(self) -> None:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._say(f"cratevit: {cfg.arch} ({n_params:,} params, {self.image_size}px) on {self.info.name} "
+                  f"({self.info.num_classes} classes), {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+                  f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
+                  f"{self.dist.device.type}; run directory {self.run_dir}")  # fmt: skip
+
+    def _batches(self) -> Iterator[Batch]:
+        self.train_sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.local_batch)
+        return iter(self.train_loader)
+
+    def train_epoch(self, stop: StopFlag) -> bool:
+        """Train the rest of the current epoch; False if a signal asked to stop."""
+        cfg, dist = self.cfg, self.dist
+        self.train_model.train()
+        progress = Progress(dist.is_main, self.steps_per_epoch, self.step_in_epoch,
+                            f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.print_freq)  # fmt: skip
+        batches = self._batches()
+        window = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "t0": time.perf_counter()}
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                if any_true(stop.signum is not None, dist):
+                    return False
+                batch = next(batches)
+                loss, correct = self.train_step(batch)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.scheduler.step_update(self.global_step)
+                window["loss"] += loss * len(batch.targets)
+                window["correct"] += correct
+                window["seen"] += len(batch.targets)
+                window["skipped"] += batch.skipped
+                stats = self._window_stats(window)
+                progress.update(self.step_in_epoch, stats)
+                if self.step_in_epoch % max(cfg.print_freq, 1) == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    self._log_train(stats)
+                    window = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "t0": time.perf_counter()}
+        finally:
+            progress.close()
+        return True  # a signal during the last step is seen before the next epoch's first step
+
+    def _window_stats(self, w: dict[str, Any]) -> dict[str, float]:
+        totals = torch.tensor([w["loss"], w["correct"], w["seen"], w["skipped"]], dtype=torch.float64)
+        dt = max(time.perf_counter() - w["t0"], 1e-9)
+        seen = max(totals[2].item(), 1.0)
+        return {"loss": totals[0].item() / seen, "acc": totals[1].item() / seen,
+                "lr": self.optimizer.param_groups[0]["lr"], "img_s": seen * self.dist.world_size / dt,
+                "skipped": totals[3].item(), "seen": seen}  # fmt: skip
+
+    def _log_train(self, stats: dict[str, float]) -> None:
+        if self.dist.enabled:  # average over ranks
+            t = torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"],
+                              stats["skipped"]], dtype=torch.float64)  # fmt: skip
+            t = all_reduce_sum(t.to(self.dist.device), self.dist).cpu()
+            stats = {**stats, "loss": t[0].item() / t[2].item(), "acc": t[1].item() / t[2].item(),
+                     "skipped": t[3].item()}  # fmt: skip
+        record = {"kind": "train", "epoch": self.epoch, "step": self.step_in_epoch, "steps": self.steps_per_epoch,
+                  "global_step": self.global_step, "loss": stats["loss"], "acc": stats["acc"], "lr": stats["lr"],
+                  "img_s": stats["img_s"], "skipped_images": int(stats["skipped"])}  # fmt: skip
+        self.log.write(record, self.global_step)
+
+    def train_step(self, batch: Batch) -> tuple[float, int]:
+        """One optimiser step; returns (mean loss, correct predictions against the hard labels)."""
+        cfg, dev = self.cfg, self.dist.device
+        if len(batch.targets) == 0:
+            if self.dist.enabled:
+                raise UserError(f"every image of a batch at step {self.global_step} was unreadable; fix the data")
+            return 0.0, 0
+        x = batch.images.to(dev, non_blocking=True)
+        y = batch.targets.to(dev, non_blocking=True)
+        target = y
+        if self.mixup is not None:
+            np.random.seed((cfg.seed * 1_000_003 + self.global_step) % 2**32)  # mixup draws from numpy
+            x, target = self.mixup(x, y)
+        with self.autocast():
+            logits = self.train_model(x)
+            loss = self.criterion(logits.float(), target)
+        if any_true(not bool(torch.isfinite(loss)), self.dist):
+            where = self.run_dir / "last.pt" if self.run_dir else "last.pt"
+            raise UserError(f"the loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch + 1} "
+                            f"(global step {self.global_step + 1}); stopped, the last good checkpoint {where} is kept; "
+                            f"lower --lr or set --clip-grad")  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item(), int((logits.argmax(1) == y).sum())
+
+    def end_epoch(self) -> None:
+        metrics = self.evaluate()
+        is_best = metrics["top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, metrics["top1"])
+        self.epoch += 1
+        self.step_in_epoch = 0
+        record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics,
+                  "best_top1": self.best_top1}  # fmt: skip
+        self.log.write(record, self.global_step)
+        self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% "
+                  f"top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)")  # fmt: skip
+        self.save("last.pt")
+        if is_best:
+            self.save("best.pt")
+        last = self.epoch == self.cfg.epochs
+        if self.run_dir is not None and (last or time.perf_counter() - self._plotted > PLOT_EVERY_S):
+            plot_curves(self.log.history(), self.run_dir / "curves.png")
+            self._plotted = time.perf_counter()
+        barrier(self.dist)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, top-1 and top-5 accuracy (%) over the whole validation set, all ranks together."""
+        self.forward_model.eval()
+        dev = self.dist.device
+        totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
+        for batch in self.val_loader:
+            totals[4] += batch.skipped
+            if len(batch.targets) == 0:
+                continue
+            x, y = batch.images.to(dev), batch.targets.to(dev)
+            with self.autocast():
+                logits = self.forward_model(x).float()
+            totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            top1, top5 = accuracy_counts(logits, y)
+            totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
+        totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
+        n = max(totals[3].item(), 1.0)
+        return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
+                "images": int(totals[3].item()), "skipped_images": int(totals[4].item())}  # fmt: skip
+
+
+def train(
+    cfg: TrainConfig, resume: str | None = None, evaluate_only: bool = False, resume_state: dict[str, Any] | None = None
+) -> int:
+    """Run (or continue, or only evaluate) a training run; the entry point of both commands.
+
+    ``resume_state`` is the already-read ``--resume`` checkpoint, so that it is not read twice."""
+    dist = init_distributed(cfg.device)
+    threads = torch.get_num_threads()  # --threads applies to this run only
+    try:
+        trainer = Trainer(cfg, dist, resume=resume, evaluate_only=evaluate_only, resume_state=resume_state)
+        if evaluate_only:
+            metrics = trainer.evaluate()
+            if dist.is_main:
+                print(json.dumps({"arch": trainer.cfg.arch, "data": trainer.info.name, **metrics}))
+            return 0
+        return trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+        cleanup(dist)
