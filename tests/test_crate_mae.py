@@ -195,8 +195,8 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_reconstruction_panels_and_figure(tmp_path):
-    from cratevit.reconstruction import reconstruct, reconstruction_figure
-    from cratevit.visualize import save_figure
+    from cratevit.analysis.reconstruction import reconstruct, reconstruction_figure
+    from cratevit.analysis.visualize import save_figure
 
     torch.manual_seed(0)
     model = CRATEMAE(CRATEMAEConfig(**TINY, norm_pix_loss=True))

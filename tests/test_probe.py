@@ -12,8 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from cratevit import create_model
-from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig
-from cratevit.probe import (
+from cratevit.analysis.probe import (
     cached_features,
     extract_features,
     knn_classifier,
@@ -22,6 +21,7 @@ from cratevit.probe import (
     pooled_features,
     topk_accuracy,
 )
+from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig
 
 MAE_TINY = CRATEMAEConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, decoder_depth=1,
                           decoder_heads=2, decoder_dim_head=16)  # fmt: skip

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .models import CRATEConfig, geometry_cfg
+from .models import MAE_PRESETS, CRATEConfig, CRATEMAEConfig, geometry_cfg
 from .registry import family_for, get_family
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PRESET_INFO",
     "Preprocessing",
     "Preset",
+    "classifier_presets",
     "data_preprocessing",
     "get_config",
     "list_models",
@@ -141,6 +142,16 @@ _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
 _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
 
+# CRATE-MAE (family crate_mae): the official mae_crate_* sizes (patch 16, 224 px, decoder as wide and deep as the
+# encoder, lambda 0.5), and small ones that pretrain in a minute or two on the built-in data.
+for _name, _cfg in MAE_PRESETS.items():
+    register_preset(_name, _cfg)
+register_preset("mae_crate_digits", CRATEMAEConfig(image_size=32, patch_size=4, dim=96, depth=3, heads=3, dim_head=32,
+                decoder_depth=3, decoder_heads=3, decoder_dim_head=32), preprocessing=HALF)  # fmt: skip
+register_preset("mae_crate_shapes", CRATEMAEConfig(image_size=64, patch_size=8, dim=96, depth=3, heads=3, dim_head=32,
+                decoder_depth=3, decoder_heads=3, decoder_dim_head=32), preprocessing=HALF)  # fmt: skip
+
+
 def resolve_name(name: str) -> str:
     if name in PRESETS:
         return name
@@ -160,6 +171,11 @@ def get_config(name: str, **overrides: Any) -> CRATEConfig:
 
 def list_models() -> list[str]:
     return sorted(PRESETS)
+
+
+def classifier_presets() -> list[str]:
+    """The presets of image-classifier families (timm models): every preset but the autoencoders'."""
+    return sorted(n for n, info in PRESET_INFO.items() if get_family(info.family).classifier)
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
@@ -188,7 +204,11 @@ def pretrained_cfg_for(config: Any, preprocessing: Preprocessing | Mapping[str, 
     if preprocessing is None:
         preprocessing = preprocessing_for(config)
     prep = preprocessing.to_cfg() if isinstance(preprocessing, Preprocessing) else dict(preprocessing)
-    return {**geometry_cfg(config), **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}, **family.paper}
+    return {
+        **geometry_cfg(config),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()},
+        **family.paper,
+    }
 
 
 # timm's pretrained_cfg keys that say where weights come from; a saved folder must not point back to its source.

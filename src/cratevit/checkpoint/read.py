@@ -20,6 +20,7 @@ A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``sav
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +60,8 @@ FAMILIES: dict[str, str] = {
     "reference": "original main.py (ImageNet-1K training): state_dict with module. keys, epoch, arch, optimizer",
     "reference-finetune": "original finetune.py: model with module. keys, optimizer, scaler",
     "emergence-demo": "model without prefix: the emergence-demo weights (CRATE_base_demo, CRATE_*_21k, CRATE_base_768)",
+    "mae-pretrain": "FAIR MAE main_pretrain.py (the released CRATE-MAE-B): model, optimizer, epoch, scaler, args",
+    "mae-state-dict": "bare state_dict in the official CRATE-MAE key layout",
     "reference-state-dict": "bare state_dict in the reference key layout",
 }
 
@@ -76,7 +79,9 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is a directory; pass the checkpoint file inside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # FAIR's MAE main_pretrain.py saves its argparse.Namespace under "args": the one class allowed beyond tensors
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here; turn each into one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -114,14 +119,31 @@ def _tensors(weights: Mapping[str, Any], path: Path, slot: str) -> Mapping[str, 
     return weights
 
 
+def _model_family(weights: Mapping[str, Any]) -> str:
+    """The architecture family of a state_dict without a recorded one: CRATE-MAE's official layout, else CRATE."""
+    return "crate_mae" if is_reference_state(weights, "crate_mae") else "crate"
+
+
 def _layout(weights: Mapping[str, Tensor]) -> dict[str, Any]:
     """How the weights are keyed: ``layout`` (reference or cratevit) and ``key_prefix`` (``module.`` or '')."""
     prefix = "module." if weights and all(k.startswith("module.") for k in weights) else ""
-    return {"layout": "reference" if is_reference_state(weights) else "cratevit", "key_prefix": prefix}
+    reference = is_reference_state(weights, _model_family(weights))
+    return {"layout": "reference" if reference else "cratevit", "key_prefix": prefix}
 
 
 def _to_ours(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return from_reference_keys(weights) if is_reference_state(weights) else strip_prefix(weights)
+    family = _model_family(weights)
+    return from_reference_keys(weights, family) if is_reference_state(weights, family) else strip_prefix(weights)
+
+
+def _mae_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """FAIR MAE's ``args`` (an argparse.Namespace) as a plain dict; its ``model`` becomes the file's ``arch``."""
+    args = meta.get("args")
+    if isinstance(args, argparse.Namespace):
+        meta["args"] = args = dict(vars(args))
+    if isinstance(args, Mapping) and isinstance(args.get("model"), str):
+        meta.setdefault("arch", args["model"])
+    return meta
 
 
 def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mapping[str, Tensor]]:
@@ -131,12 +153,15 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
         return ("reference" if is_reference_state(weights) else "cratevit-state-dict"), "state_dict", weights
     if isinstance(obj.get("model"), Mapping):
         weights = _tensors(obj["model"], path, "model")
+        if is_reference_state(weights, "crate_mae"):
+            return "mae-pretrain", "model", weights
         if not is_reference_state(weights):
             return "cratevit-state-dict", "model", weights
         prefixed = _layout(weights)["key_prefix"] == "module."
         return ("reference-finetune" if prefixed else "emergence-demo"), "model", weights
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         family = "reference-state-dict" if is_reference_state(obj) else "cratevit-state-dict"
+        family = "mae-state-dict" if is_reference_state(obj, "crate_mae") else family
         return family, "", obj
     raise CheckpointError(
         f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "
@@ -169,8 +194,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         cfg = config_from_dict(obj["config"], meta["model_family"])
         return dict(obj["model"]), cfg, {**meta, "family": "cratevit", "layout": "cratevit", "key_prefix": ""}
     family, entry, weights = _weights_entry(obj, path)
-    meta = {k: v for k, v in obj.items() if entry and k != entry}
-    return _to_ours(weights), None, {"model_family": "crate", **meta, "family": family, **_layout(weights)}
+    meta = _mae_args({k: v for k, v in obj.items() if entry and k != entry})
+    meta = {"model_family": _model_family(weights), **meta, "family": family, **_layout(weights)}
+    return _to_ours(weights), None, meta
 
 
 # --------------------------------------------------------------------------------------------- folders

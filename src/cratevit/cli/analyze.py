@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default=None, help="preset of checkpoints that do not record their architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
     p.add_argument("--eps", type=float, default=0.01, help="eps of the coding rate")
     p.add_argument("--plot-rc", choices=("rc_in", "rc_half"), default="rc_in",
                    help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV")  # fmt: skip

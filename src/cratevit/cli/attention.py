@@ -16,7 +16,9 @@ def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
                         "without the checkpoint when --checkpoint is given")  # fmt: skip
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="the checkpoint (instead of the first input)")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--layer", type=int, default=-1, help="layer index (0-based; negative counts from the end)")
     p.add_argument("--resize", choices=("keep-aspect", "model"), default="keep-aspect",

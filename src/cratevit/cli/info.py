@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)")  # fmt: skip
     p.add_argument("--arch", default=None, help="preset of CRATE checkpoints that do not record their architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
 
 

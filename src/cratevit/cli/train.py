@@ -34,7 +34,9 @@ def _json_dict(value: str) -> dict[str, Any]:
     try:
         obj = json.loads(value)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {value!r} ({e})") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"depth\": 6}}', got {value!r} ({e})"
+        ) from None
     if not isinstance(obj, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {value!r}")
     return obj
@@ -76,7 +78,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         dest="model_kwargs",
         type=_json_dict,
         default=S,
-        help='more model options as JSON, e.g. \'{"depth": 6}\' (CRATE config fields) or '
+        help="more model options as JSON, e.g. '{\"depth\": 6}' (CRATE config fields) or "
         '\'{"embed_dim": 96, "depth": 6, "num_heads": 3}\' (timm)',
     )
     d = p.add_argument_group("data")
@@ -120,8 +122,16 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="linear warmup epochs before the cosine decay",
     )
-    o.add_argument("--min-lr", dest="min_lr", type=float, default=S, help=f"end of the cosine decay, {_default('min_lr')}")
-    o.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help=f"max gradient norm, {_default('clip_grad')}; 0: off")
+    o.add_argument(
+        "--min-lr", dest="min_lr", type=float, default=S, help=f"end of the cosine decay, {_default('min_lr')}"
+    )
+    o.add_argument(
+        "--clip-grad",
+        dest="clip_grad",
+        type=float,
+        default=S,
+        help=f"max gradient norm, {_default('clip_grad')}; 0: off",
+    )
     o.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S, help=_default("label_smoothing"))
     o.add_argument("--mixup", type=float, default=S, help=f"mixup alpha (timm Mixup), {_default('mixup')} (0: off)")
     o.add_argument("--cutmix", type=float, default=S, help=f"cutmix alpha (timm Mixup), {_default('cutmix')} (0: off)")

@@ -72,7 +72,9 @@ def _adapter_class() -> type:
             **model_kwargs: Any,
         ) -> Any:
             if not isinstance(config, dict):
-                raise FileNotFoundError(f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained")
+                raise FileNotFoundError(
+                    f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained"
+                )
             # The mixin also passes every config.json entry as a keyword; only values that differ are user overrides.
             model_kwargs.pop("strict", None)  # PyTorchModelHubMixin's option; loading here is always strict
             overrides = {k: v for k, v in model_kwargs.items() if not (k in config and config[k] == v)}

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import ISTA, MSSA, LayerTrace, to_2tuple
+from ..errors import UserError
+from .crate import ISTA, MSSA, LayerTrace, to_2tuple
 
 __all__ = [
     "CRATEMAE",
@@ -53,6 +54,7 @@ __all__ = [
     "mae_crate_large",
     "mae_crate_small",
     "mae_crate_tiny",
+    "mae_geometry_cfg",
     "masked_mse",
     "patchify",
     "random_masking",
@@ -79,6 +81,8 @@ class CRATEMAEConfig:
     lambd: float = 0.5  # sparsity penalty lambda (encoder)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
+    num_classes: int = 0  # no classifier: fine-tuning builds a CRATE from the encoder (cratevit finetune)
+    dynamic_img_size: bool = False  # the sine-cosine table is fixed to image_size
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,17 +90,17 @@ class CRATEMAEConfig:
         self.patch_size = to_2tuple(self.patch_size)
         for what, size, patch in zip(("height", "width"), self.image_size, self.patch_size, strict=True):
             if patch <= 0 or size <= 0 or size % patch:
-                raise ValueError(
+                raise UserError(
                     f"image {what} {size} must be a positive multiple of the patch {what} {patch}; "
                     f"choose an image_size that is a multiple of patch_size {self.patch_size}"
                 )
         for name in ("dim", "depth", "heads", "dim_head", "decoder_depth", "decoder_heads", "decoder_dim_head"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.dim % 4:
-            raise ValueError(f"dim must be a multiple of 4 for the 2-D sine-cosine embedding, got {self.dim}")
+            raise UserError(f"dim must be a multiple of 4 for the 2-D sine-cosine embedding, got {self.dim}")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -121,7 +125,7 @@ class CRATEMAEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown CRATE-MAE config keys {unknown}; known keys are {sorted(known)}")
+            raise UserError(f"unknown CRATE-MAE config keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes: Any) -> CRATEMAEConfig:
@@ -152,7 +156,7 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True)
     k = 0 .. dim/4 - 1: the first half encodes the column, the second half the row (MAE's layout).
     """
     if dim % 4:
-        raise ValueError(f"the 2-D sine-cosine embedding needs dim divisible by 4, got {dim}")
+        raise UserError(f"the 2-D sine-cosine embedding needs dim divisible by 4, got {dim}")
     rows, cols = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
     r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
@@ -194,7 +198,7 @@ def random_masking(
     if noise is None:
         noise = torch.rand(batch, num_patches, generator=generator, device=device)
     if noise.shape != (batch, num_patches):
-        raise ValueError(f"noise must have shape ({batch}, {num_patches}), got {tuple(noise.shape)}")
+        raise UserError(f"noise must have shape ({batch}, {num_patches}), got {tuple(noise.shape)}")
     order = noise.argsort(dim=1)  # ascending: the first `keep` are kept
     mask = torch.ones(batch, num_patches, dtype=torch.bool, device=noise.device)
     mask[:, :keep] = False
@@ -301,6 +305,8 @@ class CRATEMAE(nn.Module):
             raise TypeError(f"pass either a config or keyword arguments, not both (got {sorted(kwargs)})")
         cfg = self.config = config
         self.num_features = cfg.dim
+        self.num_classes = 0
+        self.pretrained_cfg = self.default_cfg = mae_geometry_cfg(cfg)
 
         self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -338,7 +344,7 @@ class CRATEMAE(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.channels or tuple(x.shape[-2:]) != cfg.image_size:
-            raise ValueError(
+            raise UserError(
                 f"expected images of shape (batch, {cfg.channels}, {cfg.image_size[0]}, {cfg.image_size[1]}), "
                 f"got {tuple(x.shape)}; resize the input to the model's image_size"
             )
@@ -411,16 +417,16 @@ class CRATEMAE(nn.Module):
         ``indices``: None = every layer, an int n = the last n, a list = those (negative from the end).
         Returns ``(final latent, intermediates)``, or only the intermediates (timm's signature)."""
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise UserError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         depth = len(self.blocks)
         if indices is None or isinstance(indices, int):
             n = depth if indices is None else indices
             if not 0 < n <= depth:
-                raise ValueError(f"indices={n} asks for the last {n} layers of a {depth}-layer encoder")
+                raise UserError(f"indices={n} asks for the last {n} layers of a {depth}-layer encoder")
             take = set(range(depth - n, depth))
         else:
             if not indices or any(not -depth <= i < depth for i in indices):
-                raise ValueError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
+                raise UserError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
             take = {i % depth for i in indices}
         z, out, (rows, cols) = self.embed(x), [], self.config.grid_size
         blocks = self.blocks[: max(take) + 1] if stop_early or intermediates_only else self.blocks
@@ -472,6 +478,12 @@ class CRATEMAE(nn.Module):
             f"{c.dim_head}, decoder={c.decoder_depth}x{c.decoder_heads}x{c.decoder_dim_head}, lambd={c.lambd}, "
             f"mask_ratio={c.mask_ratio}"
         )
+
+
+def mae_geometry_cfg(cfg: CRATEMAEConfig) -> dict[str, Any]:
+    """The part of timm's ``pretrained_cfg`` that the configuration alone determines."""
+    return {"input_size": (int(cfg.channels), *cfg.image_size), "fixed_input_size": True, "num_classes": 0,
+            "pool_size": None, "first_conv": "patch_embed.proj", "classifier": None}  # fmt: skip
 
 
 def _build(name: str, **overrides: Any) -> CRATEMAE:

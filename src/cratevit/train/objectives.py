@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .models.crate_mae import random_masking
+from ..errors import UserError
+from ..models.crate_mae import random_masking
 
 __all__ = ["Classification", "MaskedAutoencoding", "Objective", "make_objective"]
 
@@ -127,7 +128,7 @@ def make_objective(kind: str, model: nn.Module, num_classes: int, options: dict[
     if kind == "mae":
         cfg = getattr(model, "config", None)
         if not hasattr(model, "forward_encoder_features") or cfg is None:
-            raise ValueError(f"the mae objective needs a CRATE-MAE model, got {type(model).__name__}; "
+            raise UserError(f"the mae objective needs a CRATE-MAE model, got {type(model).__name__}; "
                              f"choose an mae_crate_* architecture")  # fmt: skip
         return MaskedAutoencoding(cfg.num_patches, cfg.mask_ratio, seed=seed, rank=rank)
-    raise ValueError(f"unknown objective {kind!r}; choose classification or mae")
+    raise UserError(f"unknown objective {kind!r}; choose classification or mae")

@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .models.crate_mae import CRATEMAE
+from ..models.crate_mae import CRATEMAE
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruction_figure"]
 

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..checkpoint.read import load_file
+from ..errors import UserError
+
 __all__ = [
     "KNN_K",
     "KNN_TEMPERATURE",
@@ -61,7 +64,7 @@ def knn_classifier(
     ``exp(similarity / temperature)`` to their class's score.
     """
     if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError(f"{train_features.shape[0]} training features but {train_labels.shape[0]} labels")
+        raise UserError(f"{train_features.shape[0]} training features but {train_labels.shape[0]} labels")
     k = min(k, train_features.shape[0])
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     train = F.normalize(train_features.float(), dim=1).t()  # (d, n_train)
@@ -165,7 +168,7 @@ def pooled_features(model: nn.Module, images: Tensor, layer: int | None = None, 
     ``layer=i``: the mean patch token of layer ``i``'s output (``forward_intermediates``, negative from the end).
     """
     if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        raise UserError(f"pool must be 'cls' or 'mean', got {pool!r}")
     if layer is not None:
         (maps,) = model.forward_intermediates(images, indices=[layer], output_fmt="NCHW", intermediates_only=True)
         return maps.float().mean(dim=(2, 3))
@@ -178,7 +181,7 @@ def pooled_features(model: nn.Module, images: Tensor, layer: int | None = None, 
 def _collate(items: list[Any]) -> tuple[Tensor, Tensor]:
     good = [it for it in items if it is not None]
     if len(good) != len(items):
-        raise ValueError("an image could not be read; features need every image (fix or remove the file)")
+        raise UserError("an image could not be read; features need every image (fix or remove the file)")
     return torch.stack([torch.as_tensor(im) for im, _ in good]), torch.tensor([int(t) for _, t in good])
 
 
@@ -251,7 +254,7 @@ def cached_features(
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{key}.pt"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored = load_file(path)
         if stored.get("meta") == meta:
             return stored["features"], stored["labels"], True
     features, labels = compute()
