@@ -21,6 +21,7 @@ __all__ = ["COMMANDS", "EXPECTED_ERRORS", "UserError", "build_parser", "main"]
 COMMANDS: dict[str, str] = {
     "train": "cratevit.cli.train",
     "finetune": "cratevit.cli.finetune",
+    "pretrain": "cratevit.cli.pretrain",
     "info": "cratevit.cli.info",
     "zoo": "cratevit.cli.zoo",
     "bench": "cratevit.cli.bench",

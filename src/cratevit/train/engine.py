@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +40,7 @@ from ..presets import data_preprocessing, list_models, pretrained_cfg_for, resol
 from ..registry import is_family_model
 from .config import RECIPES, TrainConfig, resolve_config
 from .distributed import DistInfo, all_reduce_sum, any_true, barrier, cleanup, init_distributed
+from .objectives import make_objective
 
 __all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_config", "train"]
 
@@ -97,6 +97,7 @@ def is_crate_arch(arch: str) -> bool:
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """A cratevit preset or a timm model, with the class count and optional size overrides."""
     if is_crate_arch(cfg.arch):
+        num_classes = None if cfg.objective == "mae" else num_classes  # an autoencoder has no classifier
         return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size, patch_size=cfg.patch_size,
                             **(cfg.model_kwargs or {}))  # fmt: skip
     import timm
@@ -239,18 +240,23 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy = all("acc" in r for r in train) and all("top1" in r for r in val)  # not for masked autoencoding
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(10 if accuracy else 5.5, 4), squeeze=False)
+    ax_loss, ax_acc = axes[0, 0], axes[0, -1]
     if train:
         x = [r["epoch"] + r["step"] / r["steps"] for r in train]
         ax_loss.plot(x, [r["loss"] for r in train], label="train", lw=1)
-        ax_acc.plot(x, [100 * r["acc"] for r in train], label="train (batch)", lw=1, alpha=0.6)
+        if accuracy:
+            ax_acc.plot(x, [100 * r["acc"] for r in train], label="train (batch)", lw=1, alpha=0.6)
     if val:
         x = [r["epoch"] + 1 for r in val]
         ax_loss.plot(x, [r["loss"] for r in val], "o-", label="val")
-        ax_acc.plot(x, [r["top1"] for r in val], "o-", label="val top-1")
+        if accuracy:
+            ax_acc.plot(x, [r["top1"] for r in val], "o-", label="val top-1")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    if accuracy:
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -275,8 +281,8 @@ class Progress:
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
             return
-        text = (f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} "
-                f"{stats['img_s']:.0f} img/s")  # fmt: skip
+        acc = f"acc {100 * stats['acc']:.1f}% " if "acc" in stats else ""
+        text = f"loss {stats['loss']:.4f} {acc}lr {stats['lr']:.2e} {stats['img_s']:.0f} img/s"
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
@@ -331,7 +337,8 @@ class Trainer:
 
         self._build_data()
         self._build_optimisation()
-        self.epoch, self.step_in_epoch, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_top1 = -1.0 if self.objective.classifies else float("-inf")  # the best validation score
         if self.resume_state is not None:
             self._load_state(self.resume_state)
             self.resume_state = None
@@ -378,15 +385,14 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
 
     def _build_optimisation(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
         cfg = self.cfg
+        extra = {"betas": tuple(cfg.betas)} if cfg.betas else {}
         try:
             self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer.lower(), lr=cfg.lr,
-                                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum)  # fmt: skip
+                                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)  # fmt: skip
         except (AssertionError, ValueError) as e:
             raise UserError(f"--optimizer {cfg.optimizer!r}: {e}; try lion, adamw or sgd") from None
         self.scheduler, _ = create_scheduler_v2(
@@ -394,15 +400,10 @@ class Trainer:
             warmup_lr=cfg.lr * 0.01, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                               num_classes=self.info.num_classes)  # fmt: skip
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        # what is optimised: the only difference between train/finetune and pretrain (cratevit.train.objectives)
+        options = {"label_smoothing": cfg.label_smoothing, "mixup": cfg.mixup, "cutmix": cfg.cutmix}
+        self.objective = make_objective(cfg.objective, self.model, self.info.num_classes, options, cfg.seed,
+                                        self.dist.rank)  # fmt: skip
 
     def autocast(self) -> AbstractContextManager:
         if self.cfg.amp == "none":
@@ -464,7 +465,9 @@ class Trainer:
                     self.end_epoch()
         finally:
             self.log.close()
-        self._say(f"done: best val top-1 {self.best_top1:.2f}% ; run directory {self.run_dir}")
+        best = (f"top-1 {self.best_top1:.2f}%" if self.objective.classifies
+                else f"{self.objective.name} loss {-self.best_top1:.4f}")  # fmt: skip
+        self._say(f"done: best val {best} ; run directory {self.run_dir}")
         return 0
 
     def _say(self, text: str) -> None:
@@ -517,20 +520,26 @@ class Trainer:
         totals = torch.tensor([w["loss"], w["correct"], w["seen"], w["skipped"]], dtype=torch.float64)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         seen = max(totals[2].item(), 1.0)
-        return {"loss": totals[0].item() / seen, "acc": totals[1].item() / seen,
-                "lr": self.optimizer.param_groups[0]["lr"], "img_s": seen * self.dist.world_size / dt,
-                "skipped": totals[3].item(), "seen": seen}  # fmt: skip
+        stats = {"loss": totals[0].item() / seen, "acc": totals[1].item() / seen,
+                 "lr": self.optimizer.param_groups[0]["lr"], "img_s": seen * self.dist.world_size / dt,
+                 "skipped": totals[3].item(), "seen": seen}  # fmt: skip
+        if not self.objective.classifies:  # no labels predicted: no accuracy
+            del stats["acc"]
+        return stats
 
     def _log_train(self, stats: dict[str, float]) -> None:
         if self.dist.enabled:  # average over ranks
-            t = torch.tensor([stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"],
+            t = torch.tensor([stats["loss"] * stats["seen"], stats.get("acc", 0.0) * stats["seen"], stats["seen"],
                               stats["skipped"]], dtype=torch.float64)  # fmt: skip
             t = all_reduce_sum(t.to(self.dist.device), self.dist).cpu()
-            stats = {**stats, "loss": t[0].item() / t[2].item(), "acc": t[1].item() / t[2].item(),
-                     "skipped": t[3].item()}  # fmt: skip
+            stats = {**stats, "loss": t[0].item() / t[2].item(), "skipped": t[3].item()}
+            if "acc" in stats:
+                stats["acc"] = t[1].item() / t[2].item()
         record = {"kind": "train", "epoch": self.epoch, "step": self.step_in_epoch, "steps": self.steps_per_epoch,
-                  "global_step": self.global_step, "loss": stats["loss"], "acc": stats["acc"], "lr": stats["lr"],
+                  "global_step": self.global_step, "loss": stats["loss"], "acc": stats.get("acc"), "lr": stats["lr"],
                   "img_s": stats["img_s"], "skipped_images": int(stats["skipped"])}  # fmt: skip
+        if "acc" not in stats:
+            del record["acc"]
         self.log.write(record, self.global_step)
 
     def train_step(self, batch: Batch) -> tuple[float, int]:
@@ -542,13 +551,8 @@ class Trainer:
             return 0.0, 0
         x = batch.images.to(dev, non_blocking=True)
         y = batch.targets.to(dev, non_blocking=True)
-        target = y
-        if self.mixup is not None:
-            np.random.seed((cfg.seed * 1_000_003 + self.global_step) % 2**32)  # mixup draws from numpy
-            x, target = self.mixup(x, y)
         with self.autocast():
-            logits = self.train_model(x)
-            loss = self.criterion(logits.float(), target)
+            loss, logits = self.objective.train_loss(self.train_model, x, y, self.global_step)
         if any_true(not bool(torch.isfinite(loss)), self.dist):
             where = self.run_dir / "last.pt" if self.run_dir else "last.pt"
             raise UserError(f"the loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch + 1} "
@@ -561,19 +565,24 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item(), int((logits.argmax(1) == y).sum())
+        return loss.item(), 0 if logits is None else int((logits.argmax(1) == y).sum())
 
     def end_epoch(self) -> None:
         metrics = self.evaluate()
-        is_best = metrics["top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, metrics["top1"])
+        score = self.objective.score(metrics)
+        is_best = score > self.best_top1
+        self.best_top1 = max(self.best_top1, score)  # the objective's score: top-1, or minus the loss
         self.epoch += 1
         self.step_in_epoch = 0
-        record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics,
-                  "best_top1": self.best_top1}  # fmt: skip
+        best = {"best_top1": self.best_top1} if self.objective.classifies else {"best_loss": -self.best_top1}
+        record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics, **best}
         self.log.write(record, self.global_step)
-        self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% "
-                  f"top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)")  # fmt: skip
+        if self.objective.classifies:
+            self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 "
+                      f"{metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)")  # fmt: skip
+        else:
+            self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val {self.objective.name} loss {metrics['loss']:.4f} "
+                      f"(best {-self.best_top1:.4f})")  # fmt: skip
         self.save("last.pt")
         if is_best:
             self.save("best.pt")
@@ -588,21 +597,18 @@ class Trainer:
         """Validation loss, top-1 and top-5 accuracy (%) over the whole validation set, all ranks together."""
         self.forward_model.eval()
         dev = self.dist.device
-        totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
-        for batch in self.val_loader:
-            totals[4] += batch.skipped
+        sums = torch.zeros(self.objective.num_sums, dtype=torch.float64)  # the objective's sums (loss, counts ...)
+        skipped = torch.zeros(1, dtype=torch.float64)
+        for index, batch in enumerate(self.val_loader):
+            skipped += batch.skipped
             if len(batch.targets) == 0:
                 continue
             x, y = batch.images.to(dev), batch.targets.to(dev)
             with self.autocast():
-                logits = self.forward_model(x).float()
-            totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            top1, top5 = accuracy_counts(logits, y)
-            totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
-        totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
-        n = max(totals[3].item(), 1.0)
-        return {"loss": totals[0].item() / n, "top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
-                "images": int(totals[3].item()), "skipped_images": int(totals[4].item())}  # fmt: skip
+                part = self.objective.eval_sums(self.forward_model, x, y, index)
+            sums += part
+        totals = all_reduce_sum(torch.cat([sums, skipped]).to(dev), self.dist).cpu()
+        return {**self.objective.metrics(totals[:-1]), "skipped_images": int(totals[-1].item())}
 
 
 def train(

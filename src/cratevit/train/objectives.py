@@ -37,6 +37,7 @@ class Objective:
     name = "objective"
     classifies = True  # train logs report the batch accuracy
     score_name = "top1"  # the validation metric that picks best.pt (higher is better)
+    num_sums = 4  # length of eval_sums' vector
 
     def train_loss(self, model: nn.Module, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
         """(loss, logits or None) of one training batch; ``model`` may be the DDP-wrapped one."""
@@ -98,6 +99,7 @@ class MaskedAutoencoding(Objective):
     name = "masked autoencoding"
     classifies = False
     score_name = "neg_loss"
+    num_sums = 2
 
     def __init__(self, num_patches: int, mask_ratio: float, seed: int = 0, rank: int = 0) -> None:
         self.num_patches, self.mask_ratio, self.seed, self.rank = num_patches, mask_ratio, seed, rank
