@@ -44,6 +44,7 @@ __all__ = [
     "linear_probe",
     "model_fingerprint",
     "pooled_features",
+    "probe_datasets",
     "topk_accuracy",
 ]
 
@@ -265,3 +266,46 @@ def cached_features(
     torch.save({"features": features, "labels": labels, "meta": meta}, tmp)
     tmp.replace(path)
     return features, labels, False
+
+
+# ---------------------------------------------------------------------------------------------- data
+def probe_datasets(
+    data: str, image_size: int, mean: Sequence[float], std: Sequence[float], data_dir: str | None = None,
+    seed: int = 0, download: bool = False,
+) -> tuple[Dataset, Dataset, str]:  # fmt: skip
+    """(train, val, data key) with evaluation preprocessing on both splits (no augmentation), normalised with
+    ``mean``/``std`` (the model's): the built-in digits and shapes, a torchvision transfer set, or a folder with
+    ``train/`` and ``val/``. The key names the data and its preprocessing, for :func:`cached_features`."""
+    from ..data import SHAPES_SIZES, data_info
+    from ..data import transforms as T
+
+    info = data_info(data)
+    mean, std = tuple(mean), tuple(std)
+    key = f"{info.kind}:{info.name}:{image_size}:{mean}:{std}"
+    if info.kind == "digits":
+        from ..data.digits import DigitsDataset
+
+        tf = T.digits_eval(mean, std)
+        return DigitsDataset("train", image_size, tf), DigitsDataset("val", image_size, tf), key
+    if info.kind == "shapes":
+        from ..data.shapes import ShapesDataset
+
+        tf = T.transfer_eval(image_size, mean, std)
+        train = ShapesDataset("train", SHAPES_SIZES["train"], image_size, seed, tf)
+        return train, ShapesDataset("val", SHAPES_SIZES["val"], image_size, seed, tf), f"{key}:seed={seed}"
+    if info.kind == "transfer":
+        from ..data.transfer import make_transfer
+
+        tf = T.transfer_eval(image_size, mean, std)
+        train = make_transfer(info.name, data_dir, True, tf, download)
+        return train, make_transfer(info.name, data_dir, False, tf, download), key
+    from ..data.folder import SafeImageFolder
+
+    root = Path(info.name)
+    train = SafeImageFolder(root / "train", T.imagenet_eval(image_size, mean, std))
+    val = SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std))
+    listing = hashlib.sha256()
+    for path, label in [*train.samples, *val.samples]:
+        st = Path(path).stat()
+        listing.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return train, val, f"{key}:{listing.hexdigest()[:16]}"

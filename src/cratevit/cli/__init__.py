@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "pca": "cratevit.cli.pca",
     "segeval": "cratevit.cli.segeval",
     "export": "cratevit.cli.export",
+    "probe": "cratevit.cli.probe",
+    "reconstruct": "cratevit.cli.reconstruct",
 }
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)
