@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .crate import ISTA, MSSA, LayerTrace, to_2tuple
+from .crate import CRATE, ISTA, MSSA, ConvPatchEmbed, CRATEConfig, LayerTrace, to_2tuple
 
 __all__ = [
     "CRATEMAE",
@@ -50,6 +50,7 @@ __all__ = [
     "DecoderBlock",
     "EncoderBlock",
     "MAEOutput",
+    "crate_classifier_from_mae",
     "mae_crate_base",
     "mae_crate_large",
     "mae_crate_small",
@@ -218,17 +219,6 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------------- modules
-class ConvPatchEmbed(nn.Module):
-    """Patches by a strided convolution (= a linear map of each flattened patch), (b, c, H, W) -> (b, n, dim)."""
-
-    def __init__(self, patch_size: tuple[int, int], channels: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # b (rows cols) dim
-
-
 class EncoderBlock(nn.Module):
     """A CRATE layer: ``z_half = z + MSSA(LN1(z))``; ``z_next = ISTA(LN2(z_half))``."""
 
@@ -478,6 +468,27 @@ class CRATEMAE(nn.Module):
             f"{c.dim_head}, decoder={c.decoder_depth}x{c.decoder_heads}x{c.decoder_dim_head}, lambd={c.lambd}, "
             f"mask_ratio={c.mask_ratio}"
         )
+
+
+def crate_classifier_from_mae(mae: CRATEMAE, num_classes: int) -> CRATE:
+    """A CRATE classifier whose body is the CRATE-MAE's encoder (fine-tuning, as MAE fine-tunes its ViT encoder).
+
+    Same patch convolution, class token, positional table (now a learned parameter), and CRATE layers with
+    lambda 0.5; the encoder's final LayerNorm becomes the classifier's ``fc_norm`` on the class token (exact: a
+    LayerNorm acts on each token alone; eps 1e-5 instead of 1e-6); a fresh linear head. The decoder is dropped."""
+    c = mae.config
+    cfg = CRATEConfig(
+        image_size=c.image_size, patch_size=c.patch_size, num_classes=num_classes, dim=c.dim, depth=c.depth,
+        heads=c.heads, dim_head=c.dim_head, pool="cls", channels=c.channels, ista=c.ista, lambd=c.lambd,
+        patch_embed="conv", name=f"{c.name}_encoder" if c.name else None,
+    )  # fmt: skip
+    model = CRATE(config=cfg)
+    encoder = {k: v for k, v in mae.state_dict().items() if k.startswith(("patch_embed.", "blocks.", "cls_token"))}
+    encoder |= {"pos_embed": mae.pos_embed, "fc_norm.weight": mae.norm.weight, "fc_norm.bias": mae.norm.bias}
+    own = model.state_dict()
+    encoder |= {k: own[k] for k in own if k.startswith("head.")}
+    model.load_state_dict(encoder, strict=True)
+    return model
 
 
 def mae_geometry_cfg(cfg: CRATEMAEConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ from ..checkpoint import (
     atomic_save,
     checkpoint_dict,
     create_model,
+    is_reference_state,
     load_file,
     load_into,
+    load_model,
     load_state_dict_strict,
 )
 from ..data import Batch, EpochSampler, SeededDataset, build_datasets, collate_skip, data_info
 from ..errors import UserError
+from ..models.crate_mae import CRATEMAE, crate_classifier_from_mae
 from ..presets import data_preprocessing, list_models, pretrained_cfg_for, resolve_name
 from ..registry import is_family_model
 from .config import RECIPES, TrainConfig, resolve_config
@@ -114,6 +117,30 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         return timm.create_model(cfg.arch, pretrained=False, **kwargs)
     except TypeError as e:
         raise UserError(f"timm model {cfg.arch!r} does not accept {sorted(kwargs)}: {e}") from None
+
+
+def _is_mae_file(path: str) -> bool:
+    """Whether a checkpoint file holds a CRATE-MAE (ours or the official layout), peeking with mmap."""
+    try:
+        obj = load_file(path, mmap=True) if Path(path).suffix != ".safetensors" else None
+    except CheckpointError:
+        return False  # the loader reports unreadable files
+    if not isinstance(obj, dict):
+        return False
+    weights = obj.get("model", obj)
+    return obj.get("model_family") == "crate_mae" or (
+        isinstance(weights, dict) and is_reference_state(weights, "crate_mae")
+    )
+
+
+def mae_pretrained_classifier(cfg: TrainConfig, num_classes: int) -> nn.Module | None:
+    """For a classification run whose ``--pretrained`` file is a CRATE-MAE: a CRATE classifier built from its
+    encoder (``--arch`` does not apply: the encoder fixes the architecture). None for any other file."""
+    if cfg.objective != "classification" or not cfg.pretrained or not _is_mae_file(cfg.pretrained):
+        return None
+    mae = load_model(cfg.pretrained)
+    assert isinstance(mae, CRATEMAE)
+    return crate_classifier_from_mae(mae, num_classes)
 
 
 def model_image_size(model: nn.Module) -> int:
@@ -316,12 +343,15 @@ class Trainer:
             raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.model = build_model(cfg, self.info.num_classes)
+        from_mae = mae_pretrained_classifier(cfg, self.info.num_classes)
+        if from_mae is not None:  # the run records the encoder's name as its architecture
+            self.cfg = cfg = replace(cfg, arch=from_mae.config.name or "crate_mae_encoder")
+        self.model = build_model(cfg, self.info.num_classes) if from_mae is None else from_mae
         if is_family_model(self.model):  # checkpoints record the data's preprocessing (cratevit.presets)
             self.model.pretrained_cfg = self.model.default_cfg = pretrained_cfg_for(
                 self.model.config, data_preprocessing(self.info.kind)
             )
-        if cfg.pretrained and self.resume_state is None:
+        if cfg.pretrained and self.resume_state is None and from_mae is None:
             load_pretrained(self.model, cfg.pretrained)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
