@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CRATE-MAE final features: class token or mean patch token")  # fmt: skip
     p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(cos / T) (DINO: 0.07)")
+    p.add_argument("--l2", type=float, nargs="+", default=None, metavar="L2",
+                   help="L2 strengths the linear probe chooses from (default 1e-6 ... 1e-1, six values)")  # fmt: skip
     p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=128, help="images per forward pass")
     p.add_argument("--workers", "-j", type=int, default=0, help="data loading processes")
     p.add_argument("--seed", type=int, default=0, help="weights of a preset or timm name (random init)")
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..analysis.probe import (
+        L2_GRID,
         cached_features,
         extract_features,
         knn_classifier,
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes = int(max(xy.max(), vy.max())) + 1
         knn = topk_accuracy(knn_classifier(xf, xy, vf, args.k, args.temperature, num_classes), vy)
         t_knn = time.perf_counter() - t1
-        lin = linear_probe(xf, xy, vf, vy, num_classes=num_classes)
+        lin = linear_probe(xf, xy, vf, vy, l2_grid=tuple(args.l2 or L2_GRID), num_classes=num_classes)
         t_lin = time.perf_counter() - t1 - t_knn
         record = {
             "model": args.model, "data": args.data, "layer": args.layer, "pool": args.pool,
