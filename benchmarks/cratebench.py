@@ -96,9 +96,7 @@ class BenchOptions:
             raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         for name in self.models:
             if name not in CRATE_VARIANTS and not name.startswith("vit_"):
-                raise UserError(
-                    f"unknown model {name!r}; choose from {', '.join(CRATE_VARIANTS)} or a timm vit_* name"
-                )
+                raise UserError(f"unknown model {name!r}; choose from {', '.join(CRATE_VARIANTS)} or a timm vit_* name")
 
 
 @dataclass
@@ -157,9 +155,18 @@ def _crate_pair(opts: BenchOptions) -> tuple[CRATE, ReferenceCRATE]:
     c = model.config
     if c.head_hidden_dim or c.dynamic_img_size:
         raise UserError(f"preset {opts.preset!r} has no reference formulation to compare with")
-    ref = ReferenceCRATE(image_size=c.image_size, patch_size=c.patch_size, num_classes=c.num_classes, dim=c.dim,
-                         depth=c.depth, heads=c.heads, dim_head=c.dim_head, pool=c.pool, channels=c.channels,
-                         ista=c.ista)  # fmt: skip
+    ref = ReferenceCRATE(
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        num_classes=c.num_classes,
+        dim=c.dim,
+        depth=c.depth,
+        heads=c.heads,
+        dim_head=c.dim_head,
+        pool=c.pool,
+        channels=c.channels,
+        ista=c.ista,
+    )
     ref.load_state_dict(to_reference_keys(model.state_dict()))
     return model, ref
 
@@ -285,9 +292,18 @@ def _measure_mode(mode: str, dtype_name: str, opts: BenchOptions, device: torch.
     rows = []
     for name in opts.models:
         ips = batch / statistics.median(times[name])
-        rows.append(Row(mode=mode, dtype=dtype_name, model=name, batch=batch, images_per_s=ips,
-                        gflops_per_image=flops[name] / 1e9, gflops_per_s=ips * factor * flops[name] / 1e9,
-                        times_s=times[name]))  # fmt: skip
+        rows.append(
+            Row(
+                mode=mode,
+                dtype=dtype_name,
+                model=name,
+                batch=batch,
+                images_per_s=ips,
+                gflops_per_image=flops[name] / 1e9,
+                gflops_per_s=ips * factor * flops[name] / 1e9,
+                times_s=times[name],
+            )
+        )
     return rows
 
 
@@ -309,8 +325,7 @@ def training_peak_mib(name: str, dtype_name: str, opts: BenchOptions, steps: int
         torch.cuda.empty_cache()
         return peak
     spec = {"name": name, "dtype": dtype_name, "steps": steps, "options": asdict(opts)}
-    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {name} ({dtype_name}) failed:\n{proc.stderr[-2000:]}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"])
@@ -420,22 +435,43 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = lambda s: Non
             peaks[d] = max(peaks[d], matmul_peak(DTYPES[d], device, size=4096 if device.type == "cuda" else 2048))
         _add_ratios(rows, peaks)
         rc = coding_rate_timings(repeats=opts.repeats) if opts.coding_rate else {}
-    return BenchResult(options=opts, device_name=_device_name(device), threads=threads, matmul_peak_gflops=peaks,
-                       rows=rows, coding_rate_ms=rc)  # fmt: skip
+    return BenchResult(
+        options=opts,
+        device_name=_device_name(device),
+        threads=threads,
+        matmul_peak_gflops=peaks,
+        rows=rows,
+        coding_rate_ms=rc,
+    )
 
 
 def gpu_options(preset: str = "crate_base", batch: int = 256, **overrides: Any) -> BenchOptions:
     """The GPU comparison of the issue: CRATE-B in bfloat16 at batch 256 against the reference and ViT-B/16."""
-    base = BenchOptions(preset=preset, infer_batch=batch, train_batch=batch, dtypes=("bfloat16",),
-                        models=("reference", "cratevit", "vit_base_patch16_224"), device="cuda", repeats=10,
-                        warmup=3, coding_rate=False)  # fmt: skip
+    base = BenchOptions(
+        preset=preset,
+        infer_batch=batch,
+        train_batch=batch,
+        dtypes=("bfloat16",),
+        models=("reference", "cratevit", "vit_base_patch16_224"),
+        device="cuda",
+        repeats=10,
+        warmup=3,
+        coding_rate=False,
+    )
     return replace(base, **overrides)
 
 
 def quick_options(**overrides: Any) -> BenchOptions:
     """A seconds-long smoke run on the debug preset (for CI)."""
-    base = BenchOptions(preset="crate_debug", infer_batch=4, train_batch=4, models=("reference", "cratevit",
-                        "vit_tiny_patch16_224"), repeats=2, warmup=1, memory=False)  # fmt: skip
+    base = BenchOptions(
+        preset="crate_debug",
+        infer_batch=4,
+        train_batch=4,
+        models=("reference", "cratevit", "vit_tiny_patch16_224"),
+        repeats=2,
+        warmup=1,
+        memory=False,
+    )
     return replace(base, **overrides)
 
 
@@ -464,14 +500,26 @@ def format_markdown(result: BenchResult) -> str:
     for r in result.rows:
         speed = f"{r.speedup:.2f}x" if r.speedup is not None else "–"
         mem = f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "–"
-        cells = [r.mode, r.dtype, r.model, str(r.batch), f"{r.images_per_s:.1f}", speed, f"{r.gflops_per_image:.3g}",
-                 f"{r.gflops_per_s:.0f}", f"{100 * r.peak_fraction:.0f}%"]  # fmt: skip
+        cells = [
+            r.mode,
+            r.dtype,
+            r.model,
+            str(r.batch),
+            f"{r.images_per_s:.1f}",
+            speed,
+            f"{r.gflops_per_image:.3g}",
+            f"{r.gflops_per_s:.0f}",
+            f"{100 * r.peak_fraction:.0f}%",
+        ]
         if gpu:
             cells.append(_mfu(result, r))
         cells.append(mem)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Training GFLOP/s count a step as three forward passes. Peak memory: "
-              + ("peak allocated CUDA memory." if gpu else "peak RSS of a fresh process running two steps.")]  # fmt: skip
+    lines += [
+        "",
+        "Training GFLOP/s count a step as three forward passes. Peak memory: "
+        + ("peak allocated CUDA memory." if gpu else "peak RSS of a fresh process running two steps."),
+    ]
     rc = result.coding_rate_ms
     if rc:
         speed = rc["direct"] / rc["gram"] if rc["gram"] else math.nan

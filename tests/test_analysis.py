@@ -123,8 +123,10 @@ def test_analyze_on_image_files(tmp_path, capsys) -> None:
     Image.fromarray(data.astronaut()).save(tmp_path / "a.png")
     Image.fromarray(data.camera()).save(tmp_path / "b.jpg")
     out = tmp_path / "out"
-    assert main(["analyze", "crate_debug", "--images", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"),
-                 "-o", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["analyze", "crate_debug", "--images", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "-o", str(out)])
+        == 0
+    )
     data = json.loads((out / "layerwise.json").read_text())
     assert data["crate_debug"]["num_images"] == 2
     assert main(["analyze", "crate_debug", "--data", str(tmp_path / "nothing"), "-o", str(out)]) == 2

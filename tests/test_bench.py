@@ -22,8 +22,9 @@ from cratevit.presets import get_config
 
 
 def tiny_run(**kw):
-    opts = quick_options(models=("reference", "cratevit"), dtypes=("float32",), repeats=1, warmup=0,
-                         coding_rate=False, **kw)  # fmt: skip
+    opts = quick_options(
+        models=("reference", "cratevit"), dtypes=("float32",), repeats=1, warmup=0, coding_rate=False, **kw
+    )
     return run_benchmark(opts)
 
 
@@ -31,7 +32,11 @@ def test_quick_run_rows_ratios_and_flops():
     result = tiny_run()
     cfg = get_config("crate_debug")
     assert [(r.mode, r.model) for r in result.rows] == [
-        ("inference", "reference"), ("inference", "cratevit"), ("train", "reference"), ("train", "cratevit")]  # fmt: skip
+        ("inference", "reference"),
+        ("inference", "cratevit"),
+        ("train", "reference"),
+        ("train", "cratevit"),
+    ]
     for r in result.rows:
         assert r.images_per_s > 0 and r.batch == 4 and len(r.times_s) == 1
         want = forward_flops(cfg, ista_matmuls=3 if r.model == "reference" else 2) / 1e9
@@ -150,10 +155,25 @@ def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
     from cratebench import BenchResult, Row
 
     opts = quick_options(dtypes=("bfloat16",), coding_rate=False)
-    row = Row(mode="train", dtype="bfloat16", model="cratevit", batch=256, images_per_s=1000.0, gflops_per_image=33.0,
-              speedup=1.5, gflops_per_s=98_900.0, peak_fraction=0.2, peak_mib=12_345.0)  # fmt: skip
-    result = BenchResult(options=opts, device_name="NVIDIA H100 80GB HBM3", threads=1,
-                         matmul_peak_gflops={"bfloat16": 600_000.0}, rows=[row])  # fmt: skip
+    row = Row(
+        mode="train",
+        dtype="bfloat16",
+        model="cratevit",
+        batch=256,
+        images_per_s=1000.0,
+        gflops_per_image=33.0,
+        speedup=1.5,
+        gflops_per_s=98_900.0,
+        peak_fraction=0.2,
+        peak_mib=12_345.0,
+    )
+    result = BenchResult(
+        options=opts,
+        device_name="NVIDIA H100 80GB HBM3",
+        threads=1,
+        matmul_peak_gflops={"bfloat16": 600_000.0},
+        rows=[row],
+    )
     result.options.device = "cuda"  # as if measured on the card (no CUDA needed to format)
     table = format_markdown(result)
     assert "on NVIDIA H100 80GB HBM3" in table and "MFU (nominal bf16 peak)" in table

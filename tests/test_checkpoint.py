@@ -17,8 +17,18 @@ def reference_checkpoint(path, module_prefix=True, whole=True, **kw):
     state = ref.state_dict()
     if module_prefix:
         state = {f"module.{k}": v for k, v in state.items()}
-    obj = {"epoch": 100, "arch": "CRATE_small", "state_dict": state, "best_acc1": torch.tensor(70.5),
-           "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}} if whole else state  # fmt: skip
+    obj = (
+        {
+            "epoch": 100,
+            "arch": "CRATE_small",
+            "state_dict": state,
+            "best_acc1": torch.tensor(70.5),
+            "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {"last_epoch": 3},
+        }
+        if whole
+        else state
+    )
     torch.save(obj, path)
     return ref
 

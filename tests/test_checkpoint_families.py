@@ -45,8 +45,17 @@ def optimizer_state(model):
 
 def write_main_py(path, ref, arch="CRATE_debug"):
     """main.py (ImageNet-1K training): DistributedDataParallel keys under 'state_dict', and the run state."""
-    torch.save({"epoch": 90, "arch": arch, "state_dict": prefixed(ref.state_dict()), "best_acc1": torch.tensor(71.3),
-                "optimizer": optimizer_state(ref), "scheduler": {"last_epoch": 89, "base_lrs": [2e-4]}}, path)  # fmt: skip
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": arch,
+            "state_dict": prefixed(ref.state_dict()),
+            "best_acc1": torch.tensor(71.3),
+            "optimizer": optimizer_state(ref),
+            "scheduler": {"last_epoch": 89, "base_lrs": [2e-4]},
+        },
+        path,
+    )
 
 
 def write_finetune_py(path, ref):
@@ -159,8 +168,10 @@ def test_own_checkpoints_and_safetensors_without_config(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-        for path in (save_checkpoint(tmp_path / "run" / "last.pt", model, epoch=1),
-                     save_safetensors(tmp_path / "m.safetensors", model, reference_keys=True)):  # fmt: skip
+        for path in (
+            save_checkpoint(tmp_path / "run" / "last.pt", model, epoch=1),
+            save_safetensors(tmp_path / "m.safetensors", model, reference_keys=True),
+        ):
             assert torch.equal(load_checkpoint(path).eval()(x), want)
         bare = tmp_path / "bare.safetensors"  # no configuration in the metadata: read from the shapes
         save_file(to_reference_keys(model.state_dict()), str(bare))
@@ -204,8 +215,12 @@ def reshape(key_ref, key_ours):
     return edit
 
 
-CASES = [("reference", DEBUG, {}), ("reference-finetune", ODD, {"heads": 4}), ("emergence-demo", DEMO, {"heads": 2}),
-         ("cratevit", DEBUG, {})]  # fmt: skip
+CASES = [
+    ("reference", DEBUG, {}),
+    ("reference-finetune", ODD, {"heads": 4}),
+    ("emergence-demo", DEMO, {"heads": 2}),
+    ("cratevit", DEBUG, {}),
+]
 
 
 @pytest.mark.parametrize(("family", "kw", "extra"), CASES, ids=[c[0] for c in CASES])
@@ -223,8 +238,11 @@ def test_removed_tensor_gets_one_error_naming_the_key(tmp_path, family, kw, extr
 def test_reshaped_tensor_gets_one_error_naming_the_key(tmp_path, family, kw, extra):
     path = damaged(family, kw, tmp_path, reshape("to_patch_embedding.3.weight", "patch_embed.norm_out.weight"))
     dim = kw["dim"]
-    with pytest.raises(CheckpointError, match=rf"shape mismatch patch_embed\.norm_out\.weight: file \(4, {dim // 4}\) "
-                                              rf"vs model \({dim},\)") as err:  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=rf"shape mismatch patch_embed\.norm_out\.weight: file \(4, {dim // 4}\) "
+        rf"vs model \({dim},\)",
+    ) as err:
         load_checkpoint(path, **extra)
     if family != "cratevit":
         prefix = "module." if family != "emergence-demo" else ""
@@ -257,9 +275,21 @@ def test_head_count_ambiguity_is_an_explicit_error(tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["crate_base_demo", "crate_small_21k", "crate_base_21k", "crate_base_768", "crate_tiny", "crate_small",
-     "crate_base", "crate_large", "crate_tiny_patch8", "crate_small_patch8", "crate_base_patch8", "crate_large_patch8"],
-)  # fmt: skip
+    [
+        "crate_base_demo",
+        "crate_small_21k",
+        "crate_base_21k",
+        "crate_base_768",
+        "crate_tiny",
+        "crate_small",
+        "crate_base",
+        "crate_large",
+        "crate_tiny_patch8",
+        "crate_small_patch8",
+        "crate_base_patch8",
+        "crate_large_patch8",
+    ],
+)
 def test_auto_reads_every_zoo_configuration_from_real_size_shapes(name):
     """Full-size state_dicts on the meta device (shapes only, no memory): arch='auto' recovers the preset."""
     with torch.device("meta"):

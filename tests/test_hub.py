@@ -47,8 +47,7 @@ def test_round_trip_gives_identical_outputs_and_config(tmp_path):
 
 
 def test_round_trip_of_the_original_constructor_with_every_field_changed(tmp_path):
-    model = CRATE(32, 8, 6, 48, 2, 3, 16, "mean", 1, 0.0, 0.0, 0.2, lambd=0.05, head_hidden_dim=24,
-                  attn_impl="math")  # fmt: skip
+    model = CRATE(32, 8, 6, 48, 2, 3, 16, "mean", 1, 0.0, 0.0, 0.2, lambd=0.05, head_hidden_dim=24, attn_impl="math")
     assert model.config.name is None
     model.save_pretrained(tmp_path)
     loaded = CRATE.from_pretrained(str(tmp_path))

@@ -44,8 +44,12 @@ class ImportGraph:
         return parts[1] if len(parts) > 1 else "__init__"
 
     def room_arrows(self) -> set[tuple[str, str]]:
-        return {(self.room(a), self.room(b)) for a, targets in self.edges.items() for b in targets
-                if self.room(a) != self.room(b)}  # fmt: skip
+        return {
+            (self.room(a), self.room(b))
+            for a, targets in self.edges.items()
+            for b in targets
+            if self.room(a) != self.room(b)
+        }
 
 
 def _module_name(path: Path, src: Path) -> str:
@@ -210,17 +214,20 @@ def _fake_package(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checker_finds_a_circle_an_upward_import_and_a_foreign_model_import(tmp_path):
-    src = _fake_package(tmp_path, {
-        "__init__.py": "",
-        "models/__init__.py": "import numpy\nfrom ..errors import E\n",
-        "errors.py": "class E(Exception):\n    pass\n",
-        "presets.py": "from .models import x\n",
-        "checkpoint/__init__.py": "from .read import r\n",
-        "checkpoint/read.py": "def r():\n    from ..cli import main  # upward, inside a function\n",
-        "cli/__init__.py": "from ..checkpoint import read\n",
-        "a.py": "from . import b\n",
-        "b.py": "import fake.a\n",
-    })  # fmt: skip
+    src = _fake_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "models/__init__.py": "import numpy\nfrom ..errors import E\n",
+            "errors.py": "class E(Exception):\n    pass\n",
+            "presets.py": "from .models import x\n",
+            "checkpoint/__init__.py": "from .read import r\n",
+            "checkpoint/read.py": "def r():\n    from ..cli import main  # upward, inside a function\n",
+            "cli/__init__.py": "from ..checkpoint import read\n",
+            "a.py": "from . import b\n",
+            "b.py": "import fake.a\n",
+        },
+    )
     fake = build_graph(src, "fake")
     assert find_cycles(fake.edges) == [["fake.a", "fake.b"], ["fake.checkpoint.read", "fake.cli"]]
     layers = [{"errors"}, {"models"}, {"presets"}, {"checkpoint"}, {"cli", "__init__", "a", "b"}]

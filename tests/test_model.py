@@ -36,8 +36,9 @@ def test_exact_parameter_counts(name):
 
 def test_readme_constructor_tiny():
     dim, n_heads, depth = 384, 6, 12
-    model = CRATE(image_size=224, patch_size=16, num_classes=1000, dim=dim, depth=depth, heads=n_heads,
-                  dim_head=dim // n_heads)  # fmt: skip
+    model = CRATE(
+        image_size=224, patch_size=16, num_classes=1000, dim=dim, depth=depth, heads=n_heads, dim_head=dim // n_heads
+    )
     assert model.num_params() == EXACT_PARAMS["crate_tiny"]
 
 
@@ -60,8 +61,10 @@ def test_reference_names_resolve():
         create_model("crate_huge")
 
 
-@pytest.mark.parametrize("kw", [{}, {"pool": "mean"}, {"image_size": (32, 48), "patch_size": (8, 4)},
-                                {"heads": 1, "dim_head": 64}, {"ista": 0.3}])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"pool": "mean"}, {"image_size": (32, 48), "patch_size": (8, 4)}, {"heads": 1, "dim_head": 64}, {"ista": 0.3}],
+)
 def test_fast_path_equals_reference_float32(kw):
     ref, model = paired(**kw)
     h, w = small_kwargs(**kw)["image_size"] if isinstance(kw.get("image_size"), tuple) else (32, 32)

@@ -39,8 +39,18 @@ def test_debug_model_matches_onnxruntime_with_a_dynamic_batch(tmp_path):
 
 
 def test_two_stage_head_mean_pool_and_explicit_attention(tmp_path):
-    model = CRATE(image_size=(32, 48), patch_size=8, num_classes=4, dim=48, depth=2, heads=3, dim_head=16,
-                  pool="mean", head_hidden_dim=24, attn_impl="math")  # fmt: skip
+    model = CRATE(
+        image_size=(32, 48),
+        patch_size=8,
+        num_classes=4,
+        dim=48,
+        depth=2,
+        heads=3,
+        dim_head=16,
+        pool="mean",
+        head_hidden_dim=24,
+        attn_impl="math",
+    )
     path = export_onnx(model, tmp_path / "variant.onnx", batch_size=3)
     diffs = verify_onnx(model, path, batch_sizes=(3, 2))
     assert set(diffs) == {3, 2} and max(diffs.values()) <= ATOL

@@ -41,8 +41,9 @@ def test_iou() -> None:
 
 def test_crate_and_timm_maps_have_the_same_layout() -> None:
     crate = create_model("crate_debug", image_size=32, patch_size=8).eval()
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                            num_classes=6).eval()  # fmt: skip
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=6
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     for model in (crate, vit):
         maps = attention_maps(model, x, -1)
@@ -98,12 +99,20 @@ def test_voc_folder(tmp_path) -> None:
 
 def test_segeval_command_shapes_voc_and_vit(tmp_path, capsys) -> None:
     torch.manual_seed(1)
-    ckpt = save_checkpoint(tmp_path / "crate.pt", create_model("crate_debug", image_size=32, patch_size=8,
-                                                               num_classes=6))  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp_path / "crate.pt", create_model("crate_debug", image_size=32, patch_size=8, num_classes=6)
+    )
     vit = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=6)  # 64 wide, 6 deep, 2 heads
     vit_ckpt = tmp_path / "vit.pt"
-    torch.save({"format": "timm", "arch": "test_vit", "model": vit.state_dict(),
-                "train_config": {"data": "shapes", "image_size": 32, "patch_size": 8}}, vit_ckpt)  # fmt: skip
+    torch.save(
+        {
+            "format": "timm",
+            "arch": "test_vit",
+            "model": vit.state_dict(),
+            "train_config": {"data": "shapes", "image_size": 32, "patch_size": 8},
+        },
+        vit_ckpt,
+    )
     assert isinstance(load_vision_model(str(vit_ckpt)), timm.models.VisionTransformer)
     out = tmp_path / "seg"
     assert main(["segeval", str(ckpt), str(vit_ckpt), "--with-random", "--num-images", "10", "-o", str(out)]) == 0

@@ -16,8 +16,9 @@ SIZE, PATCH = 32, 8
 
 
 def _tensors(ds: ShapesDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack([torch.from_numpy(np.asarray(ds[i][0], dtype=np.float32) / 255).permute(2, 0, 1)
-                     for i in range(len(ds))])  # fmt: skip
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(ds[i][0], dtype=np.float32) / 255).permute(2, 0, 1) for i in range(len(ds))]
+    )
     return (x - 0.5) / 0.5, torch.tensor(ds.targets)
 
 
@@ -33,8 +34,9 @@ def test_trained_crate_attention_segments_clearly_better_than_random_init() -> N
     torch.set_num_threads(1)  # small matrices: one thread is as fast and immune to oversubscribed CPUs
     try:
         torch.manual_seed(0)
-        model = create_model("crate_debug", num_classes=6, dim=64, depth=4, heads=4, dim_head=16, image_size=SIZE,
-                             patch_size=PATCH)  # fmt: skip
+        model = create_model(
+            "crate_debug", num_classes=6, dim=64, depth=4, heads=4, dim_head=16, image_size=SIZE, patch_size=PATCH
+        )
         val = list(shapes_samples("val", 120, SIZE, seed=0))
         random_miou = _miou(model, val)
         x, y = _tensors(ShapesDataset("train", 3000, SIZE, seed=0))

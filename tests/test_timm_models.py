@@ -70,8 +70,16 @@ def test_create_model_small_with_ten_classes():
 
 
 def test_timm_keyword_arguments_map_onto_the_config():
-    model = timm.create_model("crate_debug_patch8_32", num_classes=3, img_size=48, in_chans=1, global_pool="avg",
-                              drop_rate=0.2, pos_drop_rate=0.1, ista=0.3)  # fmt: skip
+    model = timm.create_model(
+        "crate_debug_patch8_32",
+        num_classes=3,
+        img_size=48,
+        in_chans=1,
+        global_pool="avg",
+        drop_rate=0.2,
+        pos_drop_rate=0.1,
+        ista=0.3,
+    )
     cfg = model.config
     assert (cfg.num_classes, cfg.image_size, cfg.channels, cfg.pool) == (3, (48, 48), 1, "mean")
     assert (cfg.dropout, cfg.emb_dropout, cfg.ista) == (0.2, 0.1, 0.3)
@@ -140,8 +148,14 @@ def test_grad_checkpointing_gives_the_same_gradients():
 def test_resolve_data_config_and_create_transform_224():
     model = timm.create_model("crate_tiny_patch16_224")
     data_cfg = timm.data.resolve_data_config(model=model)
-    assert data_cfg == {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
-                        "std": IMAGENET_STD, "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    assert data_cfg == {
+        "input_size": (3, 224, 224),
+        "interpolation": "bilinear",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     transform = timm.data.create_transform(**data_cfg)
     # the reference evaluation: Resize(256) (bilinear) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet)
     steps = [type(t).__name__ for t in transform.transforms]
@@ -151,8 +165,15 @@ def test_resolve_data_config_and_create_transform_224():
     assert x.shape == (3, 224, 224)
     from torchvision.transforms import v2
 
-    expected = v2.Compose([v2.Resize(256), v2.CenterCrop(224), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(Image.fromarray(rgb))  # fmt: skip
+    expected = v2.Compose(
+        [
+            v2.Resize(256),
+            v2.CenterCrop(224),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )(Image.fromarray(rgb))
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
     train = timm.data.create_transform(**data_cfg, is_training=True)
     assert train(Image.fromarray(rgb)).shape == (3, 224, 224)
@@ -186,8 +207,9 @@ def test_reference_weights_load_through_timm_pretrained_cfg_overlay(tmp_path):
     with torch.no_grad():
         assert (model.eval()(x) - ref(x)).abs().max().item() <= 1e-5
     # a new class count keeps the body and re-initialises the head
-    five = timm.create_model("crate_debug_patch8_32", pretrained=True, num_classes=5,
-                             pretrained_cfg_overlay={"file": str(path)})  # fmt: skip
+    five = timm.create_model(
+        "crate_debug_patch8_32", pretrained=True, num_classes=5, pretrained_cfg_overlay={"file": str(path)}
+    )
     torch.testing.assert_close(five.blocks[0].ista.dictionary, model.blocks[0].ista.dictionary)
     assert five.get_classifier().out_features == 5
 
@@ -204,8 +226,13 @@ def test_our_checkpoint_loads_through_timm_checkpoint_path(tmp_path):
 def test_checkpoint_filter_fn_accepts_each_layout():
     ref = ReferenceCRATE(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16)
     ours = create_model("crate_debug").state_dict()
-    for state in (ours, {"model": ours}, {"module." + k: v for k, v in ours.items()}, ref.state_dict(),
-                  {"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}):  # fmt: skip
+    for state in (
+        ours,
+        {"model": ours},
+        {"module." + k: v for k, v in ours.items()},
+        ref.state_dict(),
+        {"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}},
+    ):
         assert set(checkpoint_filter_fn(state)) == set(ours)
 
 

@@ -39,8 +39,13 @@ def photos(tmp_path_factory) -> dict[str, object]:
 
 
 def test_load_image_modes(photos) -> None:
-    sizes = {"astronaut": (512, 512), "chelsea": (451, 300), "camera": (512, 512), "coffee": (600, 400),
-             "rocket": (300, 180)}  # fmt: skip
+    sizes = {
+        "astronaut": (512, 512),
+        "chelsea": (451, 300),
+        "camera": (512, 512),
+        "coffee": (600, 400),
+        "rocket": (300, 180),
+    }
     for name, size in sizes.items():
         img = load_image(photos[name])
         assert img.mode == "RGB" and img.size == size
@@ -107,8 +112,9 @@ def test_pca_maps_and_foreground() -> None:
 @pytest.mark.slow
 def test_attention_command_on_photos(tmp_path, photos, capsys) -> None:
     torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("crate_debug", image_size=64, patch_size=16,
-                                                             heads=3, dim_head=16, dim=48))  # fmt: skip
+    ckpt = save_checkpoint(
+        tmp_path / "tiny.pt", create_model("crate_debug", image_size=64, patch_size=16, heads=3, dim_head=16, dim=48)
+    )
     out = tmp_path / "att"
     names = ["astronaut", "chelsea", "camera", "coffee", "rocket"]
     assert main(["attention", str(ckpt), *[str(photos[n]) for n in names], "-o", str(out), "--size", "96"]) == 0
@@ -183,8 +189,15 @@ def test_attention_and_pca_of_a_timm_vit_checkpoint(tmp_path, photos, capsys) ->
 
     vit = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=6)
     ckpt = tmp_path / "vit.pt"
-    torch.save({"format": "timm", "arch": "test_vit", "model": vit.state_dict(),
-                "train_config": {"data": "shapes", "image_size": 32, "patch_size": 8}}, ckpt)  # fmt: skip
+    torch.save(
+        {
+            "format": "timm",
+            "arch": "test_vit",
+            "model": vit.state_dict(),
+            "train_config": {"data": "shapes", "image_size": 32, "patch_size": 8},
+        },
+        ckpt,
+    )
     out = tmp_path / "vit-att"
     assert main(["attention", str(ckpt), str(photos["chelsea"]), "-o", str(out)]) == 0
     info = json.loads((out / "attention.json").read_text())

@@ -23,8 +23,16 @@ PUBLISHED = (
 
 def test_zoo_lists_every_released_family_with_its_configuration():
     names = [e.name for e in ZOO]
-    assert names == ["crate_tiny", "crate_small", "crate_base", "crate_large", "crate_base_demo", "crate_small_21k",
-                     "crate_base_21k", "crate_base_768"]  # fmt: skip
+    assert names == [
+        "crate_tiny",
+        "crate_small",
+        "crate_base",
+        "crate_large",
+        "crate_base_demo",
+        "crate_small_21k",
+        "crate_base_21k",
+        "crate_base_768",
+    ]
     demo = get_entry("CRATE_base_demo").config
     assert (demo.dim, demo.depth, demo.heads, demo.dim_head, demo.head_hidden_dim) == (768, 12, 6, 128, 768)
     assert demo.patch_size == (8, 8) and demo.image_size == (224, 224) and demo.num_classes == 21842
@@ -50,8 +58,12 @@ def test_parameter_counts_are_exact():
     # + pre_logits 590,592 + head 16,796,498
     assert get_entry("crate_base_demo").params == 39_422_162
     assert get_entry("crate_tiny").params == 6_090_856
-    for cfg in (get_config("crate_debug"), CRATEConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2,
-                                                       dim_head=16, num_classes=5, head_hidden_dim=24)):  # fmt: skip
+    for cfg in (
+        get_config("crate_debug"),
+        CRATEConfig(
+            image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, num_classes=5, head_hidden_dim=24
+        ),
+    ):
         assert count_params(cfg) == CRATE(config=cfg).num_params()
     ref = ReferenceCRATE(image_size=224, patch_size=8, num_classes=21842, dim=384, depth=12, heads=6, dim_head=64)
     assert get_entry("crate_small_21k").params == sum(p.numel() for p in ref.parameters())

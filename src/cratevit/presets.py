@@ -57,8 +57,13 @@ class Preprocessing:
     interpolation: str = "bilinear"  # torchvision's default, which the reference used
 
     def to_cfg(self) -> dict[str, Any]:
-        return {"mean": tuple(self.mean), "std": tuple(self.std), "crop_pct": self.crop_pct,
-                "crop_mode": "center", "interpolation": self.interpolation}  # fmt: skip
+        return {
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "interpolation": self.interpolation,
+        }
 
 
 IMAGENET = Preprocessing()
@@ -106,8 +111,16 @@ def register_preset(
     return cfg
 
 
-def _vit(name: str, dim: int, heads: int, depth: int, patch: int = 16, image: int = 224,
-         preprocessing: Preprocessing | None = None, **kw: Any) -> None:  # fmt: skip
+def _vit(
+    name: str,
+    dim: int,
+    heads: int,
+    depth: int,
+    patch: int = 16,
+    image: int = 224,
+    preprocessing: Preprocessing | None = None,
+    **kw: Any,
+) -> None:
     register_preset(
         name,
         CRATEConfig(image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw),

@@ -46,29 +46,72 @@ class ZooEntry:
 
 
 ZOO: tuple[ZooEntry, ...] = (
-    ZooEntry("crate_tiny", "CRATE-T/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_small", "CRATE-S/16", "ImageNet-1K (1000 classes)", CRATE_S_WEIGHTS, "emergence-demo",
-             note="the README's download link, reported unreachable since 2025 (CRATE issue #30); the original "
-                  "finetune.py reads this file's weights from its 'model' entry without prefix"),
-    ZooEntry("crate_base", "CRATE-B/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_large", "CRATE-L/16", "ImageNet-1K (1000 classes)", f"not released (README: TODO); {CRATE_REPO}",
-             "reference"),
-    ZooEntry("crate_base_demo", "CRATE-B/8 demo", "ImageNet-21k (21,842 classes)", EMERGENCE_NOTEBOOK,
-             "emergence-demo", source=EMERGENCE_CODE,
-             note="the segmentation-emergence demo model: 6 heads of 128, head LayerNorm -> Linear(768, 768) -> "
-                  "Linear(768, 21842); weights distributed through the README's emergence demo notebook"),
-    ZooEntry("crate_small_21k", "CRATE-S/8 21k", "ImageNet-21k (21,842 classes)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE),
-    ZooEntry("crate_base_21k", "CRATE-B/8 21k", "ImageNet-21k (21,842 classes)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE),
-    ZooEntry("crate_base_768", "CRATE-B/8 768", "not stated (768-way head; a feature extractor)",
-             f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}", "emergence-demo",
-             source=EMERGENCE_CODE, note="like crate_base_21k with a 768-way head"),
-)  # fmt: skip
+    ZooEntry(
+        "crate_tiny",
+        "CRATE-T/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_small",
+        "CRATE-S/16",
+        "ImageNet-1K (1000 classes)",
+        CRATE_S_WEIGHTS,
+        "emergence-demo",
+        note="the README's download link, reported unreachable since 2025 (CRATE issue #30); the original "
+        "finetune.py reads this file's weights from its 'model' entry without prefix",
+    ),
+    ZooEntry(
+        "crate_base",
+        "CRATE-B/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_large",
+        "CRATE-L/16",
+        "ImageNet-1K (1000 classes)",
+        f"not released (README: TODO); {CRATE_REPO}",
+        "reference",
+    ),
+    ZooEntry(
+        "crate_base_demo",
+        "CRATE-B/8 demo",
+        "ImageNet-21k (21,842 classes)",
+        EMERGENCE_NOTEBOOK,
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+        note="the segmentation-emergence demo model: 6 heads of 128, head LayerNorm -> Linear(768, 768) -> "
+        "Linear(768, 21842); weights distributed through the README's emergence demo notebook",
+    ),
+    ZooEntry(
+        "crate_small_21k",
+        "CRATE-S/8 21k",
+        "ImageNet-21k (21,842 classes)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+    ),
+    ZooEntry(
+        "crate_base_21k",
+        "CRATE-B/8 21k",
+        "ImageNet-21k (21,842 classes)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+    ),
+    ZooEntry(
+        "crate_base_768",
+        "CRATE-B/8 768",
+        "not stated (768-way head; a feature extractor)",
+        f"see the CRATE repository README and its emergence notebook; {CRATE_REPO}",
+        "emergence-demo",
+        source=EMERGENCE_CODE,
+        note="like crate_base_21k with a 768-way head",
+    ),
+)
 
 
 def count_params(cfg: CRATEConfig) -> int:
@@ -100,7 +143,16 @@ def get_entry(name: str) -> ZooEntry:
 def zoo_rows() -> list[dict[str, Any]]:
     """The zoo as plain dicts (for JSON and tables)."""
     return [
-        {"name": e.name, "title": e.title, "config": describe_config(e.config), "params": e.params,
-         "trained_on": e.trained_on, "weights": e.weights, "family": e.family, "source": e.source, "note": e.note}
+        {
+            "name": e.name,
+            "title": e.title,
+            "config": describe_config(e.config),
+            "params": e.params,
+            "trained_on": e.trained_on,
+            "weights": e.weights,
+            "family": e.family,
+            "source": e.source,
+            "note": e.note,
+        }
         for e in ZOO
-    ]  # fmt: skip
+    ]

@@ -134,6 +134,8 @@ def prepare(
     elif mode == "model":
         how = f"resized {original[1]}x{original[0]} -> {w}x{h}"
     else:
-        how = (f"resized {original[1]}x{original[0]} -> {w}x{h} keeping the aspect ratio; positional embedding "
-               f"interpolated (bicubic) from {model_size[1]}x{model_size[0]}")  # fmt: skip
+        how = (
+            f"resized {original[1]}x{original[0]} -> {w}x{h} keeping the aspect ratio; positional embedding "
+            f"interpolated (bicubic) from {model_size[1]}x{model_size[0]}"
+        )
     return Prepared(x, resized, original, (h, w), how)

@@ -173,8 +173,15 @@ def layerwise_stats(
         for batch in batches:
             trace = model.forward_trace(batch)
             rc_in.append(torch.stack([compression(t.proj, eps) for t in trace.layers], dim=1))
-            rc_half.append(torch.stack([compression(_project(block, t.z_half), eps)
-                                        for block, t in zip(model.blocks, trace.layers, strict=True)], dim=1))  # fmt: skip
+            rc_half.append(
+                torch.stack(
+                    [
+                        compression(_project(block, t.z_half), eps)
+                        for block, t in zip(model.blocks, trace.layers, strict=True)
+                    ],
+                    dim=1,
+                )
+            )
             sparse.append(torch.stack([sparsity(t.z_out) for t in trace.layers], dim=1))
     finally:
         model.train(was_training)

@@ -249,8 +249,10 @@ class SegEvalResult:
         }
 
     def per_image(self) -> list[dict[str, Any]]:
-        return [{"image": n, "iou_attention": a, "iou_pca": p, "iou_heads": h}
-                for n, a, p, h in zip(self.names, self.attention, self.pca, self.per_head, strict=True)]  # fmt: skip
+        return [
+            {"image": n, "iou_attention": a, "iou_pca": p, "iou_heads": h}
+            for n, a, p, h in zip(self.names, self.attention, self.pca, self.per_head, strict=True)
+        ]
 
 
 def _to_gt(mask: Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -305,10 +307,12 @@ def evaluate(
             shape = sample.foreground.shape
             pca_mask = torch.from_numpy(first_component_foreground(_pca_first_component(feat)))
             result.names.append(sample.name)
-            result.attention.append(iou(_to_gt(mass_mask(head_maps.mean(0), threshold), shape), sample.foreground,
-                                        sample.ignore))  # fmt: skip
-            result.per_head.append([iou(_to_gt(m, shape), sample.foreground, sample.ignore)
-                                    for m in mass_mask(head_maps, threshold)])  # fmt: skip
+            result.attention.append(
+                iou(_to_gt(mass_mask(head_maps.mean(0), threshold), shape), sample.foreground, sample.ignore)
+            )
+            result.per_head.append(
+                [iou(_to_gt(m, shape), sample.foreground, sample.ignore) for m in mass_mask(head_maps, threshold)]
+            )
             result.pca.append(iou(_to_gt(pca_mask, shape), sample.foreground, sample.ignore))
         if progress is not None:
             progress(len(result.names))

@@ -200,8 +200,15 @@ def layerwise_figure(
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for label, rows in series.items():
-        ax.errorbar([r["layer"] for r in rows], [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows],
-                    marker="o", ms=4, capsize=3, label=label)  # fmt: skip
+        ax.errorbar(
+            [r["layer"] for r in rows],
+            [r[f"{key}_mean"] for r in rows],
+            yerr=[r[f"{key}_std"] for r in rows],
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=label,
+        )
     ax.set_xlabel("layer index")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

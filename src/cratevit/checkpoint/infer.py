@@ -63,18 +63,25 @@ def _head_count(dims: dict[str, Any], heads: int | None, presets: Mapping[str, C
     if heads is not None:
         if heads <= 0 or inner % heads:
             divisors = [h for h in range(1, inner + 1) if inner % h == 0][:12]
-            raise CheckpointError(f"{where}heads={heads} does not divide the {inner}-wide subspace projection; "
-                                  f"choose one of {divisors}")  # fmt: skip
+            raise CheckpointError(
+                f"{where}heads={heads} does not divide the {inner}-wide subspace projection; choose one of {divisors}"
+            )
         return heads
     if not dims["out_proj"] and inner == dim:
         return 1
     two_stage = dims["head_hidden_dim"] is not None
-    same = {n: p.heads for n, p in presets.items()
-            if (p.dim, p.depth, p.inner_dim, p.head_hidden_dim is not None) == (dim, dims["depth"], inner, two_stage)}  # fmt: skip
+    same = {
+        n: p.heads
+        for n, p in presets.items()
+        if (p.dim, p.depth, p.inner_dim, p.head_hidden_dim is not None) == (dim, dims["depth"], inner, two_stage)
+    }
     if len(set(same.values())) == 1:
         return next(iter(same.values()))
-    why = (f"presets of these shapes disagree ({', '.join(f'{n}: {h}' for n, h in sorted(same.items()))})" if same
-           else f"no preset has dim {dim}, depth {dims['depth']} and a {inner}-wide projection")  # fmt: skip
+    why = (
+        f"presets of these shapes disagree ({', '.join(f'{n}: {h}' for n, h in sorted(same.items()))})"
+        if same
+        else f"no preset has dim {dim}, depth {dims['depth']} and a {inner}-wide projection"
+    )
     examples = [f"{h}x{inner // h}" for h in (1, 2, 3, 4, 6, 8, 12, 16) if inner % h == 0 and inner // h >= 8][-4:]
     raise CheckpointError(
         f"{source or 'the checkpoint'} does not record its architecture; pass arch= (a preset name such as 'crate_small') "
@@ -122,10 +129,16 @@ def infer_config(
     }
     n_heads = _head_count(dims, heads, presets, source)
     cfg = CRATEConfig(
-        image_size=grid * patch, patch_size=patch, channels=channels, dim=dim, depth=dims["depth"], heads=n_heads,
-        dim_head=dims["inner_dim"] // n_heads, head_hidden_dim=dims["head_hidden_dim"],
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        dim=dim,
+        depth=dims["depth"],
+        heads=n_heads,
+        dim_head=dims["inner_dim"] // n_heads,
+        head_hidden_dim=dims["head_hidden_dim"],
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
-    )  # fmt: skip
+    )
     match = next((n for n, p in presets.items() if p == cfg), None)
     return cfg.replace(name=match)
 

@@ -70,9 +70,12 @@ def load_state_dict_strict(
                 del state[k]
     missing = [k for k in own if k not in state and not (drop_head and k in HEAD_KEYS)]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             + (f" ({name_in_file(k)} in the file)" if name_in_file and name_in_file(k) != k else "")
-             for k in state if k in own and state[k].shape != own[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        + (f" ({name_in_file(k)} in the file)" if name_in_file and name_in_file(k) != k else "")
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -83,9 +86,12 @@ def load_state_dict_strict(
                 names = [name_in_file(k) for k in keys[:6]] if name_in_file else keys[:6]
                 if names != keys[:6]:
                     parts[-1] += f" (in the file: {names})"
-        hint = hint or ("the checkpoint is for another architecture; build the matching preset, or load it with "
-                        "load_checkpoint(path, arch='auto')" if not drop_head
-                        else "the checkpoint body does not match this architecture")  # fmt: skip
+        hint = hint or (
+            "the checkpoint is for another architecture; build the matching preset, or load it with "
+            "load_checkpoint(path, arch='auto')"
+            if not drop_head
+            else "the checkpoint body does not match this architecture"
+        )
         only_head = not missing and not unexpected and all(w.split(":")[0] in HEAD_KEYS for w in wrong)
         if only_head:
             hint = "the classifier has another class count; pass drop_head=True (or num_classes=) to re-initialise it"
@@ -130,8 +136,10 @@ def _misfit_hint(arch: Any, stored: Any, meta: Mapping[str, Any]) -> str | None:
     if arch is not None and arch != "auto":
         return None
     if arch is None and stored is None and recorded_preset(meta) is not None:
-        return (f"the file's arch entry {meta['arch']!r} does not fit its tensors: the file is damaged, or load it "
-                f"with load_checkpoint(path, arch='auto') to read the architecture from the shapes")  # fmt: skip
+        return (
+            f"the file's arch entry {meta['arch']!r} does not fit its tensors: the file is damaged, or load it "
+            f"with load_checkpoint(path, arch='auto') to read the architecture from the shapes"
+        )
     return "the file is damaged or incomplete: its tensors do not match the architecture it describes"
 
 

@@ -244,8 +244,14 @@ def read_folder(
         raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; save the model again")
     state, _, _ = read_checkpoint(weights)
     cfg = config_from_dict(data["model_args"], data["model_type"])
-    meta = {"family": "cratevit-safetensors", "model_family": data["model_type"], "layout": "cratevit",
-            "key_prefix": "", "pretrained_cfg": data.get("pretrained_cfg"), "hub_config": data}  # fmt: skip
+    meta = {
+        "family": "cratevit-safetensors",
+        "model_family": data["model_type"],
+        "layout": "cratevit",
+        "key_prefix": "",
+        "pretrained_cfg": data.get("pretrained_cfg"),
+        "hub_config": data,
+    }
     return state, cfg, meta
 
 

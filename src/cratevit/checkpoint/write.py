@@ -70,9 +70,15 @@ def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
 
 def checkpoint_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """Our checkpoint layout: format tag, family, configuration, preprocessing, weights, and what the caller adds."""
-    return {"format": FORMAT, "format_version": 1, "model_family": family_for(model).name,
-            "config": model.config.to_dict(), "pretrained_cfg": _pretrained_cfg(model),
-            "model": model.state_dict(), **extra}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "format_version": 1,
+        "model_family": family_for(model).name,
+        "config": model.config.to_dict(),
+        "pretrained_cfg": _pretrained_cfg(model),
+        "model": model.state_dict(),
+        **extra,
+    }
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
@@ -89,8 +95,12 @@ def save_safetensors(path: str | Path, model: nn.Module, reference_keys: bool = 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if reference_keys:
         state = to_reference_keys(state, family)
-    metadata = {"format": FORMAT, "model_family": family, "config": json.dumps(model.config.to_dict()),
-                "pretrained_cfg": json.dumps(_pretrained_cfg(model))}  # fmt: skip
+    metadata = {
+        "format": FORMAT,
+        "model_family": family,
+        "config": json.dumps(model.config.to_dict()),
+        "pretrained_cfg": json.dumps(_pretrained_cfg(model)),
+    }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return path

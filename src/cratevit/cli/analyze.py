@@ -10,14 +10,24 @@ HELP = "per-layer coding rate R^c and sparsity of a CRATE over images (CSV, JSON
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", metavar="CKPT",
-                   help="checkpoint files or preset names (random weights); all are drawn on the same axes")  # fmt: skip
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint files or preset names (random weights); all are drawn on the same axes",
+    )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
-    p.add_argument("--with-random", action="store_true",
-                   help="also measure the first model's architecture at random initialisation (seed --seed)")  # fmt: skip
-    p.add_argument("--data", default="digits",
-                   help="'digits' (the built-in held-out digits), 'shapes', or a folder of images (searched "
-                        "recursively, e.g. an ImageFolder)")  # fmt: skip
+    p.add_argument(
+        "--with-random",
+        action="store_true",
+        help="also measure the first model's architecture at random initialisation (seed --seed)",
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (the built-in held-out digits), 'shapes', or a folder of images (searched "
+        "recursively, e.g. an ImageFolder)",
+    )
     p.add_argument("--images", nargs="+", type=Path, default=None, help="image files to use instead of --data")
     p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -27,8 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
     )
     p.add_argument("--eps", type=float, default=0.01, help="eps of the coding rate")
-    p.add_argument("--plot-rc", choices=("rc_in", "rc_half"), default="rc_in",
-                   help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV")  # fmt: skip
+    p.add_argument(
+        "--plot-rc",
+        choices=("rc_in", "rc_half"),
+        default="rc_in",
+        help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV",
+    )
 
 
 def _label(spec: str, used: set[str]) -> str:
@@ -113,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
         stats.meta = {"model": spec, "images": what, "architecture": model.config.to_dict()}
         results[label] = stats
         last = stats.rows()[-1]
-        print(f"{label}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
-              f"non-zeros {last['sparsity_mean']:.3f}")  # fmt: skip
+        print(
+            f"{label}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
+            f"non-zeros {last['sparsity_mean']:.3f}"
+        )
     rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
     with (args.out / "layerwise.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -123,9 +139,17 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
     series = {label: stats.rows() for label, stats in results.items()}
     where = "Z^l (MSSA input)" if args.plot_rc == "rc_in" else "Z^{l+1/2} (after MSSA)"
-    save_figure(layerwise_figure(series, args.plot_rc, f"compression R^c of {where}",
-                                 "coding rate per layer (lower: more compressed)"), args.out / "compression")  # fmt: skip
-    save_figure(layerwise_figure(series, "sparsity", "fraction of non-zeros of Z^{l+1}",
-                                 "sparsity of the ISTA output (lower: sparser)"), args.out / "sparsity")  # fmt: skip
+    save_figure(
+        layerwise_figure(
+            series, args.plot_rc, f"compression R^c of {where}", "coding rate per layer (lower: more compressed)"
+        ),
+        args.out / "compression",
+    )
+    save_figure(
+        layerwise_figure(
+            series, "sparsity", "fraction of non-zeros of Z^{l+1}", "sparsity of the ISTA output (lower: sparser)"
+        ),
+        args.out / "sparsity",
+    )
     print(f"wrote {args.out}/layerwise.csv, layerwise.json, compression.png/pdf, sparsity.png/pdf")
     return 0

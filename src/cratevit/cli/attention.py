@@ -11,9 +11,13 @@ HELP = "per-head [CLS] attention maps of images: heat maps, top-mass masks, over
 
 def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared with ``cratevit pca``: ``[CKPT] IMAGE...``, ``--checkpoint``, sizes, layer, output."""
-    p.add_argument("inputs", nargs="+", metavar="[CKPT] IMAGE",
-                   help="a checkpoint file (or a preset name: random weights) followed by image files or folders; "
-                        "without the checkpoint when --checkpoint is given")  # fmt: skip
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[CKPT] IMAGE",
+        help="a checkpoint file (or a preset name: random weights) followed by image files or folders; "
+        "without the checkpoint when --checkpoint is given",
+    )
     p.add_argument("--checkpoint", default=None, metavar="FILE", help="the checkpoint (instead of the first input)")
     p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
     p.add_argument(
@@ -21,9 +25,13 @@ def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--layer", type=int, default=-1, help="layer index (0-based; negative counts from the end)")
-    p.add_argument("--resize", choices=("keep-aspect", "model"), default="keep-aspect",
-                   help="keep-aspect: scale the shorter side to --size and interpolate the positional embedding; "
-                        "model: resize to the model's training size")  # fmt: skip
+    p.add_argument(
+        "--resize",
+        choices=("keep-aspect", "model"),
+        default="keep-aspect",
+        help="keep-aspect: scale the shorter side to --size and interpolate the positional embedding; "
+        "model: resize to the model's training size",
+    )
     p.add_argument("--size", type=int, default=None, help="shorter side for keep-aspect (default: the model's size)")
     p.add_argument(
         "--mean",
@@ -133,10 +141,25 @@ def run(args: argparse.Namespace) -> int:
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
         title = f"{path.name}: layer {args.layer % len(model.blocks)}, top {args.threshold:.0%} of attention mass"
         save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
-        records.append({"image": str(path), "folder": str(folder), "preprocessing": prep.how,
-                        "input_size": list(prep.input_size), "grid": list(maps.shape[1:]), "heads": int(maps.shape[0])})  # fmt: skip
+        records.append(
+            {
+                "image": str(path),
+                "folder": str(folder),
+                "preprocessing": prep.how,
+                "input_size": list(prep.input_size),
+                "grid": list(maps.shape[1:]),
+                "heads": int(maps.shape[0]),
+            }
+        )
         print(f"{path}: {maps.shape[0]} heads, {prep.how} -> {folder}")
-    info = {"checkpoint": spec, "layer": args.layer, "threshold": args.threshold, "mean": mean, "std": std,
-            "maps": "class-token attention to each patch, upsampled (nearest) to the image size", "images": records}  # fmt: skip
+    info = {
+        "checkpoint": spec,
+        "layer": args.layer,
+        "threshold": args.threshold,
+        "mean": mean,
+        "std": std,
+        "maps": "class-token attention to each patch, upsampled (nearest) to the image size",
+        "images": records,
+    }
     (args.out / "attention.json").write_text(json.dumps(info, indent=2))
     return 0

@@ -19,11 +19,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="inference batch size (default 32; 256 with --gpu)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch size (default 16; 256 with --gpu)")
-    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
-                   help="dtypes to time; bfloat16 runs under autocast (default both; bfloat16 with --gpu)")  # fmt: skip
-    p.add_argument("--models", nargs="+", default=None,
-                   help="rows of the table: reference, cratevit, cratevit+compile (torch.compile) and timm vit_* "
-                        "names (default: all three and vit_tiny_patch16_224, vit_small_patch16_224)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="dtypes to time; bfloat16 runs under autocast (default both; bfloat16 with --gpu)",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="rows of the table: reference, cratevit, cratevit+compile (torch.compile) and timm vit_* "
+        "names (default: all three and vit_tiny_patch16_224, vit_small_patch16_224)",
+    )
     p.add_argument("--modes", nargs="+", choices=("inference", "train"), default=None, help="default both")
     p.add_argument("--no-compile", action="store_true", help="drop the cratevit+compile row (saves ~2 minutes)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (median reported)")
@@ -31,8 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the training peak-memory probes")
     p.add_argument("--no-coding-rate", action="store_true", help="skip the R^c timing")
-    p.add_argument("--gpu", action="store_true",
-                   help="the GPU comparison: CRATE-B, bfloat16, batch 256, vs the reference and ViT-B/16, with MFU")  # fmt: skip
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU comparison: CRATE-B, bfloat16, batch 256, vs the reference and ViT-B/16, with MFU",
+    )
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run on the debug preset")
     p.add_argument("--out", default=None, help="also write bench.md and bench.json into this directory")
 
@@ -72,11 +84,17 @@ def options_from_args(args: argparse.Namespace) -> Any:
         raise UserError("--quick and --gpu exclude each other; pick one")
     base = gpu_options() if args.gpu else quick_options() if args.quick else BenchOptions()
     overrides: dict[str, Any] = {
-        "preset": args.preset, "image_size": args.image_size, "infer_batch": args.batch,
-        "train_batch": args.train_batch, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-        "dtypes": tuple(args.dtype) if args.dtype else None, "models": tuple(args.models) if args.models else None,
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "infer_batch": args.batch,
+        "train_batch": args.train_batch,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "dtypes": tuple(args.dtype) if args.dtype else None,
+        "models": tuple(args.models) if args.models else None,
         "modes": tuple(args.modes) if args.modes else None,
-    }  # fmt: skip
+    }
     opts = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_compile:
         opts = replace(opts, models=tuple(m for m in opts.models if not m.endswith("+compile")))

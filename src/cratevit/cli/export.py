@@ -10,18 +10,26 @@ HELP = "convert a training checkpoint (ours or the reference's) to safetensors, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.safetensors) or a save_pretrained folder")
     p.add_argument("--output", "-o", required=True, help="output file (.safetensors, .onnx) or folder (hf)")
-    p.add_argument("--format", choices=("safetensors", "onnx", "hf"), default=None,
-                   help="output format; inferred from --output when omitted (a name without suffix: hf)")  # fmt: skip
-    p.add_argument("--arch", default=None,
-                   help="preset of a checkpoint that does not record its configuration (reference files)")  # fmt: skip
-    p.add_argument("--heads", type=int, default=None,
-                   help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)")  # fmt: skip
-    p.add_argument("--reference-keys", action="store_true",
-                   help="safetensors: write the reference implementation's key names")  # fmt: skip
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "onnx", "hf"),
+        default=None,
+        help="output format; inferred from --output when omitted (a name without suffix: hf)",
+    )
+    p.add_argument(
+        "--arch", default=None, help="preset of a checkpoint that does not record its configuration (reference files)"
+    )
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
+    p.add_argument(
+        "--reference-keys", action="store_true", help="safetensors: write the reference implementation's key names"
+    )
     p.add_argument("--batch-size", type=int, default=2, help="onnx: example batch the graph is traced with")
     p.add_argument("--opset", type=int, default=18, help="onnx: opset version")
-    p.add_argument("--atol", type=float, default=1e-4,
-                   help="onnx: largest max |onnxruntime - PyTorch| logit difference accepted")  # fmt: skip
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="onnx: largest max |onnxruntime - PyTorch| logit difference accepted"
+    )
     p.add_argument("--no-verify", action="store_true", help="onnx: skip the onnxruntime comparison")
 
 

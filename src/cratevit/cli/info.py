@@ -28,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.preset).is_file():
         model = load_checkpoint(args.preset, heads=args.heads)
     else:
-        model = create_model(args.preset, num_classes=args.num_classes, image_size=args.image_size,
-                             patch_size=args.patch_size)  # fmt: skip
+        model = create_model(
+            args.preset, num_classes=args.num_classes, image_size=args.image_size, patch_size=args.patch_size
+        )
     cfg = model.config
     info = {
         "name": cfg.name or args.preset,

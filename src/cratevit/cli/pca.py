@@ -53,9 +53,16 @@ def run(args: argparse.Namespace) -> int:
         Image.fromarray((fg_up * 255).astype(np.uint8), mode="L").save(folder / "foreground.png")
         np.save(folder / "pca-scores.npy", scores)
         shown.append((path.name, image, rgb_up, fg_up))
-        records.append({"image": str(path), "folder": str(folder), "preprocessing": prep.how,
-                        "input_size": list(prep.input_size), "grid": list(rgb.shape[:2]),
-                        "foreground_fraction": float(fg.mean())})  # fmt: skip
+        records.append(
+            {
+                "image": str(path),
+                "folder": str(folder),
+                "preprocessing": prep.how,
+                "input_size": list(prep.input_size),
+                "grid": list(rgb.shape[:2]),
+                "foreground_fraction": float(fg.mean()),
+            }
+        )
         print(f"{path}: {prep.how} -> {folder}")
     save_figure(
         pca_figure(shown, f"PCA of layer {args.layer % len(model.blocks)} patch features"), args.out / "pca-grid"

@@ -10,12 +10,19 @@ HELP = "mIoU of attention / PCA foreground masks against ground truth (built-in 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", metavar="CKPT",
-                   help="CRATE checkpoints or presets, timm ViT checkpoints from `cratevit train --arch vit_...`, "
-                        "or timm model names (random weights)")  # fmt: skip
-    p.add_argument("--data", default="shapes",
-                   help="'shapes' (built-in, exact masks) or a PASCAL VOC 2012 folder (JPEGImages/, "
-                        "SegmentationClass/, ImageSets/Segmentation/)")  # fmt: skip
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="CKPT",
+        help="CRATE checkpoints or presets, timm ViT checkpoints from `cratevit train --arch vit_...`, "
+        "or timm model names (random weights)",
+    )
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help="'shapes' (built-in, exact masks) or a PASCAL VOC 2012 folder (JPEGImages/, "
+        "SegmentationClass/, ImageSets/Segmentation/)",
+    )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="val", help="shapes split (train/val/test) or VOC image list (val, train, ...)")
     p.add_argument("--num-images", type=int, default=300, help="number of images (VOC: the first N of the list)")
@@ -23,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-random", action="store_true", help="also score the first model at random initialisation")
     p.add_argument("--layer", type=int, default=-1, help="layer of the attention and features (0-based, -1: last)")
     p.add_argument("--threshold", type=float, default=0.6, help="fraction of attention mass the masks keep")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)")  # fmt: skip
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="CRATE input size for VOC images (positional embedding interpolated; default: the model's)",
+    )
     p.add_argument("--arch", default=None, help="preset of CRATE checkpoints that do not record their architecture")
     p.add_argument(
         "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
@@ -87,22 +98,29 @@ def run(args: argparse.Namespace) -> int:
             model.dynamic_img_size = True
             size = (args.image_size, args.image_size)
         mean, std = input_normalization(spec.removesuffix(" (random init)"))
-        result = evaluate(model.eval(), _samples(args, size[0]), size, patch, args.layer, args.threshold, mean, std,
-                          args.batch_size)  # fmt: skip
+        result = evaluate(
+            model.eval(), _samples(args, size[0]), size, patch, args.layer, args.threshold, mean, std, args.batch_size
+        )
         summary = {"model": spec, "data": args.data, "split": args.split, **result.summary()}
         summaries[spec] = summary
-        per_image += [{"model": spec, **row, "iou_heads": " ".join(f"{v:.4f}" for v in row["iou_heads"])}
-                      for row in result.per_image()]  # fmt: skip
-        print(f"{spec}: mIoU attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
-              f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f} over {summary['num_images']} images")  # fmt: skip
+        per_image += [
+            {"model": spec, **row, "iou_heads": " ".join(f"{v:.4f}" for v in row["iou_heads"])}
+            for row in result.per_image()
+        ]
+        print(
+            f"{spec}: mIoU attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
+            f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f} over {summary['num_images']} images"
+        )
     (args.out / "segeval.json").write_text(json.dumps(summaries, indent=2))
     with (args.out / "per_image.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(per_image[0]))
         writer.writeheader()
         writer.writerows(per_image)
     table = ["| model | mIoU attention (mean of heads) | mIoU best head | mIoU PCA |", "|---|---|---|---|"]
-    table += [f"| {s['model']} | {s['miou_attention']:.3f} | {s['miou_best_head']:.3f} | {s['miou_pca']:.3f} |"
-              for s in summaries.values()]  # fmt: skip
+    table += [
+        f"| {s['model']} | {s['miou_attention']:.3f} | {s['miou_best_head']:.3f} | {s['miou_pca']:.3f} |"
+        for s in summaries.values()
+    ]
     (args.out / "segeval.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0

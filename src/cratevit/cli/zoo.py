@@ -7,8 +7,13 @@ from typing import Any
 
 HELP = "list the known CRATE checkpoints: configuration, parameters, training data, where they were published"
 
-COLUMNS = (("name", "name"), ("title", "model"), ("config", "configuration"), ("params", "params"),
-           ("trained_on", "trained on"))  # fmt: skip
+COLUMNS = (
+    ("name", "name"),
+    ("title", "model"),
+    ("config", "configuration"),
+    ("params", "params"),
+    ("trained_on", "trained on"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -89,14 +89,18 @@ def build_datasets(
     if info.kind == "digits":
         from .digits import DigitsDataset
 
-        return (DigitsDataset("train", image_size, T.digits_train(image_size, mean, std)),
-                DigitsDataset("val", image_size, T.digits_eval(mean, std)))  # fmt: skip
+        return (
+            DigitsDataset("train", image_size, T.digits_train(image_size, mean, std)),
+            DigitsDataset("val", image_size, T.digits_eval(mean, std)),
+        )
     if info.kind == "shapes":
         from .shapes import ShapesDataset
 
         make = ShapesDataset  # (split, size, image_size, seed, transform)
-        return (make("train", SHAPES_SIZES["train"], image_size, seed, T.transfer_train(image_size, mean, std, randaug)),
-                make("val", SHAPES_SIZES["val"], image_size, seed, T.transfer_eval(image_size, mean, std)))  # fmt: skip
+        return (
+            make("train", SHAPES_SIZES["train"], image_size, seed, T.transfer_train(image_size, mean, std, randaug)),
+            make("val", SHAPES_SIZES["val"], image_size, seed, T.transfer_eval(image_size, mean, std)),
+        )
     if info.kind == "transfer":
         from .transfer import make_transfer
 
@@ -107,13 +111,17 @@ def build_datasets(
 
         shape = (3, image_size, image_size)
         tf = T.transfer_eval(image_size, mean, std)
-        return (FakeData(DUMMY_SIZES["train"], shape, info.num_classes, tf, random_offset=seed),
-                FakeData(DUMMY_SIZES["val"], shape, info.num_classes, tf, random_offset=seed + 1))  # fmt: skip
+        return (
+            FakeData(DUMMY_SIZES["train"], shape, info.num_classes, tf, random_offset=seed),
+            FakeData(DUMMY_SIZES["val"], shape, info.num_classes, tf, random_offset=seed + 1),
+        )
     from .folder import SafeImageFolder
 
     root = Path(info.name)
-    return (SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug)),
-            SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std)))  # fmt: skip
+    return (
+        SafeImageFolder(root / "train", T.imagenet_train(image_size, mean, std, randaug)),
+        SafeImageFolder(root / "val", T.imagenet_eval(image_size, mean, std)),
+    )
 
 
 # ------------------------------------------------------------------------------------ deterministic loading
@@ -129,8 +137,9 @@ class EpochSampler(Sampler):
     ranks by stride, so that batch ``k`` of all ranks together is batch ``k`` of one process with the global
     batch size. ``skip`` drops this rank's first samples (resuming mid-epoch)."""
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 pad: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch, self.skip = 0, 0

@@ -162,5 +162,7 @@ class ShapesDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), label
 
     def __repr__(self) -> str:
-        return (f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-                f"seed={self.seed}, classes={list(CLASSES)})")  # fmt: skip
+        return (
+            f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
+            f"seed={self.seed}, classes={list(CLASSES)})"
+        )

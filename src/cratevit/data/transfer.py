@@ -35,19 +35,36 @@ class TransferSpec:
 
 
 TRANSFER: dict[str, TransferSpec] = {
-    "cifar10": TransferSpec("CIFAR10", 10, ({"train": True}, {"train": False}),
-                            "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) from cifar-10-python.tar.gz"),
-    "cifar100": TransferSpec("CIFAR100", 100, ({"train": True}, {"train": False}),
-                             "cifar-100-python/ (train, test, meta) from cifar-100-python.tar.gz"),
-    "flower": TransferSpec("Flowers102", 102, ({"split": "train"}, {"split": "test"}),
-                           "flowers-102/ (jpg/image_*.jpg, imagelabels.mat, setid.mat)"),
-    "pets": TransferSpec("OxfordIIITPet", 37, ({"split": "trainval"}, {"split": "test"}),
-                         "oxford-iiit-pet/ (images/*.jpg, annotations/trainval.txt, annotations/test.txt)"),
-}  # fmt: skip
+    "cifar10": TransferSpec(
+        "CIFAR10",
+        10,
+        ({"train": True}, {"train": False}),
+        "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) from cifar-10-python.tar.gz",
+    ),
+    "cifar100": TransferSpec(
+        "CIFAR100",
+        100,
+        ({"train": True}, {"train": False}),
+        "cifar-100-python/ (train, test, meta) from cifar-100-python.tar.gz",
+    ),
+    "flower": TransferSpec(
+        "Flowers102",
+        102,
+        ({"split": "train"}, {"split": "test"}),
+        "flowers-102/ (jpg/image_*.jpg, imagelabels.mat, setid.mat)",
+    ),
+    "pets": TransferSpec(
+        "OxfordIIITPet",
+        37,
+        ({"split": "trainval"}, {"split": "test"}),
+        "oxford-iiit-pet/ (images/*.jpg, annotations/trainval.txt, annotations/test.txt)",
+    ),
+}
 
 
-def make_transfer(name: str, data_dir: str | Path | None, train: bool, transform: Callable | None,
-                  download: bool = True) -> Dataset:  # fmt: skip
+def make_transfer(
+    name: str, data_dir: str | Path | None, train: bool, transform: Callable | None, download: bool = True
+) -> Dataset:
     """The torchvision dataset ``name`` read from ``data_dir``; downloads if absent and allowed."""
     spec = TRANSFER[name]
     if data_dir is None:

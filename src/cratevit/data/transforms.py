@@ -31,21 +31,28 @@ def _to_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Trans
 def imagenet_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
     """Reference ImageNet training recipe: RandomResizedCrop + horizontal flip (+ RandAugment)."""
     aug = [v2.RandAugment()] if randaug else []
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *aug,
-                       *_to_tensor(mean, std)])  # fmt: skip
+    return v2.Compose(
+        [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *aug, *_to_tensor(mean, std)]
+    )
 
 
 def imagenet_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """Reference ImageNet validation recipe: Resize(size / 0.875) + CenterCrop(size)."""
-    return v2.Compose([v2.Resize(round(size / CROP_PCT), antialias=True), v2.CenterCrop(size),
-                       *_to_tensor(mean, std)])  # fmt: skip
+    return v2.Compose([v2.Resize(round(size / CROP_PCT), antialias=True), v2.CenterCrop(size), *_to_tensor(mean, std)])
 
 
 def transfer_train(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, randaug: bool = False) -> v2.Compose:
     """Fine-tuning recipe: resize to the model's size, padded random crop, flip, RandAugment(2, 14) if asked."""
     aug = [v2.RandAugment(num_ops=2, magnitude=14)] if randaug else []
-    return v2.Compose([v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=size // 8),
-                       v2.RandomHorizontalFlip(), *aug, *_to_tensor(mean, std)])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.Resize((size, size), antialias=True),
+            v2.RandomCrop(size, padding=size // 8),
+            v2.RandomHorizontalFlip(),
+            *aug,
+            *_to_tensor(mean, std),
+        ]
+    )
 
 
 def transfer_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:

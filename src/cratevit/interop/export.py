@@ -133,9 +133,16 @@ def export_onnx(model: CRATE, path: str | Path, batch_size: int = 2, opset: int 
     batch = torch.export.Dim("batch", min=1, max=65536)
     with _eval_mode(model), torch.no_grad(), atomic_path(path) as tmp:
         program = torch.onnx.export(
-            model, (example_input(model, batch_size),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True, external_data=False, verbose=False,
-        )  # fmt: skip
+            model,
+            (example_input(model, batch_size),),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
         program.save(str(tmp), external_data=False)
     return path
 

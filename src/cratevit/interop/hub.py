@@ -101,9 +101,16 @@ def _weights_file(
     from huggingface_hub import hf_hub_download
 
     return Path(
-        hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-                        force_download=force_download, token=token, local_files_only=local_files_only)
-    )  # fmt: skip
+        hf_hub_download(
+            repo_id=model_id,
+            filename=WEIGHTS_NAME,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    )
 
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, **kwargs: Any) -> Any:
@@ -132,8 +139,13 @@ def from_pretrained(pretrained_model_name_or_path: str | Path, **kwargs: Any) ->
         RepositoryNotFoundError,
     )
 
-    hub_errors = (EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                  RepositoryNotFoundError)  # fmt: skip
+    hub_errors = (
+        EntryNotFoundError,
+        HFValidationError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     source = str(pretrained_model_name_or_path)
     looks_local = os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
     if os.path.isdir(source):

@@ -102,9 +102,13 @@ def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> CRATE:
     depth = int(kwargs.get("depth", PRESETS[preset].depth))
     feature_cfg = {"out_indices": min(3, depth), "feature_cls": "getter"}  # features_only: the last 3 layers
     return build_model_with_cfg(
-        partial(_build, preset), timm_name(preset), pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg, **kwargs,
-    )  # fmt: skip
+        partial(_build, preset),
+        timm_name(preset),
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **kwargs,
+    )
 
 
 def _entrypoint(preset: str) -> Callable[..., CRATE]:

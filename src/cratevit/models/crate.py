@@ -318,10 +318,20 @@ class CRATE(nn.Module):
         super().__init__()
         if config is None:
             config = CRATEConfig(
-                image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, depth=depth,
-                heads=heads, dim_head=dim_head, pool=pool, channels=channels, dropout=dropout,
-                emb_dropout=emb_dropout, ista=ista, **extra,
-            )  # fmt: skip
+                image_size=image_size,
+                patch_size=patch_size,
+                num_classes=num_classes,
+                dim=dim,
+                depth=depth,
+                heads=heads,
+                dim_head=dim_head,
+                pool=pool,
+                channels=channels,
+                dropout=dropout,
+                emb_dropout=emb_dropout,
+                ista=ista,
+                **extra,
+            )
         elif extra:
             raise TypeError(f"pass either config= or keyword arguments, not both (got {sorted(extra)})")
         cfg = self.config = config
@@ -333,8 +343,9 @@ class CRATE(nn.Module):
         # timm's per-weight metadata: the geometry here; create_model / load_model / timm add the preset's
         # preprocessing (mean/std, crop, interpolation) from cratevit.presets.
         self.pretrained_cfg = self.default_cfg = geometry_cfg(cfg)
-        self.feature_info = [{"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]}
-                             for i in range(cfg.depth)]  # timm's features_only metadata  # fmt: skip
+        self.feature_info = [
+            {"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]} for i in range(cfg.depth)
+        ]  # timm's features_only metadata
 
         embed = PatchEmbed if cfg.patch_embed == "linear" else ConvPatchEmbed
         self.patch_embed = embed(cfg.patch_size, cfg.channels, cfg.dim)

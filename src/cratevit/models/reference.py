@@ -79,8 +79,22 @@ class Transformer(nn.Module):
 
 
 class ReferenceCRATE(nn.Module):
-    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, dim_head=64, pool="cls",
-                 channels=3, dropout=0.0, emb_dropout=0.0, ista=0.1):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        image_size,
+        patch_size,
+        num_classes,
+        dim,
+        depth,
+        heads,
+        dim_head=64,
+        pool="cls",
+        channels=3,
+        dropout=0.0,
+        emb_dropout=0.0,
+        ista=0.1,
+    ):
         super().__init__()
         ih, iw = image_size if isinstance(image_size, tuple) else (image_size, image_size)
         ph, pw = patch_size if isinstance(patch_size, tuple) else (patch_size, patch_size)

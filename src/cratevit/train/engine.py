@@ -83,8 +83,10 @@ def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
     except CheckpointError as e:  # corrupt, truncated, or not a checkpoint: one line
         raise UserError(f"--resume {path} is not a readable checkpoint ({str(e)[:200]})") from None
     if not isinstance(obj, dict) or "train_config" not in obj or "optimizer" not in obj:
-        raise UserError(f"--resume {path} is not a cratevit training checkpoint (no optimizer state); "
-                        f"use --pretrained to start from its weights instead")  # fmt: skip
+        raise UserError(
+            f"--resume {path} is not a cratevit training checkpoint (no optimizer state); "
+            f"use --pretrained to start from its weights instead"
+        )
     return obj
 
 
@@ -101,13 +103,20 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """A cratevit preset or a timm model, with the class count and optional size overrides."""
     if is_crate_arch(cfg.arch):
         num_classes = None if cfg.objective == "mae" else num_classes  # an autoencoder has no classifier
-        return create_model(cfg.arch, num_classes=num_classes, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                            **(cfg.model_kwargs or {}))  # fmt: skip
+        return create_model(
+            cfg.arch,
+            num_classes=num_classes,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            **(cfg.model_kwargs or {}),
+        )
     import timm
 
     if not timm.is_model(cfg.arch):
-        raise UserError(f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
-                         f"nor a timm model name (see timm.list_models())")  # fmt: skip
+        raise UserError(
+            f"unknown --arch {cfg.arch!r}: not a cratevit preset ({', '.join(list_models())}) "
+            f"nor a timm model name (see timm.list_models())"
+        )
     kwargs: dict[str, Any] = {**(cfg.model_kwargs or {}), "num_classes": num_classes}
     if cfg.image_size is not None:
         kwargs["img_size"] = cfg.image_size
@@ -325,8 +334,14 @@ class Progress:
 class Trainer:
     """Builds the model, data, optimiser and schedule of a run, and trains, evaluates and checkpoints it."""
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo, resume: str | None = None, evaluate_only: bool = False,
-                 resume_state: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        resume: str | None = None,
+        evaluate_only: bool = False,
+        resume_state: dict[str, Any] | None = None,
+    ):
         self.dist = dist
         if resume and resume_state is None:
             resume_state = read_resume_checkpoint(resume)
@@ -389,27 +404,37 @@ class Trainer:
             data = "dummy" if cfg.dummy else Path(cfg.data).name
             run_dir = Path("runs") / f"{data}-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not resume and (run_dir / "last.pt").exists():
-            raise UserError(f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir}, "
-                             f"or choose another --output")  # fmt: skip
+            raise UserError(
+                f"{run_dir} already holds a run (last.pt); continue it with --resume {run_dir}, "
+                f"or choose another --output"
+            )
         if run_dir.exists() and not run_dir.is_dir():
             raise NotADirectoryError(f"--output {run_dir} is a file; pass a directory")
         return run_dir if self.dist.is_main else None
 
     def _build_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download,
-                                          cfg.seed)  # fmt: skip
+        train_ds, val_ds = build_datasets(self.info, self.image_size, cfg.data_dir, cfg.randaug, cfg.download, cfg.seed)
         if len(train_ds) < cfg.batch_size:
-            raise UserError(f"the training set has {len(train_ds)} images, fewer than --batch-size "
-                             f"{cfg.batch_size}; lower the batch size")  # fmt: skip
+            raise UserError(
+                f"the training set has {len(train_ds)} images, fewer than --batch-size "
+                f"{cfg.batch_size}; lower the batch size"
+            )
         self.train_sampler = EpochSampler(len(train_ds), cfg.seed, True, dist.rank, dist.world_size)
         self.val_sampler = EpochSampler(len(val_ds), cfg.seed, False, dist.rank, dist.world_size, pad=False)
-        common = {"num_workers": cfg.workers, "collate_fn": collate_skip, "worker_init_fn": ignore_sigint,
-                  "pin_memory": dist.device.type == "cuda", "persistent_workers": False}  # fmt: skip
-        self.train_loader = torch.utils.data.DataLoader(SeededDataset(train_ds), batch_size=self.local_batch,
-                                                        sampler=self.train_sampler, drop_last=True, **common)  # fmt: skip
-        self.val_loader = torch.utils.data.DataLoader(SeededDataset(val_ds), batch_size=self.local_batch,
-                                                      sampler=self.val_sampler, **common)  # fmt: skip
+        common = {
+            "num_workers": cfg.workers,
+            "collate_fn": collate_skip,
+            "worker_init_fn": ignore_sigint,
+            "pin_memory": dist.device.type == "cuda",
+            "persistent_workers": False,
+        }
+        self.train_loader = torch.utils.data.DataLoader(
+            SeededDataset(train_ds), batch_size=self.local_batch, sampler=self.train_sampler, drop_last=True, **common
+        )
+        self.val_loader = torch.utils.data.DataLoader(
+            SeededDataset(val_ds), batch_size=self.local_batch, sampler=self.val_sampler, **common
+        )
         self.steps_per_epoch = len(self.train_loader)
         if cfg.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
@@ -421,19 +446,32 @@ class Trainer:
         cfg = self.cfg
         extra = {"betas": tuple(cfg.betas)} if cfg.betas else {}
         try:
-            self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer.lower(), lr=cfg.lr,
-                                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)  # fmt: skip
+            self.optimizer = create_optimizer_v2(
+                self.model,
+                opt=cfg.optimizer.lower(),
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum,
+                **extra,
+            )
         except (AssertionError, ValueError) as e:
             raise UserError(f"--optimizer {cfg.optimizer!r}: {e}; try lion, adamw or sgd") from None
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.lr * 0.01, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
-        )  # fmt: skip
+            self.optimizer,
+            sched="cosine",
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.01,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         # what is optimised: the only difference between train/finetune and pretrain (cratevit.train.objectives)
         options = {"label_smoothing": cfg.label_smoothing, "mixup": cfg.mixup, "cutmix": cfg.cutmix}
-        self.objective = make_objective(cfg.objective, self.model, self.info.num_classes, options, cfg.seed,
-                                        self.dist.rank)  # fmt: skip
+        self.objective = make_objective(
+            cfg.objective, self.model, self.info.num_classes, options, cfg.seed, self.dist.rank
+        )
 
     def autocast(self) -> AbstractContextManager:
         if self.cfg.amp == "none":
@@ -444,11 +482,18 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """A checkpoint that :meth:`_load_state` continues from exactly."""
         return checkpoint_payload(
-            self.model, self.cfg.arch,
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            global_step=self.global_step, best_top1=self.best_top1, rng=rng_state(), train_config=asdict(self.cfg),
-        )  # fmt: skip
+            self.model,
+            self.cfg.arch,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step,
+            best_top1=self.best_top1,
+            rng=rng_state(),
+            train_config=asdict(self.cfg),
+        )
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
         if is_family_model(self.model):
@@ -488,15 +533,20 @@ class Trainer:
                 while self.epoch < cfg.epochs:
                     if not self.train_epoch(stop):
                         self.save("last.pt")
-                        self._say(f"stopped by signal {stop.signum} at epoch {self.epoch} step "
-                                  f"{self.step_in_epoch}; saved {self.run_dir / 'last.pt' if self.run_dir else ''}; "
-                                  f"continue with --resume {self.run_dir}")  # fmt: skip
+                        self._say(
+                            f"stopped by signal {stop.signum} at epoch {self.epoch} step "
+                            f"{self.step_in_epoch}; saved {self.run_dir / 'last.pt' if self.run_dir else ''}; "
+                            f"continue with --resume {self.run_dir}"
+                        )
                         return 128 + int(stop.signum or 0)
                     self.end_epoch()
         finally:
             self.log.close()
-        best = (f"top-1 {self.best_top1:.2f}%" if self.objective.classifies
-                else f"{self.objective.name} loss {-self.best_top1:.4f}")  # fmt: skip
+        best = (
+            f"top-1 {self.best_top1:.2f}%"
+            if self.objective.classifies
+            else f"{self.objective.name} loss {-self.best_top1:.4f}"
+        )
         self._say(f"done: best val {best} ; run directory {self.run_dir}")
         return 0
 
@@ -507,10 +557,12 @@ class Trainer:
     def _announce(self) -> None:
         cfg = self.cfg
         n_params = sum(p.numel() for p in self.model.parameters())
-        self._say(f"cratevit: {cfg.arch} ({n_params:,} params, {self.image_size}px) on {self.info.name} "
-                  f"({self.info.num_classes} classes), {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
-                  f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
-                  f"{self.dist.device.type}; run directory {self.run_dir}")  # fmt: skip
+        self._say(
+            f"cratevit: {cfg.arch} ({n_params:,} params, {self.image_size}px) on {self.info.name} "
+            f"({self.info.num_classes} classes), {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+            f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g}, {self.dist.world_size} process(es) on "
+            f"{self.dist.device.type}; run directory {self.run_dir}"
+        )
 
     def _batches(self) -> Iterator[Batch]:
         self.train_sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.local_batch)
@@ -520,8 +572,13 @@ class Trainer:
         """Train the rest of the current epoch; False if a signal asked to stop."""
         cfg, dist = self.cfg, self.dist
         self.train_model.train()
-        progress = Progress(dist.is_main, self.steps_per_epoch, self.step_in_epoch,
-                            f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.print_freq)  # fmt: skip
+        progress = Progress(
+            dist.is_main,
+            self.steps_per_epoch,
+            self.step_in_epoch,
+            f"epoch {self.epoch + 1}/{cfg.epochs}",
+            cfg.print_freq,
+        )
         batches = self._batches()
         window = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "t0": time.perf_counter()}
         try:
@@ -550,24 +607,40 @@ class Trainer:
         totals = torch.tensor([w["loss"], w["correct"], w["seen"], w["skipped"]], dtype=torch.float64)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         seen = max(totals[2].item(), 1.0)
-        stats = {"loss": totals[0].item() / seen, "acc": totals[1].item() / seen,
-                 "lr": self.optimizer.param_groups[0]["lr"], "img_s": seen * self.dist.world_size / dt,
-                 "skipped": totals[3].item(), "seen": seen}  # fmt: skip
+        stats = {
+            "loss": totals[0].item() / seen,
+            "acc": totals[1].item() / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_s": seen * self.dist.world_size / dt,
+            "skipped": totals[3].item(),
+            "seen": seen,
+        }
         if not self.objective.classifies:  # no labels predicted: no accuracy
             del stats["acc"]
         return stats
 
     def _log_train(self, stats: dict[str, float]) -> None:
         if self.dist.enabled:  # average over ranks
-            t = torch.tensor([stats["loss"] * stats["seen"], stats.get("acc", 0.0) * stats["seen"], stats["seen"],
-                              stats["skipped"]], dtype=torch.float64)  # fmt: skip
+            t = torch.tensor(
+                [stats["loss"] * stats["seen"], stats.get("acc", 0.0) * stats["seen"], stats["seen"], stats["skipped"]],
+                dtype=torch.float64,
+            )
             t = all_reduce_sum(t.to(self.dist.device), self.dist).cpu()
             stats = {**stats, "loss": t[0].item() / t[2].item(), "skipped": t[3].item()}
             if "acc" in stats:
                 stats["acc"] = t[1].item() / t[2].item()
-        record = {"kind": "train", "epoch": self.epoch, "step": self.step_in_epoch, "steps": self.steps_per_epoch,
-                  "global_step": self.global_step, "loss": stats["loss"], "acc": stats.get("acc"), "lr": stats["lr"],
-                  "img_s": stats["img_s"], "skipped_images": int(stats["skipped"])}  # fmt: skip
+        record = {
+            "kind": "train",
+            "epoch": self.epoch,
+            "step": self.step_in_epoch,
+            "steps": self.steps_per_epoch,
+            "global_step": self.global_step,
+            "loss": stats["loss"],
+            "acc": stats.get("acc"),
+            "lr": stats["lr"],
+            "img_s": stats["img_s"],
+            "skipped_images": int(stats["skipped"]),
+        }
         if "acc" not in stats:
             del record["acc"]
         self.log.write(record, self.global_step)
@@ -585,9 +658,11 @@ class Trainer:
             loss, logits = self.objective.train_loss(self.train_model, x, y, self.global_step)
         if any_true(not bool(torch.isfinite(loss)), self.dist):
             where = self.run_dir / "last.pt" if self.run_dir else "last.pt"
-            raise UserError(f"the loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch + 1} "
-                            f"(global step {self.global_step + 1}); stopped, the last good checkpoint {where} is kept; "
-                            f"lower --lr or set --clip-grad")  # fmt: skip
+            raise UserError(
+                f"the loss became {loss.item()} at epoch {self.epoch} step {self.step_in_epoch + 1} "
+                f"(global step {self.global_step + 1}); stopped, the last good checkpoint {where} is kept; "
+                f"lower --lr or set --clip-grad"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -608,11 +683,15 @@ class Trainer:
         record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics, **best}
         self.log.write(record, self.global_step)
         if self.objective.classifies:
-            self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 "
-                      f"{metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)")  # fmt: skip
+            self._say(
+                f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 "
+                f"{metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)"
+            )
         else:
-            self._say(f"epoch {self.epoch}/{self.cfg.epochs}: val {self.objective.name} loss {metrics['loss']:.4f} "
-                      f"(best {-self.best_top1:.4f})")  # fmt: skip
+            self._say(
+                f"epoch {self.epoch}/{self.cfg.epochs}: val {self.objective.name} loss {metrics['loss']:.4f} "
+                f"(best {-self.best_top1:.4f})"
+            )
         self.save("last.pt")
         if is_best:
             self.save("best.pt")
