@@ -115,8 +115,18 @@ class ConvPatches(nn.Module):
 
 
 class ReferenceCRATEMAE(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 decoder_depth=12, decoder_num_heads=12, norm_pix_loss=False):  # fmt: skip
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_depth=12,
+        decoder_num_heads=12,
+        norm_pix_loss=False,
+    ):
         super().__init__()
         self.p = patch_size
         num_patches = (img_size // patch_size) ** 2

@@ -18,8 +18,17 @@ from cratevit.models.crate_mae import (
 )
 from reference_crate_mae import ReferenceCRATEMAE, sincos_2d_numpy
 
-TINY = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, decoder_depth=2, decoder_heads=4,
-            decoder_dim_head=8)  # fmt: skip
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    dim=32,
+    depth=2,
+    heads=2,
+    dim_head=16,
+    decoder_depth=2,
+    decoder_heads=4,
+    decoder_dim_head=8,
+)
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,25 +43,29 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if k.startswith(prefix):
                 i, rest = k[len(prefix) :].split(".", 1)
                 enc = prefix == "blocks."
-                rest = {
-                    "layers.0.0.norm.weight": "norm1.weight",
-                    "layers.0.0.norm.bias": "norm1.bias",
-                    "layers.0.1.norm.weight": "norm2.weight",
-                    "layers.0.1.norm.bias": "norm2.bias",
-                    "layers.0.0.fn.qkv.weight": "mssa.subspace_proj.weight",
-                    "layers.0.0.fn.to_out.0.weight": "mssa.out_proj.weight",
-                    "layers.0.0.fn.to_out.0.bias": "mssa.out_proj.bias",
-                    "layers.0.1.fn.weight": "ista.dictionary",
-                }[rest] if enc else {
-                    "layers.0.0.norm.weight": "norm1.weight",
-                    "layers.0.0.norm.bias": "norm1.bias",
-                    "layers.0.1.norm.weight": "norm2.weight",
-                    "layers.0.1.norm.bias": "norm2.bias",
-                    "layers.0.0.fn.weight": "dictionary",
-                    "layers.0.1.fn.qkv.weight": "mssa.subspace_proj.weight",
-                    "layers.0.1.fn.to_out.0.weight": "mssa.out_proj.weight",
-                    "layers.0.1.fn.to_out.0.bias": "mssa.out_proj.bias",
-                }[rest]  # fmt: skip
+                rest = (
+                    {
+                        "layers.0.0.norm.weight": "norm1.weight",
+                        "layers.0.0.norm.bias": "norm1.bias",
+                        "layers.0.1.norm.weight": "norm2.weight",
+                        "layers.0.1.norm.bias": "norm2.bias",
+                        "layers.0.0.fn.qkv.weight": "mssa.subspace_proj.weight",
+                        "layers.0.0.fn.to_out.0.weight": "mssa.out_proj.weight",
+                        "layers.0.0.fn.to_out.0.bias": "mssa.out_proj.bias",
+                        "layers.0.1.fn.weight": "ista.dictionary",
+                    }[rest]
+                    if enc
+                    else {
+                        "layers.0.0.norm.weight": "norm1.weight",
+                        "layers.0.0.norm.bias": "norm1.bias",
+                        "layers.0.1.norm.weight": "norm2.weight",
+                        "layers.0.1.norm.bias": "norm2.bias",
+                        "layers.0.0.fn.weight": "dictionary",
+                        "layers.0.1.fn.qkv.weight": "mssa.subspace_proj.weight",
+                        "layers.0.1.fn.to_out.0.weight": "mssa.out_proj.weight",
+                        "layers.0.1.fn.to_out.0.bias": "mssa.out_proj.bias",
+                    }[rest]
+                )
                 k = f"{prefix}{i}.{rest}"
         out[k] = value
     return out
@@ -67,8 +80,16 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def pair(norm_pix: bool = False, seed: int = 0) -> tuple[CRATEMAE, ReferenceCRATEMAE]:
-    ref = ReferenceCRATEMAE(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_depth=2,
-                            decoder_num_heads=4, norm_pix_loss=norm_pix)  # fmt: skip
+    ref = ReferenceCRATEMAE(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        norm_pix_loss=norm_pix,
+    )
     randomize(ref, seed)
     model = CRATEMAE(CRATEMAEConfig(**TINY, norm_pix_loss=norm_pix))
     model.load_state_dict(official_to_ours(ref.state_dict()), strict=True)

@@ -19,9 +19,18 @@ from test_crate_mae import randomize
 
 def official_file(path, ref: torch.nn.Module, args: argparse.Namespace | None) -> None:
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    obj = {"model": ref.state_dict(), "optimizer": opt.state_dict(), "epoch": 399,
-           "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                      "_growth_tracker": 17}}  # fmt: skip
+    obj = {
+        "model": ref.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 399,
+        "scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 17,
+        },
+    }
     if args is not None:
         obj["args"] = args
     torch.save(obj, path)
@@ -35,8 +44,16 @@ def test_official_mae_crate_base_file_loads_with_no_arguments_and_matches_the_li
     torch.manual_seed(0)
     ref = ReferenceCRATEMAE(norm_pix_loss=True)  # mae_crate_base: 768 wide, 12 + 12 layers, 12 heads
     randomize(ref, seed=1)
-    args = argparse.Namespace(model="mae_crate_base", mask_ratio=0.75, norm_pix_loss=True, input_size=224,
-                              blr=1.5e-4, weight_decay=0.05, batch_size=64, data_path="/data/imagenet")  # fmt: skip
+    args = argparse.Namespace(
+        model="mae_crate_base",
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+        input_size=224,
+        blr=1.5e-4,
+        weight_decay=0.05,
+        batch_size=64,
+        data_path="/data/imagenet",
+    )
     official_file(tmp_path / "checkpoint-399.pth", ref, args)
 
     model = load_checkpoint(tmp_path / "checkpoint-399.pth")
@@ -54,14 +71,22 @@ def test_official_mae_crate_base_file_loads_with_no_arguments_and_matches_the_li
 
 
 def test_official_layout_without_args_reads_the_architecture_from_the_shapes(tmp_path):
-    ref = ReferenceCRATEMAE(img_size=32, patch_size=8, embed_dim=384, depth=2, num_heads=6, decoder_depth=1,
-                            decoder_num_heads=6)  # fmt: skip
+    ref = ReferenceCRATEMAE(
+        img_size=32, patch_size=8, embed_dim=384, depth=2, num_heads=6, decoder_depth=1, decoder_num_heads=6
+    )
     randomize(ref, seed=4)
     official_file(tmp_path / "ckpt.pth", ref, None)
     model = load_checkpoint(tmp_path / "ckpt.pth")
     cfg = model.config
     assert (cfg.image_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.decoder_depth, cfg.heads, cfg.dim_head) == (
-        (32, 32), (8, 8), 384, 2, 1, 6, 64)  # heads from mae_crate_tiny, the preset 384 wide  # fmt: skip
+        (32, 32),
+        (8, 8),
+        384,
+        2,
+        1,
+        6,
+        64,
+    )  # heads from mae_crate_tiny, the preset 384 wide
     x, noise = torch.randn(1, 3, 32, 32), torch.rand(1, 16)
     with torch.no_grad():
         _, pred_ref, _ = ref(x, 0.75, noise)
@@ -73,8 +98,9 @@ def test_official_layout_without_args_reads_the_architecture_from_the_shapes(tmp
 
 
 def test_official_layout_errors_name_the_key_in_both_layouts(tmp_path):
-    ref = ReferenceCRATEMAE(img_size=32, patch_size=8, embed_dim=384, depth=1, num_heads=6, decoder_depth=1,
-                            decoder_num_heads=6)  # fmt: skip
+    ref = ReferenceCRATEMAE(
+        img_size=32, patch_size=8, embed_dim=384, depth=1, num_heads=6, decoder_depth=1, decoder_num_heads=6
+    )
     state = ref.state_dict()
     del state["decoder_blocks.0.layers.0.0.fn.weight"]
     torch.save({"model": state, "epoch": 0}, tmp_path / "cut.pth")

@@ -8,8 +8,17 @@ import torch
 from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig
 from cratevit.train.objectives import Classification, MaskedAutoencoding, make_objective
 
-MAE_TINY = CRATEMAEConfig(image_size=32, patch_size=8, dim=32, depth=1, heads=2, dim_head=16, decoder_depth=1,
-                          decoder_heads=2, decoder_dim_head=16)  # fmt: skip
+MAE_TINY = CRATEMAEConfig(
+    image_size=32,
+    patch_size=8,
+    dim=32,
+    depth=1,
+    heads=2,
+    dim_head=16,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_dim_head=16,
+)
 
 
 def test_masked_autoencoding_masks_are_a_function_of_seed_step_and_rank():

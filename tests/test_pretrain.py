@@ -18,8 +18,18 @@ from cratevit.train.config import PRETRAIN_RECIPES, TrainConfig, base_config, re
 from cratevit.train.distributed import DistInfo
 from cratevit.train.engine import MetricsLog, StopFlag, Trainer
 
-QUICK = ["--model-kwargs", '{"depth": 1, "decoder_depth": 1}', "--batch-size", "16", "--steps-per-epoch", "3",
-         "--print-freq", "1", "--warmup-epochs", "0"]  # fmt: skip
+QUICK = [
+    "--model-kwargs",
+    '{"depth": 1, "decoder_depth": 1}',
+    "--batch-size",
+    "16",
+    "--steps-per-epoch",
+    "3",
+    "--print-freq",
+    "1",
+    "--warmup-epochs",
+    "0",
+]
 
 
 def weights(path):
@@ -44,8 +54,16 @@ def test_pretrain_runs_the_engine_with_the_mae_objective_and_resumes_exactly(tmp
     model = load_checkpoint(run / "last.pt")
     assert isinstance(model, CRATEMAE) and model.config.depth == 1
     # stopped after epoch 1 (of 2), resumed: the same weights as the uninterrupted run (masks are seeded by step)
-    half = replace(base_config("pretrain"), model_kwargs={"depth": 1, "decoder_depth": 1}, batch_size=16,
-                   steps_per_epoch=3, print_freq=1, warmup_epochs=0.0, epochs=2, output=str(tmp_path / "half"))  # fmt: skip
+    half = replace(
+        base_config("pretrain"),
+        model_kwargs={"depth": 1, "decoder_depth": 1},
+        batch_size=16,
+        steps_per_epoch=3,
+        print_freq=1,
+        warmup_epochs=0.0,
+        epochs=2,
+        output=str(tmp_path / "half"),
+    )
     trainer = Trainer(half, DistInfo())
     trainer.log, trainer._plotted = MetricsLog(trainer.run_dir, False), time.perf_counter()
     trainer.run_dir.mkdir(parents=True)
@@ -63,14 +81,29 @@ def test_mae_recipe_and_wrong_arch_for_the_objective():
     assert (cfg.arch, cfg.optimizer, cfg.betas, cfg.lr) == ("mae_crate_digits", "adamw", [0.9, 0.95], 6e-3 * 64 / 256)
     assert PRETRAIN_RECIPES["folder"]["blr"] == 1.5e-4 and PRETRAIN_RECIPES["folder"]["warmup_epochs"] == 40.0
     with pytest.raises(ValueError, match="needs a CRATE-MAE model"):
-        Trainer(TrainConfig(objective="mae", arch="crate_debug", data="digits", batch_size=16), DistInfo(),
-                evaluate_only=True)  # fmt: skip
+        Trainer(
+            TrainConfig(objective="mae", arch="crate_debug", data="digits", batch_size=16),
+            DistInfo(),
+            evaluate_only=True,
+        )
 
 
 def test_classifier_from_the_mae_encoder_keeps_its_features():
     torch.manual_seed(0)
-    mae = CRATEMAE(CRATEMAEConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16,
-                                  decoder_depth=1, decoder_heads=2, decoder_dim_head=16, name="tiny"))  # fmt: skip
+    mae = CRATEMAE(
+        CRATEMAEConfig(
+            image_size=32,
+            patch_size=8,
+            dim=32,
+            depth=2,
+            heads=2,
+            dim_head=16,
+            decoder_depth=1,
+            decoder_heads=2,
+            decoder_dim_head=16,
+            name="tiny",
+        )
+    )
     crate = crate_classifier_from_mae(mae, num_classes=5).eval()
     assert isinstance(crate, CRATE) and crate.config.patch_embed == "conv" and crate.config.lambd == 0.5
     x = torch.randn(3, 3, 32, 32)
@@ -85,8 +118,24 @@ def test_finetune_probe_and_reconstruct_from_a_pretrained_run(tmp_path, capsys):
     pre = tmp_path / "pre"
     assert main(["pretrain", *QUICK, "--epochs", "1", "--output", str(pre)]) == 0
     ft = tmp_path / "ft"
-    assert main(["train", "--pretrained", str(pre / "last.pt"), "--batch-size", "16", "--epochs", "1",
-                 "--steps-per-epoch", "2", "--output", str(ft)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--pretrained",
+                str(pre / "last.pt"),
+                "--batch-size",
+                "16",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "2",
+                "--output",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     clf = load_checkpoint(ft / "last.pt")
     mae = load_checkpoint(pre / "last.pt")
     assert isinstance(clf, CRATE) and clf.config.name == "mae_crate_digits_encoder" and clf.num_classes == 10

@@ -23,8 +23,17 @@ from cratevit.analysis.probe import (
 )
 from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig
 
-MAE_TINY = CRATEMAEConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, decoder_depth=1,
-                          decoder_heads=2, decoder_dim_head=16)  # fmt: skip
+MAE_TINY = CRATEMAEConfig(
+    image_size=32,
+    patch_size=8,
+    dim=32,
+    depth=2,
+    heads=2,
+    dim_head=16,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_dim_head=16,
+)
 
 
 def knn_literal(train_x, train_y, test_x, k, t, num_classes):
@@ -65,8 +74,11 @@ def test_linear_probe_separates_blobs_and_is_at_chance_on_random_labels():
     x, y = blobs(40, 5, 16, 1.0, 0)
     xt, yt = blobs(20, 5, 16, 1.0, 1)
     res = linear_probe(x, y, xt, yt, max_iter=100)
-    assert res.top1 == 100.0 and res.top5 == 100.0 and set(res.val_top1) == {"1e-06", "1e-05", "0.0001", "0.001",
-                                                                                "0.01", "0.1"}  # fmt: skip
+    assert (
+        res.top1 == 100.0
+        and res.top5 == 100.0
+        and set(res.val_top1) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
+    )
     assert "L-BFGS" in res.recipe and f"{res.l2:g}" in res.recipe
     assert linear_probe(x, y, xt, yt, max_iter=100) == res  # deterministic
     noise = torch.randn(200, 16, generator=torch.Generator().manual_seed(2))

@@ -159,10 +159,36 @@ _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=
 # encoder, lambda 0.5), and small ones that pretrain in a minute or two on the built-in data.
 for _name, _cfg in MAE_PRESETS.items():
     register_preset(_name, _cfg)
-register_preset("mae_crate_digits", CRATEMAEConfig(image_size=32, patch_size=4, dim=96, depth=3, heads=3, dim_head=32,
-                decoder_depth=3, decoder_heads=3, decoder_dim_head=32), preprocessing=HALF)  # fmt: skip
-register_preset("mae_crate_shapes", CRATEMAEConfig(image_size=64, patch_size=8, dim=96, depth=3, heads=3, dim_head=32,
-                decoder_depth=3, decoder_heads=3, decoder_dim_head=32), preprocessing=HALF)  # fmt: skip
+register_preset(
+    "mae_crate_digits",
+    CRATEMAEConfig(
+        image_size=32,
+        patch_size=4,
+        dim=96,
+        depth=3,
+        heads=3,
+        dim_head=32,
+        decoder_depth=3,
+        decoder_heads=3,
+        decoder_dim_head=32,
+    ),
+    preprocessing=HALF,
+)
+register_preset(
+    "mae_crate_shapes",
+    CRATEMAEConfig(
+        image_size=64,
+        patch_size=8,
+        dim=96,
+        depth=3,
+        heads=3,
+        dim_head=32,
+        decoder_depth=3,
+        decoder_heads=3,
+        decoder_dim_head=32,
+    ),
+    preprocessing=HALF,
+)
 
 
 def resolve_name(name: str) -> str:

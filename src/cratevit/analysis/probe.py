@@ -56,9 +56,14 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # ---------------------------------------------------------------------------------------------- k-NN
 @torch.no_grad()
 def knn_classifier(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = KNN_K,
-    temperature: float = KNN_TEMPERATURE, num_classes: int | None = None, chunk: int = 1024,
-) -> Tensor:  # fmt: skip
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> Tensor:
     """DINO's weighted k-NN: class scores (n_test, num_classes) of every test feature.
 
     Features are L2-normalised; each test image's ``k`` most cosine-similar training images add
@@ -103,8 +108,15 @@ def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: i
     head = nn.Linear(x.shape[1], num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
-                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -131,9 +143,15 @@ def _split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def linear_probe(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    l2_grid: Sequence[float] = L2_GRID, num_classes: int | None = None, max_iter: int = 500, seed: int = 0,
-) -> LinearProbeResult:  # fmt: skip
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    l2_grid: Sequence[float] = L2_GRID,
+    num_classes: int | None = None,
+    max_iter: int = 500,
+    seed: int = 0,
+) -> LinearProbeResult:
     """Top-1/top-5 of a logistic-regression probe on frozen features (see the module docstring for the recipe)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
     x = train_features.double()
@@ -188,9 +206,15 @@ def _collate(items: list[Any]) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, dataset: Dataset, layer: int | None = None, pool: str = "cls", batch_size: int = 64,
-    device: torch.device | str = "cpu", workers: int = 0, log: Callable[[str], None] | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    model: nn.Module,
+    dataset: Dataset,
+    layer: int | None = None,
+    pool: str = "cls",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Features (n, d) and labels (n,) of every item of ``dataset`` (``(image, label)`` pairs), in dataset order.
 
     Under torchrun (``torch.distributed`` initialised) each process embeds every ``world_size``-th item and the
@@ -245,9 +269,14 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def cached_features(
-    cache_dir: str | Path, model: nn.Module, data_key: str, layer: int | None, pool: str,
-    compute: Callable[[], tuple[Tensor, Tensor]], fingerprint: str | None = None,
-) -> tuple[Tensor, Tensor, bool]:  # fmt: skip
+    cache_dir: str | Path,
+    model: nn.Module,
+    data_key: str,
+    layer: int | None,
+    pool: str,
+    compute: Callable[[], tuple[Tensor, Tensor]],
+    fingerprint: str | None = None,
+) -> tuple[Tensor, Tensor, bool]:
     """``compute()``'s (features, labels), kept in ``cache_dir/<key>.pt``; the key hashes the model's weights
     (or ``fingerprint``), the layer, the pooling and ``data_key`` (which names the data and its preprocessing).
     Returns (features, labels, whether they came from the cache)."""
@@ -270,9 +299,14 @@ def cached_features(
 
 # ---------------------------------------------------------------------------------------------- data
 def probe_datasets(
-    data: str, image_size: int, mean: Sequence[float], std: Sequence[float], data_dir: str | None = None,
-    seed: int = 0, download: bool = False,
-) -> tuple[Dataset, Dataset, str]:  # fmt: skip
+    data: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    data_dir: str | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> tuple[Dataset, Dataset, str]:
     """(train, val, data key) with evaluation preprocessing on both splits (no augmentation), normalised with
     ``mean``/``std`` (the model's): the built-in digits and shapes, a torchvision transfer set, or a folder with
     ``train/`` and ``val/``. The key names the data and its preprocessing, for :func:`cached_features`."""

@@ -37,9 +37,13 @@ class Reconstruction:
 
 @torch.no_grad()
 def reconstruct(
-    model: CRATEMAE, images: Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 0,
+    model: CRATEMAE,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
     mask_ratio: float | None = None,
-) -> Reconstruction:  # fmt: skip
+) -> Reconstruction:
     """Mask ``images`` (normalised model inputs) with a mask drawn from ``seed``, reconstruct, and un-normalise."""
     was_training = model.training
     model.eval()

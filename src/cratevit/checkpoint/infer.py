@@ -157,24 +157,35 @@ def infer_mae_config(
     dim, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     grid = math.isqrt(max(pos.shape[1] - 1, 0))
     if grid * grid != pos.shape[1] - 1 or grid < 1 or proj.shape[2] != proj.shape[3]:
-        raise CheckpointError(f"{where}cannot read a square patch grid from {described('pos_embed', name_in_file)} "
-                              f"{tuple(pos.shape)}; pass arch= a CRATEMAEConfig")  # fmt: skip
+        raise CheckpointError(
+            f"{where}cannot read a square patch grid from {described('pos_embed', name_in_file)} "
+            f"{tuple(pos.shape)}; pass arch= a CRATEMAEConfig"
+        )
     depths = [
         len({k.split(".")[1] for k in state if k.startswith(prefix)}) for prefix in ("blocks.", "decoder_blocks.")
     ]
     if heads is None:
         same = {p.heads for p in PRESETS.values() if isinstance(p, CRATEMAEConfig) and p.dim == dim}
         if len(same) != 1:
-            raise CheckpointError(f"{source or 'the checkpoint'} does not record its architecture and no mae_crate_* "
-                                  f"preset is {dim} wide; pass heads=N (or arch=)")  # fmt: skip
+            raise CheckpointError(
+                f"{source or 'the checkpoint'} does not record its architecture and no mae_crate_* "
+                f"preset is {dim} wide; pass heads=N (or arch=)"
+            )
         heads = same.pop()
     if qkv.shape[0] % heads or dec_qkv.shape[0] % heads:
         raise CheckpointError(f"{where}heads={heads} does not divide the {qkv.shape[0]}-wide subspace projection")
     cfg = CRATEMAEConfig(
-        image_size=grid * patch, patch_size=patch, channels=channels, dim=dim, depth=depths[0], heads=heads,
-        dim_head=qkv.shape[0] // heads, decoder_depth=depths[1], decoder_heads=heads,
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        dim=dim,
+        depth=depths[0],
+        heads=heads,
+        dim_head=qkv.shape[0] // heads,
+        decoder_depth=depths[1],
+        decoder_heads=heads,
         decoder_dim_head=dec_qkv.shape[0] // heads,
-    )  # fmt: skip
+    )
     match = next((n for n, p in PRESETS.items() if p == cfg), None)
     return cfg.replace(name=match)
 

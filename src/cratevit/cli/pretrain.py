@@ -22,10 +22,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("masked autoencoding")
     m.add_argument("--blr", type=float, default=S, help="base learning rate: lr = blr x batch / 256 (unless --lr)")
     m.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"), help="AdamW betas (0.9 0.95)")
-    m.add_argument("--mask-ratio", "--mask_ratio", dest="mask_ratio", type=float, default=S,
-                   help="fraction of patches masked (the preset's, 0.75)")  # fmt: skip
-    m.add_argument("--norm-pix-loss", "--norm_pix_loss", dest="norm_pix_loss", action="store_true", default=S,
-                   help="predict per-patch normalised pixels (MAE's option)")  # fmt: skip
+    m.add_argument(
+        "--mask-ratio",
+        "--mask_ratio",
+        dest="mask_ratio",
+        type=float,
+        default=S,
+        help="fraction of patches masked (the preset's, 0.75)",
+    )
+    m.add_argument(
+        "--norm-pix-loss",
+        "--norm_pix_loss",
+        dest="norm_pix_loss",
+        action="store_true",
+        default=S,
+        help="predict per-patch normalised pixels (MAE's option)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint)
     if not isinstance(model, CRATEMAE):
-        raise UserError(f"{args.checkpoint} holds a {type(model).__name__}, not a CRATE-MAE; pass a checkpoint "
-                        f"written by cratevit pretrain or the official CRATE-MAE release")  # fmt: skip
+        raise UserError(
+            f"{args.checkpoint} holds a {type(model).__name__}, not a CRATE-MAE; pass a checkpoint "
+            f"written by cratevit pretrain or the official CRATE-MAE release"
+        )
     if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     model = model.to(pick_device(args.device)).eval()
@@ -60,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     title = f"{Path(args.checkpoint).name}: {cfg.name or 'CRATE-MAE'}, mask seed {args.seed}"
     paths = save_figure(reconstruction_figure(rec, names, title), out / args.name)
     losses = {n: round(float(v), 5) for n, v in zip(names, rec.loss, strict=True)}
-    (out / f"{args.name}.json").write_text(json.dumps({"checkpoint": args.checkpoint, "seed": args.seed,
-                                                       "masked_mse": losses}, indent=2) + "\n")  # fmt: skip
+    (out / f"{args.name}.json").write_text(
+        json.dumps({"checkpoint": args.checkpoint, "seed": args.seed, "masked_mse": losses}, indent=2) + "\n"
+    )
     print(f"masked-patch MSE (normalised pixels): {losses}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

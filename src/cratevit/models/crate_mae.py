@@ -136,9 +136,15 @@ class CRATEMAEConfig:
 def _preset(name: str, dim: int, depth: int, heads: int) -> CRATEMAEConfig:
     # the official mae_crate_* functions: patch 16, dim_head = dim // heads, decoder as wide and deep as the encoder
     return CRATEMAEConfig(
-        dim=dim, depth=depth, heads=heads, dim_head=dim // heads, decoder_depth=depth, decoder_heads=heads,
-        decoder_dim_head=dim // heads, name=name,
-    )  # fmt: skip
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        dim_head=dim // heads,
+        decoder_depth=depth,
+        decoder_heads=heads,
+        decoder_dim_head=dim // heads,
+        name=name,
+    )
 
 
 MAE_PRESETS: dict[str, CRATEMAEConfig] = {
@@ -160,8 +166,9 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True)
         raise UserError(f"the 2-D sine-cosine embedding needs dim divisible by 4, got {dim}")
     rows, cols = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")  # fmt: skip
+    r, c = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
     halves = []
     for pos in (c.reshape(-1), r.reshape(-1)):
         angle = pos[:, None] * omega[None, :]  # (rows*cols, dim/4)
@@ -187,9 +194,13 @@ def unpatchify(patches: Tensor, patch_size: tuple[int, int], grid: tuple[int, in
 
 
 def random_masking(
-    batch: int, num_patches: int, mask_ratio: float, noise: Tensor | None = None, generator: torch.Generator | None = None,
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """Per-image random masking as MAE: the ``int(n * (1 - mask_ratio))`` patches with the smallest noise are kept.
 
     Returns the mask (b, n) as booleans, True where the patch is removed. ``noise`` (b, n) fixes the choice;
@@ -384,9 +395,12 @@ class CRATEMAE(nn.Module):
         return masked_mse(pred, self.patchify(images), mask, self.config.norm_pix_loss)
 
     def forward(
-        self, images: Tensor, mask_ratio: float | None = None, mask: Tensor | None = None,
+        self,
+        images: Tensor,
+        mask_ratio: float | None = None,
+        mask: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> MAEOutput:  # fmt: skip
+    ) -> MAEOutput:
         """Mask, encode, decode, score. The mask is ``mask`` if given, else drawn (``mask_ratio``, ``generator``)."""
         if mask is None:
             mask = self.make_mask(images.shape[0], mask_ratio, generator)
@@ -399,9 +413,14 @@ class CRATEMAE(nn.Module):
         return self.forward_encoder(x, mask=None)
 
     def forward_intermediates(
-        self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
-        output_fmt: str = "NCHW", intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:  # fmt: skip
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's feature API for the unmasked encoder: patch tokens of the selected layers' outputs, as maps
         (b, dim, rows, cols) (``"NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies the final LayerNorm.
         ``indices``: None = every layer, an int n = the last n, a list = those (negative from the end).
@@ -428,9 +447,12 @@ class CRATEMAE(nn.Module):
         return out if intermediates_only else (self.norm(z), out)
 
     def forward_trace(
-        self, images: Tensor, mask: Tensor | None = None, encoder_layers: list[int] | None = None,
+        self,
+        images: Tensor,
+        mask: Tensor | None = None,
+        encoder_layers: list[int] | None = None,
         decoder_layers: list[int] | None = None,
-    ) -> CRATEMAETrace:  # fmt: skip
+    ) -> CRATEMAETrace:
         """Run encoder and decoder on ``images`` (masked where ``mask`` is True; None: nothing masked) and return
         every selected layer's intermediates (all layers by default; negative indices count from the end)."""
         if mask is None:
@@ -478,10 +500,20 @@ def crate_classifier_from_mae(mae: CRATEMAE, num_classes: int) -> CRATE:
     LayerNorm acts on each token alone; eps 1e-5 instead of 1e-6); a fresh linear head. The decoder is dropped."""
     c = mae.config
     cfg = CRATEConfig(
-        image_size=c.image_size, patch_size=c.patch_size, num_classes=num_classes, dim=c.dim, depth=c.depth,
-        heads=c.heads, dim_head=c.dim_head, pool="cls", channels=c.channels, ista=c.ista, lambd=c.lambd,
-        patch_embed="conv", name=f"{c.name}_encoder" if c.name else None,
-    )  # fmt: skip
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        num_classes=num_classes,
+        dim=c.dim,
+        depth=c.depth,
+        heads=c.heads,
+        dim_head=c.dim_head,
+        pool="cls",
+        channels=c.channels,
+        ista=c.ista,
+        lambd=c.lambd,
+        patch_embed="conv",
+        name=f"{c.name}_encoder" if c.name else None,
+    )
     model = CRATE(config=cfg)
     encoder = {k: v for k, v in mae.state_dict().items() if k.startswith(("patch_embed.", "blocks.", "cls_token"))}
     encoder |= {"pos_embed": mae.pos_embed, "fc_norm.weight": mae.norm.weight, "fc_norm.bias": mae.norm.bias}
@@ -493,8 +525,14 @@ def crate_classifier_from_mae(mae: CRATEMAE, num_classes: int) -> CRATE:
 
 def mae_geometry_cfg(cfg: CRATEMAEConfig) -> dict[str, Any]:
     """The part of timm's ``pretrained_cfg`` that the configuration alone determines."""
-    return {"input_size": (int(cfg.channels), *cfg.image_size), "fixed_input_size": True, "num_classes": 0,
-            "pool_size": None, "first_conv": "patch_embed.proj", "classifier": None}  # fmt: skip
+    return {
+        "input_size": (int(cfg.channels), *cfg.image_size),
+        "fixed_input_size": True,
+        "num_classes": 0,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": None,
+    }
 
 
 def _build(name: str, **overrides: Any) -> CRATEMAE:

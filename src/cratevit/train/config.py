@@ -105,8 +105,14 @@ RECIPES["dummy"] = RECIPES["folder"]
 # with it): AdamW with betas (0.9, 0.95), base lr 1.5e-4 scaled by batch/256, weight decay 0.05, cosine decay after
 # a 40-epoch warmup, 800 epochs of batch 4096, no gradient clipping. The built-in data use it with fewer, shorter
 # epochs and a larger base lr (6e-3: lr 1.5e-3 at batch 64), so that a run takes minutes.
-MAE_RECIPE: dict[str, Any] = {"optimizer": "adamw", "betas": [0.9, 0.95], "blr": 1.5e-4, "epochs": 800,
-                              "batch_size": 4096, "warmup_epochs": 40.0}  # fmt: skip
+MAE_RECIPE: dict[str, Any] = {
+    "optimizer": "adamw",
+    "betas": [0.9, 0.95],
+    "blr": 1.5e-4,
+    "epochs": 800,
+    "batch_size": 4096,
+    "warmup_epochs": 40.0,
+}
 PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "folder": {"arch": "mae_crate_base", **MAE_RECIPE},
     "transfer": {"arch": "mae_crate_base", **MAE_RECIPE, "epochs": 200, "batch_size": 256, "warmup_epochs": 10.0},

@@ -58,16 +58,18 @@ class Objective:
 class Classification(Objective):
     name = "classification"
 
-    def __init__(self, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0
+    ) -> None:
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         self.seed = seed
         self.mixup = None
         if mixup > 0 or cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                               num_classes=num_classes)  # fmt: skip
+            self.mixup = Mixup(
+                mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
+            )
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         elif label_smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
@@ -86,13 +88,18 @@ class Classification(Objective):
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         loss = nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        return torch.tensor([loss, top[:, :1].any(1).sum().item(), top.any(1).sum().item(), len(y)],
-                            dtype=torch.float64)  # fmt: skip
+        return torch.tensor(
+            [loss, top[:, :1].any(1).sum().item(), top.any(1).sum().item(), len(y)], dtype=torch.float64
+        )
 
     def metrics(self, sums: Tensor) -> dict[str, float]:
         n = max(sums[3].item(), 1.0)
-        return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-                "images": int(sums[3].item())}  # fmt: skip
+        return {
+            "loss": sums[0].item() / n,
+            "top1": 100 * sums[1].item() / n,
+            "top5": 100 * sums[2].item() / n,
+            "images": int(sums[3].item()),
+        }
 
 
 class MaskedAutoencoding(Objective):
@@ -122,15 +129,18 @@ class MaskedAutoencoding(Objective):
         return {"loss": sums[0].item() / n, "neg_loss": -sums[0].item() / n, "images": int(sums[1].item())}
 
 
-def make_objective(kind: str, model: nn.Module, num_classes: int, options: dict[str, Any], seed: int,
-                   rank: int) -> Objective:  # fmt: skip
+def make_objective(
+    kind: str, model: nn.Module, num_classes: int, options: dict[str, Any], seed: int, rank: int
+) -> Objective:
     """The objective named by a run's configuration (``classification`` or ``mae``)."""
     if kind == "classification":
         return Classification(num_classes, seed=seed, **options)
     if kind == "mae":
         cfg = getattr(model, "config", None)
         if not hasattr(model, "forward_encoder_features") or cfg is None:
-            raise UserError(f"the mae objective needs a CRATE-MAE model, got {type(model).__name__}; "
-                             f"choose an mae_crate_* architecture")  # fmt: skip
+            raise UserError(
+                f"the mae objective needs a CRATE-MAE model, got {type(model).__name__}; "
+                f"choose an mae_crate_* architecture"
+            )
         return MaskedAutoencoding(cfg.num_patches, cfg.mask_ratio, seed=seed, rank=rank)
     raise UserError(f"unknown objective {kind!r}; choose classification or mae")
