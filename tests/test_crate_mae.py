@@ -239,3 +239,25 @@ def test_reconstruction_panels_and_figure(tmp_path):
     torch.testing.assert_close(a.reconstruction, (model.unpatchify(pred) * 0.5 + 0.5).clamp(0, 1).detach())
     paths = save_figure(reconstruction_figure(a, names=["one", "two"], title="t"), tmp_path / "rec")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_layerwise_stats_of_encoder_and_decoder():
+    from cratevit import create_model
+    from cratevit.analysis import layerwise_stats
+
+    torch.manual_seed(0)
+    model = CRATEMAE(CRATEMAEConfig(**TINY))
+    x = torch.randn(5, 3, 32, 32)
+    enc = layerwise_stats(model, x, batch_size=2)
+    dec = layerwise_stats(model, x, batch_size=2, part="decoder")
+    assert enc.rc_in.shape == (5, 2) and dec.rc_in.shape == (5, 2)
+    with torch.no_grad():
+        tr = model.eval().forward_trace(x)
+        blk = model.decoder_blocks[1]
+        expect = blk.mssa.project(blk.norm2(tr.decoder[1].z_out))
+    from cratevit.analysis.layerwise import compression
+
+    torch.testing.assert_close(dec.rc_half[:, 1], compression(expect).double(), rtol=1e-5, atol=1e-5)
+    assert (enc.sparsity < 1).all() and torch.equal(dec.sparsity, torch.ones(5, 2, dtype=dec.sparsity.dtype))
+    with pytest.raises(ValueError, match="decoder"):
+        layerwise_stats(create_model("crate_debug"), x, part="decoder")
