@@ -261,3 +261,19 @@ def test_layerwise_stats_of_encoder_and_decoder():
     assert (enc.sparsity < 1).all() and torch.equal(dec.sparsity, torch.ones(5, 2, dtype=dec.sparsity.dtype))
     with pytest.raises(ValueError, match="decoder"):
         layerwise_stats(create_model("crate_debug"), x, part="decoder")
+
+
+def test_attention_maps_and_patch_features_of_encoder_and_decoder():
+    from cratevit.analysis.segmentation import attention_maps, model_geometry, patch_features
+
+    torch.manual_seed(0)
+    model = CRATEMAE(CRATEMAEConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tr = model.forward_trace(x)
+        enc, dec = attention_maps(model, x, -1), attention_maps(model, x, 0, decoder=True)
+        assert enc.shape == (2, 2, 4, 4) and dec.shape == (2, 4, 4, 4)
+        torch.testing.assert_close(dec, tr.decoder[0].attn[:, :, 0, 1:].reshape(2, 4, 4, 4))
+        feats = patch_features(model, x, 1, decoder=True)
+        torch.testing.assert_close(feats, tr.decoder[1].z_out[:, 1:].reshape(2, 4, 4, 32))
+    assert model_geometry(model) == ((32, 32), (8, 8))

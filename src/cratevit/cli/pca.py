@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
         images.append(image)
         preps.append(prep)
-        feats.append(patch_features(model, prep.tensor[None], args.layer)[0])  # rows cols dim
+        feats.append(patch_features(model, prep.tensor[None], args.layer, args.decoder)[0])  # rows cols dim
     result = pca_maps(feats, args.components)
     args.out.mkdir(parents=True, exist_ok=True)
     records, used, shown = [], set(), []
