@@ -152,3 +152,13 @@ def test_features_are_gathered_across_processes(tmp_path):
         got = torch.load(tmp_path / f"feats.{rank}", weights_only=True)
         assert got["y"].tolist() == list(range(7))
         torch.testing.assert_close(got["f"], f, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_command_on_a_timm_name_and_a_missing_file(tmp_path, capsys):
+    from cratevit.cli import main
+    from cratevit.cli.probe import load_probe_model
+
+    vit = load_probe_model("vit_tiny_patch16_224")
+    assert type(vit).__name__ == "VisionTransformer" and vit.num_classes == 0
+    assert main(["probe", str(tmp_path / "nope.pt")]) == 2
+    assert "not found" in capsys.readouterr().err

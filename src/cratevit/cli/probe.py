@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
-    """A cratevit model (file, folder, preset) or a timm model, in eval mode, with its ``pretrained_cfg``."""
+    """A cratevit model (file, folder, preset: random weights from ``seed``) or a timm model name, in eval mode."""
+    from pathlib import Path
+
     import timm
     import torch
 
@@ -66,15 +68,12 @@ def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
 
     torch.manual_seed(seed)
     try:
-        return load_model(spec).eval()
-    except (UserError, FileNotFoundError):
-        try:
-            resolve_name(spec)
-            raise
-        except UserError:
-            pass
-        if not timm.is_model(spec):
-            raise
+        resolve_name(spec)
+        is_preset = True
+    except UserError:
+        is_preset = False
+    if Path(spec).exists() or is_preset or not timm.is_model(spec):
+        return load_model(spec).eval()  # its errors name what is wrong
     return timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
 
 
