@@ -7,7 +7,7 @@ so every layer (``models/`` included) may raise these.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "UserError"]
+__all__ = ["CheckpointError", "CratevitWarning", "UserError"]
 
 
 class UserError(ValueError):
@@ -16,3 +16,7 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the problem and the fix."""
+
+
+class CratevitWarning(UserWarning):
+    """Something the user should know (non-finite weights, a skipped file); the CLI prints it as one line."""

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ..data.decode import MAX_PIXELS, ImageTooLarge, check_size, to_rgb
 from ..errors import UserError
 from ..presets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -23,7 +24,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "ImageTooLarge",
     "Prepared",
+    "check_size",
     "find_images",
     "load_image",
     "prepare",
@@ -34,37 +38,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 ResizeMode = Literal["keep-aspect", "model"]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB; transparency is composited on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.round().astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; errors name the file."""
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Open an image file as RGB; errors name the file. Images over ``max_pixels`` are refused before decoding
+    (a 140 KB PNG can claim 12000x12000 pixels)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass image files (or use the folder option of the command)")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit applies (PIL's would only warn between 1x and 2x of it)
         with Image.open(path) as img:
+            check_size(img, path, max_pixels)
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageTooLarge):
+            raise
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(f"{path} is not a readable image file ({reason}); pass a PNG, JPEG or other image") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def find_images(folder: str | Path) -> list[Path]:

@@ -173,6 +173,9 @@ def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path}: the weights do not fit timm's {obj['arch']} ({str(e)[:200]})") from None
+    from ..checkpoint import warn_non_finite
+
+    warn_non_finite(state, path)
     return model
 
 

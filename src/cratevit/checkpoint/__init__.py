@@ -19,7 +19,9 @@ from .load import (
     load_into,
     load_model,
     load_state_dict_strict,
+    non_finite_keys,
     pretrained_cfg_from_meta,
+    warn_non_finite,
 )
 from .read import (
     FAMILIES,
@@ -53,6 +55,7 @@ __all__ = [
     "load_into",
     "load_model",
     "load_state_dict_strict",
+    "non_finite_keys",
     "pretrained_cfg_from_meta",
     "read_checkpoint",
     "read_folder",
@@ -63,4 +66,5 @@ __all__ = [
     "stored_preprocessing",
     "strip_prefix",
     "to_reference_keys",
+    "warn_non_finite",
 ]

@@ -13,6 +13,7 @@ the file records, else what its training data used, else its preset's (:mod:`cra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, CratevitWarning, UserError
 from ..presets import (
     PRESETS,
     data_preprocessing,
@@ -42,7 +43,9 @@ __all__ = [
     "load_into",
     "load_model",
     "load_state_dict_strict",
+    "non_finite_keys",
     "pretrained_cfg_from_meta",
+    "warn_non_finite",
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -160,7 +163,26 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     hint = _misfit_hint(arch, stored, meta)
     namer = key_namer(meta, state, family)
     load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint)
+    warn_non_finite(state, path)
     return _set_pretrained_cfg(model, pretrained_cfg_from_meta(meta, model.config))
+
+
+def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """The floating-point tensors that hold NaN or infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
+def warn_non_finite(state: Mapping[str, Tensor], path: str | Path) -> list[str]:
+    """Warn (one line) when a checkpoint's weights hold NaN or infinity: the model's outputs will be NaN."""
+    bad = non_finite_keys(state)
+    if bad:
+        warnings.warn(
+            f"{path} holds non-finite weights (NaN or infinity in {len(bad)} of {len(state)} tensors, "
+            f"e.g. {bad[0]}): the model's outputs will not be numbers; use an earlier checkpoint",
+            CratevitWarning,
+            stacklevel=3,
+        )
+    return bad
 
 
 def load_folder(
@@ -179,6 +201,7 @@ def load_folder(
     _set_pretrained_cfg(model, merged_pretrained_cfg(meta.get("pretrained_cfg"), model.config))
     source = str(weights or Path(folder) / "model.safetensors")
     load_state_dict_strict(model, state, drop_head="num_classes" in overrides, source=source)
+    warn_non_finite(state, folder)
     return model.eval()
 
 

@@ -84,7 +84,9 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here; turn each into one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "WeightsUnpickler error:" in str(e):  # torch's advice about weights_only is not the reason
+            msg = str(e).split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        if "Unsupported global" in str(e) or "GLOBAL " in str(e):  # a class or function the file wants to import
             raise CheckpointError(
                 f"{path} contains pickled Python objects other than tensors and plain containers; cratevit loads "
                 f"checkpoints with weights_only=True and never runs code from a file ({msg[:200]})"

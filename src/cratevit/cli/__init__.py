@@ -9,11 +9,13 @@ error is printed as one line; anything else is a bug and keeps its traceback, wi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import traceback
+import warnings
 
-from ..errors import UserError
+from ..errors import CratevitWarning, UserError
 
 __all__ = ["COMMANDS", "EXPECTED_ERRORS", "UserError", "build_parser", "main"]
 
@@ -38,6 +40,21 @@ COMMANDS: dict[str, str] = {
 EXPECTED_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+# A full or read-only disk while writing outputs: one line too (PermissionError covers EACCES and EPERM).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """CratevitWarnings as ``cratevit: warning: ...``; other warnings as Python prints them."""
+    if issubclass(category, CratevitWarning):
+        print(f"cratevit: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
@@ -58,12 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("cratevit: interrupted", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
         print(f"cratevit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(
+            f"cratevit {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror}; free "
+            f"space or choose another output folder",
+            file=sys.stderr,
+        )
         return 2
     except Exception:
         traceback.print_exc()

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "recursively, e.g. an ImageFolder)",
     )
     p.add_argument("--images", nargs="+", type=Path, default=None, help="image files to use instead of --data")
+    from .attention import add_max_pixels_argument
+
+    add_max_pixels_argument(p)
     p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +100,9 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
     else:
         files = list(args.images) if args.images is not None else find_images(args.data)
         files = [files[i] for i in _subset(len(files), args.num_images, args.seed)]
-        pils = [load_image(f) for f in files]
+        if args.max_pixels < 0:
+            raise UserError(f"--max-pixels must be 0 (no limit) or a positive pixel count, got {args.max_pixels}")
+        pils = [load_image(f, args.max_pixels or None) for f in files]
         what = f"{len(files)} image files resized to {size[1]}x{size[0]}"
     mean, std = input_normalization(spec)
     return torch.stack([prepare(im, size, patch, mode="model", mean=mean, std=std).tensor for im in pils]), what

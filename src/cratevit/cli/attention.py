@@ -34,6 +34,7 @@ def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
         "model: resize to the model's training size",
     )
     p.add_argument("--size", type=int, default=None, help="shorter side for keep-aspect (default: the model's size)")
+    add_max_pixels_argument(p)
     p.add_argument(
         "--mean",
         type=float,
@@ -48,6 +49,59 @@ def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="normalisation std (default: the training data's, else ImageNet's)",
     )
+
+
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS (not imported: --help stays fast)
+
+
+def add_max_pixels_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        dest="max_pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="refuse images with more pixels than this before decoding them (default: PIL's "
+        "decompression-bomb limit); 0: no limit",
+    )
+
+
+def read_images(args: argparse.Namespace, files: list) -> tuple[list, list, list[dict[str, str]]]:
+    """(readable files, their images, skipped files with the reason): an unreadable file among several is
+    skipped with a warning naming it (the command finishes the rest, then exits non-zero); a single one is an
+    error."""
+    import sys
+
+    from ..analysis.images import load_image
+    from ..errors import UserError
+
+    if args.max_pixels < 0:
+        raise UserError(f"--max-pixels must be 0 (no limit) or a positive pixel count, got {args.max_pixels}")
+    limit = args.max_pixels or None
+    good, images, skipped = [], [], []
+    for path in files:
+        try:
+            images.append(load_image(path, limit))
+            good.append(path)
+        except (UserError, FileNotFoundError, PermissionError) as e:
+            if len(files) == 1:
+                raise
+            print(f"cratevit: warning: skipping {path}: {e}", file=sys.stderr, flush=True)
+            skipped.append({"image": str(path), "error": str(e)})
+    return good, images, skipped
+
+
+def fail_if_skipped(skipped: list[dict[str, str]], total: int, summary: Path) -> None:
+    """Exit non-zero at the end when some files were skipped (after the others and the summary were written)."""
+    from ..errors import UserError
+
+    if skipped and len(skipped) == total:
+        raise UserError(f"none of the {total} images could be read (first: {skipped[0]['error']})")
+    if skipped:
+        names = ", ".join(s["image"] for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        raise UserError(
+            f"{len(skipped)} of {total} images could not be read ({names}); the other {total - len(skipped)} "
+            f"are done and listed in {summary}"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..analysis.images import load_image, prepare
+    from ..analysis.images import prepare
     from ..analysis.segmentation import attention_maps, model_geometry
     from ..analysis.visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
 
@@ -133,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     size, patch = model_geometry(model)
     args.out.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
-    for path in files:
-        image = load_image(path)
+    readable, images, skipped = read_images(args, files)
+    for path, image in zip(readable, images, strict=True):
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
         maps = attention_maps(model, prep.tensor[None], args.layer, args.decoder)[0]  # heads rows cols
         masks = mass_mask(maps, args.threshold)
@@ -171,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
         "std": std,
         "maps": "class-token attention to each patch, upsampled (nearest) to the image size",
         "images": records,
+        "skipped": skipped,
     }
     (args.out / "attention.json").write_text(json.dumps(info, indent=2))
+    fail_if_skipped(skipped, len(files), args.out / "attention.json")
     return 0

@@ -21,28 +21,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ..analysis.images import load_image, prepare
+    from ..analysis.images import prepare
     from ..analysis.segmentation import model_geometry, patch_features
     from ..analysis.visualize import first_component_foreground, pca_figure, pca_maps, save_figure, upsample
     from ..errors import UserError
-    from .attention import load_for_images, normalization, unique_stem
+    from .attention import fail_if_skipped, load_for_images, normalization, read_images, unique_stem
 
     if args.components < 1:
         raise UserError(f"--components must be at least 1, got {args.components}")
     model, spec, files = load_for_images(args)
     mean, std = normalization(args, spec)
     size, patch = model_geometry(model)
-    images, preps, feats = [], [], []
-    for path in files:
-        image = load_image(path)
+    readable, images, skipped = read_images(args, files)
+    if not readable:
+        fail_if_skipped(skipped, len(files), args.out)
+    preps, feats = [], []
+    for image in images:
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
-        images.append(image)
         preps.append(prep)
         feats.append(patch_features(model, prep.tensor[None], args.layer, args.decoder)[0])  # rows cols dim
     result = pca_maps(feats, args.components)
     args.out.mkdir(parents=True, exist_ok=True)
     records, used, shown = [], set(), []
-    for path, image, prep, rgb, scores in zip(files, images, preps, result.rgb, result.scores, strict=True):
+    for path, image, prep, rgb, scores in zip(readable, images, preps, result.rgb, result.scores, strict=True):
         rgb_up = upsample(torch.from_numpy(rgb).float().permute(2, 0, 1), prep.original_size).permute(1, 2, 0).numpy()
         fg = first_component_foreground(scores[..., 0])
         fg_up = upsample(torch.from_numpy(fg).float(), prep.original_size).numpy() > 0.5
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         "mean": mean,
         "std": std,
         "images": records,
+        "skipped": skipped,
     }
     (args.out / "pca.json").write_text(json.dumps(info, indent=2))
+    fail_if_skipped(skipped, len(files), args.out / "pca.json")
     return 0

@@ -16,6 +16,12 @@ HELP = "train a model (default: a small CRATE on the built-in digits data, ~30 s
 S = argparse.SUPPRESS  # options not given keep the configuration's value (recipe, --config or --resume)
 
 
+def _save_minutes() -> str:
+    from ..train.config import SAVE_EVERY_MINUTES
+
+    return f"{SAVE_EVERY_MINUTES:g}"
+
+
 def _default(name: str) -> str:
     """``default X``: the TrainConfig default (cratevit.train.config), for help texts."""
     from ..train.config import default_of
@@ -162,6 +168,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="stop each epoch after N steps (quick runs)",
     )
+    r.add_argument(
+        "--save-every",
+        dest="save_every",
+        type=int,
+        default=S,
+        help=f"also write last.pt every N steps (default: every {_save_minutes()} minutes; 0: at epoch ends only)",
+    )
     r.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard scalars")
     r.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1")
     r.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's; 1 on digits)")
@@ -178,15 +191,19 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     """Run ``command`` (train or finetune): its base configuration (:data:`cratevit.train.config.COMMAND_BASES`),
     else the ``--resume`` run's or the ``--config`` file's, with the options given on top."""
     from dataclasses import fields, replace
+    from pathlib import Path
 
     from ..errors import UserError
     from ..train import TrainConfig, base_config, load_run_config, read_resume_checkpoint, train
+    from ..train.engine import resume_path
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     state = read_resume_checkpoint(args.resume) if args.resume else None
     if state is not None:  # the run's own configuration; options given now override it (e.g. more --epochs)
-        base = TrainConfig.from_dict(dict(state["train_config"]))
+        base = TrainConfig.from_dict(dict(state["train_config"]), source=f"--resume {args.resume}")
+        if "output" not in given:  # continue in the run's own directory, from whatever working directory
+            given["output"] = str(Path(resume_path(args.resume).parent).absolute())
     elif args.config:
         base = load_run_config(args.config)
     else:

@@ -19,11 +19,16 @@ __all__ = ["SafeImageFolder", "check_image_folder", "load_image"]
 
 
 def load_image(path: str) -> Image.Image | None:
-    """The image as RGB, or ``None`` (with a warning naming the file) if it cannot be decoded."""
+    """The image as 8-bit RGB (16-bit and float images scaled to their range, as ``cratevit attention`` does), or
+    ``None`` (with a warning naming the file) if it cannot be decoded or has more pixels than PIL's limit."""
+    from .decode import MAX_PIXELS, check_size, to_rgb
+
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")  # forces the full decode, so truncated files fail here
+            check_size(image, path, MAX_PIXELS)
+            image.load()  # the full decode, so truncated files fail here
+            return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return None

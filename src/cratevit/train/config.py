@@ -13,8 +13,10 @@ the configuration's value (recipe, ``--config`` or ``--resume``), and its help t
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from ..data import DataInfo
@@ -26,8 +28,10 @@ __all__ = [
     "OBJECTIVES",
     "PRETRAIN_RECIPES",
     "RECIPES",
+    "SAVE_EVERY_MINUTES",
     "TrainConfig",
     "base_config",
+    "check_config",
     "default_of",
     "resolve_config",
 ]
@@ -75,18 +79,54 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 10
     steps_per_epoch: int | None = None  # cap on the training steps of each epoch (quick runs)
+    save_every: int | None = None  # write last.pt every N steps too (None: every SAVE_EVERY_MINUTES; 0: epoch ends)
     tensorboard: bool = False
     device: str = "auto"
     threads: int | None = None  # torch intra-op CPU threads (default: the recipe's, else torch's)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: dict[str, Any], source: str = "the configuration") -> TrainConfig:
+        """A configuration from a file's dict; unknown options and wrongly typed values are refused."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source} holds a {type(d).__name__}, not a mapping of training options")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise UserError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
+            raise UserError(f"unknown training option(s) {unknown} in {source}; known options: {sorted(known)}")
+        for name, value in d.items():
+            _check_type(name, str(known[name].type), value, source)
         return cls(**d)
 
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "dict[str, Any]": (dict,),
+}
+
+
+def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
+    """A value read from a file has the field's type (a number for a float, None where allowed)."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return
+    ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    if not ok:
+        want = {
+            "dict[str, Any]": "a mapping",
+            "str": "a string",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+        }[base] + (" or null" if optional else "")
+        raise UserError(f"option {name!r} in {source} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+# Without --save-every, last.pt is also written within an epoch this often (a kill -9 loses at most this much).
+SAVE_EVERY_MINUTES = 10.0
 
 # The recipe of each kind of data; explicit options always win.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -125,8 +165,46 @@ PRETRAIN_RECIPES["dummy"] = PRETRAIN_RECIPES["folder"]
 OBJECTIVES = ("classification", "mae")
 
 
+# (option, test, what it must be): every number a run takes; None (the recipe's or "off") always passes
+_RANGES: list[tuple[str, Any, str]] = [
+    ("epochs", lambda v: v >= 1, "a positive integer"),
+    ("batch_size", lambda v: v >= 1, "a positive integer"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("blr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "0 or more"),
+    ("momentum", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("warmup_epochs", lambda v: math.isfinite(v) and v >= 0, "0 or more (epochs of linear warmup)"),
+    ("min_lr", lambda v: math.isfinite(v) and v >= 0, "0 or more"),
+    ("clip_grad", lambda v: math.isfinite(v) and v >= 0, "a positive max gradient norm, or 0 for no clipping"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("mixup", lambda v: math.isfinite(v) and v >= 0, "a Beta alpha of 0 (off) or more"),
+    ("cutmix", lambda v: math.isfinite(v) and v >= 0, "a Beta alpha of 0 (off) or more"),
+    ("workers", lambda v: v >= 0, "0 (load in the main process) or more"),
+    ("threads", lambda v: v >= 1, "a positive number of CPU threads"),
+    ("steps_per_epoch", lambda v: v >= 1, "a positive number of steps"),
+    ("save_every", lambda v: v >= 0, "a number of steps, or 0 to save at epoch ends only"),
+    ("print_freq", lambda v: v >= 1, "a positive number of steps"),
+    ("num_classes", lambda v: v >= 1, "a positive class count"),
+    ("image_size", lambda v: v >= 1, "a positive number of pixels"),
+    ("patch_size", lambda v: v >= 1, "a positive number of pixels"),
+]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse values that make no sense (a negative clip norm trains by gradient ascent), in one line each."""
+    for name, ok, what in _RANGES:
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UserError(f"--mixup/--cutmix need an even batch size, got {cfg.batch_size}")
+
+
 def resolve_config(cfg: TrainConfig, info: DataInfo) -> TrainConfig:
-    """Fill the ``None`` fields from the data's recipe and check the values."""
+    """Fill the ``None`` fields from the data's recipe, check the values, and make the paths absolute (so that
+    ``--resume`` from another working directory reads and writes the same files)."""
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     recipe = dict((PRETRAIN_RECIPES if cfg.objective == "mae" else RECIPES)[info.kind])
@@ -134,15 +212,17 @@ def resolve_config(cfg: TrainConfig, info: DataInfo) -> TrainConfig:
     cfg = replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
     if cfg.lr is None and cfg.blr is not None and cfg.batch_size:
         cfg = replace(cfg, lr=cfg.blr * cfg.batch_size / 256)
-    if cfg.epochs <= 0 or cfg.batch_size <= 0:
-        raise UserError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise UserError(f"--mixup/--cutmix need an even batch size, got {cfg.batch_size}")
-    return cfg
+    check_config(cfg)
+    paths: dict[str, Any] = {}
+    if cfg.output:
+        paths["output"] = str(Path(cfg.output).absolute())
+    if cfg.data_dir:
+        paths["data_dir"] = str(Path(cfg.data_dir).absolute())
+    if info.kind == "folder":
+        paths["data"] = str(Path(cfg.data).absolute())
+    if cfg.pretrained and Path(cfg.pretrained).exists():
+        paths["pretrained"] = str(Path(cfg.pretrained).absolute())
+    return replace(cfg, **paths)
 
 
 # What each command starts from, before --config / --resume and the options given.

@@ -15,7 +15,17 @@ from torch import Tensor
 
 from ..errors import UserError
 
-__all__ = ["DistInfo", "all_reduce_sum", "any_true", "barrier", "cleanup", "init_distributed", "pick_device"]
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "any_true",
+    "barrier",
+    "cleanup",
+    "init_distributed",
+    "pick_device",
+]
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,14 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU if there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r}: cratevit runs on cpu, cuda or mps; use auto, cpu, cuda or cuda:N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for Apple's MPS, which is not available here; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but no GPU is available; use --device cpu")
     if device.type == "cuda" and device.index is None:
@@ -77,6 +94,23 @@ def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_max(values: Tensor, info: DistInfo) -> Tensor:
+    """Elementwise maximum over all ranks (unchanged for one process)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_true(flag: bool, info: DistInfo) -> bool:

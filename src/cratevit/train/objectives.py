@@ -44,7 +44,8 @@ class Objective:
         raise NotImplementedError
 
     def eval_sums(self, model: nn.Module, x: Tensor, y: Tensor, index: int) -> Tensor:
-        """Float64 sums over one validation batch (``index``: its position in this rank's validation order)."""
+        """Float64 sums over one validation batch, the image count last (``index``: the batch's position in this
+        rank's validation order)."""
         raise NotImplementedError
 
     def metrics(self, sums: Tensor) -> dict[str, float]:
