@@ -277,3 +277,11 @@ def test_attention_maps_and_patch_features_of_encoder_and_decoder():
         feats = patch_features(model, x, 1, decoder=True)
         torch.testing.assert_close(feats, tr.decoder[1].z_out[:, 1:].reshape(2, 4, 4, 32))
     assert model_geometry(model) == ((32, 32), (8, 8))
+
+
+def test_attention_maps_need_no_gradients():
+    from cratevit import create_model
+    from cratevit.analysis.segmentation import attention_maps
+
+    assert not attention_maps(create_model("crate_debug"), torch.randn(1, 3, 32, 32)).requires_grad
+    assert not attention_maps(CRATEMAE(CRATEMAEConfig(**TINY)), torch.randn(1, 3, 32, 32), decoder=True).requires_grad

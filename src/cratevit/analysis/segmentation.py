@@ -95,6 +95,7 @@ def _mae_layer(model: CRATEMAE, x: Tensor, layer: int, decoder: bool) -> Any:
     return (trace.decoder if decoder else trace.encoder)[0], trace.grid_size
 
 
+@torch.no_grad()
 def attention_maps(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> Tensor:
     """The class token's attention to every patch at ``layer``: (b, heads, rows, cols). ``decoder``: a CRATE-MAE's
     decoder layer instead of its encoder layer."""
