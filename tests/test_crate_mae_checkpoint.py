@@ -123,3 +123,14 @@ def test_our_format_round_trips_and_presets_build_the_family(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     assert get_config("mae_crate_large").depth == 24 and get_config("MAE_CRATE_BASE").dim == 768
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    from cratevit.checkpoint import load_model
+
+    model = create_model("mae_crate_digits", norm_pix_loss=True)
+    randomize(model, seed=6)
+    model.save_pretrained(tmp_path / "hf")
+    for back in (CRATEMAE.from_pretrained(tmp_path / "hf"), load_model(tmp_path / "hf")):
+        assert isinstance(back, CRATEMAE) and back.config == model.config
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())

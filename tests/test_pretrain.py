@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,17 +17,19 @@ from cratevit.cli import main
 from cratevit.data import data_info
 from cratevit.models import CRATE
 from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig, crate_classifier_from_mae
-from cratevit.train.config import PRETRAIN_RECIPES, TrainConfig, base_config, resolve_config
+from cratevit.train.config import PRETRAIN_RECIPES, TrainConfig, resolve_config
 from cratevit.train.distributed import DistInfo
-from cratevit.train.engine import MetricsLog, StopFlag, Trainer
+from cratevit.train.engine import Trainer
 
 QUICK = [
+    "--threads",
+    "1",
     "--model-kwargs",
     '{"depth": 1, "decoder_depth": 1}',
     "--batch-size",
     "16",
     "--steps-per-epoch",
-    "3",
+    "8",
     "--print-freq",
     "1",
     "--warmup-epochs",
@@ -46,31 +51,28 @@ def test_pretrain_runs_the_engine_with_the_mae_objective_and_resumes_exactly(tmp
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    assert len(train) == 6 and "acc" not in train[0] and len(val) == 2 and "best_loss" in val[-1]
+    assert len(train) == 16 and "acc" not in train[0] and len(val) == 2 and "best_loss" in val[-1]
     assert val[-1]["images"] == 360 and val[-1]["loss"] < train[0]["loss"]
     config = json.loads((run / "config.json").read_text())
     assert config["objective"] == "mae" and config["betas"] == [0.9, 0.95] and config["clip_grad"] is None
     assert config["lr"] == pytest.approx(6e-3 * 16 / 256)  # base lr x batch / 256
     model = load_checkpoint(run / "last.pt")
     assert isinstance(model, CRATEMAE) and model.config.depth == 1
-    # stopped after epoch 1 (of 2), resumed: the same weights as the uninterrupted run (masks are seeded by step)
-    half = replace(
-        base_config("pretrain"),
-        model_kwargs={"depth": 1, "decoder_depth": 1},
-        batch_size=16,
-        steps_per_epoch=3,
-        print_freq=1,
-        warmup_epochs=0.0,
-        epochs=2,
-        output=str(tmp_path / "half"),
-    )
-    trainer = Trainer(half, DistInfo())
-    trainer.log, trainer._plotted = MetricsLog(trainer.run_dir, False), time.perf_counter()
-    trainer.run_dir.mkdir(parents=True)
-    with StopFlag() as stop:
-        assert trainer.train_epoch(stop)
-    trainer.end_epoch()
-    assert main(["pretrain", "--resume", str(tmp_path / "half")]) == 0
+    # SIGTERM mid-epoch, then --resume: the same weights as the uninterrupted run (masks are seeded by step)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cratevit", "pretrain", *QUICK, "--epochs", "2", "--output", str(tmp_path / "half")]
+    killed = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "half" / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        if metrics.exists() and any(json.loads(x)["global_step"] >= 2 for x in metrics.read_text().splitlines() if x):
+            killed.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = killed.communicate(timeout=240)
+    assert killed.returncode == 128 + signal.SIGTERM, out
+    resumed = subprocess.run([sys.executable, "-m", "cratevit", "pretrain", "--resume", str(tmp_path / "half")],
+                             env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     a, b = weights(run / "last.pt"), weights(tmp_path / "half" / "last.pt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

@@ -104,6 +104,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "float": (int, float),
     "bool": (bool,),
     "dict[str, Any]": (dict,),
+    "list[float]": (list,),  # betas
 }
 
 
