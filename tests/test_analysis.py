@@ -45,19 +45,15 @@ def test_coding_rate_known_values() -> None:
     assert coding_rate(y * torch.rand(30, 1) * 10).item() == pytest.approx(coding_rate(y).item())
 
 
-def test_logdet_and_rates_never_nan_with_two_threads() -> None:
-    """MEASURED.md: torch.logdet returned NaN for 197x197 matrices under set_num_threads(2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        proj = torch.randn(4, 6, 197, 64)
-        rates = compression(proj)
-        assert torch.isfinite(rates).all()
-        rates_direct = coding_rate(proj, side="tokens")
-        assert torch.isfinite(rates_direct).all()
-        torch.testing.assert_close(rates_direct.sum(1), rates, rtol=1e-9, atol=1e-8)
-    finally:
-        torch.set_num_threads(threads)
+def test_logdet_and_rates_never_nan_with_two_threads(torch_threads) -> None:
+    """torch.logdet returned NaN for 197x197 matrices under set_num_threads(2); the Cholesky form must not."""
+    torch_threads(2)
+    proj = torch.randn(4, 6, 197, 64)
+    rates = compression(proj)
+    assert torch.isfinite(rates).all()
+    rates_direct = coding_rate(proj, side="tokens")
+    assert torch.isfinite(rates_direct).all()
+    torch.testing.assert_close(rates_direct.sum(1), rates, rtol=1e-9, atol=1e-8)
     with pytest.raises(ValueError, match="positive definite"):
         logdet_spd(-torch.eye(3))
 
@@ -68,8 +64,8 @@ def test_sparsity_counts_nonzeros() -> None:
     assert sparsity(z).tolist() == [0.5, 0.0]
 
 
-def test_layerwise_stats_shapes_and_consistency() -> None:
-    torch.set_num_threads(2)
+def test_layerwise_stats_shapes_and_consistency(torch_threads) -> None:
+    torch_threads(2)
     model = create_model("crate_debug")
     x = torch.randn(5, 3, 32, 32)
     stats = layerwise_stats(model, x, batch_size=2)

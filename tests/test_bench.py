@@ -87,13 +87,9 @@ def test_training_peak_memory_probe_runs_in_a_fresh_process():
     assert 100 < peak < 4000
 
 
-def test_coding_rate_gram_form_agrees_with_direct_under_two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        rc = coding_rate_timings(images=4, tokens=197, heads=6, dim_head=64, repeats=1)
-    finally:
-        torch.set_num_threads(before)
+def test_coding_rate_gram_form_agrees_with_direct_under_two_threads(torch_threads):
+    torch_threads(2)
+    rc = coding_rate_timings(images=4, tokens=197, heads=6, dim_head=64, repeats=1)
     assert rc["nan"] == 0.0
     assert rc["max_rel_diff"] < 1e-10
     assert rc["direct"] > 0 and rc["gram"] > 0
@@ -178,3 +174,18 @@ def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
     table = format_markdown(result)
     assert "on NVIDIA H100 80GB HBM3" in table and "MFU (nominal bf16 peak)" in table
     assert "| train | bfloat16 | cratevit | 256 | 1000.0 | 1.50x | 33 | 98900 | 20% | 10.0% | 12,345 |" in table
+
+
+def test_bench_outside_a_source_checkout_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    """An installed wheel has no benchmarks/ folder: the command says where the harness lives."""
+    import sys
+
+    import cratevit.cli.bench
+
+    monkeypatch.delitem(sys.modules, "cratebench", raising=False)
+    monkeypatch.setattr(
+        cratevit.cli.bench, "__file__", str(tmp_path / "site-packages" / "cratevit" / "cli" / "bench.py")
+    )
+    assert main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "benchmarks/cratebench.py" in err and "source checkout" in err

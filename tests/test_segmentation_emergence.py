@@ -29,29 +29,25 @@ def _miou(model: torch.nn.Module, samples: list) -> float:
 
 
 @pytest.mark.slow
-def test_trained_crate_attention_segments_clearly_better_than_random_init() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: one thread is as fast and immune to oversubscribed CPUs
-    try:
-        torch.manual_seed(0)
-        model = create_model(
-            "crate_debug", num_classes=6, dim=64, depth=4, heads=4, dim_head=16, image_size=SIZE, patch_size=PATCH
-        )
-        val = list(shapes_samples("val", 120, SIZE, seed=0))
-        random_miou = _miou(model, val)
-        x, y = _tensors(ShapesDataset("train", 3000, SIZE, seed=0))
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-        g = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(450):
-            idx = torch.randint(0, len(y), (64,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        trained_miou = _miou(model, val)
-    finally:
-        torch.set_num_threads(threads)
+def test_trained_crate_attention_segments_clearly_better_than_random_init(torch_threads) -> None:
+    torch_threads(1)  # small matrices: one thread is as fast and immune to oversubscribed CPUs
+    torch.manual_seed(0)
+    model = create_model(
+        "crate_debug", num_classes=6, dim=64, depth=4, heads=4, dim_head=16, image_size=SIZE, patch_size=PATCH
+    )
+    val = list(shapes_samples("val", 120, SIZE, seed=0))
+    random_miou = _miou(model, val)
+    x, y = _tensors(ShapesDataset("train", 3000, SIZE, seed=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(450):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained_miou = _miou(model, val)
     print(f"attention mIoU: random init {random_miou:.3f}, trained {trained_miou:.3f}")
     # measured: random init 0.177, trained 0.359 (450 steps of 64 images, ~20 s on one core)
     assert random_miou < 0.25

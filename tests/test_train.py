@@ -278,3 +278,47 @@ def test_default_train_reaches_95_percent_on_held_out_digits(tmp_path, monkeypat
     val = records(run, "val")
     assert len(val) == 30 and val[-1]["images"] == 360
     assert val[-1]["top1"] >= 95.0  # the final model, on the 360 held-out digits
+
+
+# ------------------------------------------------------------------------------------------- one training step
+def one_step_trainer(**options):
+    """A Trainer on the digits (crate_debug, no run directory) and one training batch, without touching the
+    process's thread count."""
+    from cratevit.train import TrainConfig, Trainer
+    from cratevit.train.distributed import init_distributed
+
+    cfg = TrainConfig(
+        arch="crate_debug",
+        batch_size=8,
+        epochs=1,
+        workers=0,
+        threads=torch.get_num_threads(),
+        warmup_epochs=0.0,
+        **options,
+    )
+    trainer = Trainer(cfg, init_distributed("cpu"), evaluate_only=True)
+    return trainer, next(iter(trainer.train_loader))
+
+
+def test_gradient_clipping_bounds_the_update():
+    """Plain SGD with lr 1: the update is minus the (clipped) gradient, so its norm is at most --clip-grad."""
+    clip = 1e-3
+    trainer, batch = one_step_trainer(optimizer="momentum", momentum=0.0, lr=1.0, weight_decay=0.0, clip_grad=clip)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step(batch)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before, strict=True)])
+    assert clip / 2 < step.norm().item() <= clip * (1 + 1e-4)  # the raw gradient is larger: clipping acted
+
+
+def test_mixup_feeds_the_mixed_images_to_the_model():
+    """With --mixup the model sees lam * x + (1 - lam) * x.flip(0), and the loss uses the matching soft targets."""
+    trainer, batch = one_step_trainer(mixup=0.8, lr=1e-3)
+    original = batch.images.clone()  # timm's Mixup mixes in place
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    trainer.train_step(batch)
+    (x,) = seen
+    flipped = original.flip(0)
+    lam = ((x - flipped) * (original - flipped)).sum() / (original - flipped).pow(2).sum()
+    assert 0.0 < lam.item() < 0.999  # mixed, not the plain batch
+    torch.testing.assert_close(x, lam * original + (1 - lam) * flipped, rtol=1e-4, atol=1e-4)

@@ -273,11 +273,14 @@ def timm_name(preset: str) -> str:
 
 
 def timm_name_for(cfg: Any) -> str:
-    """The timm name to record for a configuration: its preset's, else an equal preset's, else crate_tiny's.
+    """The timm name to record for a configuration: its preset's, else an equal preset's, else the first preset of
+    its family (crate_tiny for CRATE).
 
     (A saved folder records every configuration field in ``model_args``, so the base name only picks defaults.)
     """
     if cfg.name in PRESETS:
         return timm_name(cfg.name)
-    equal = [name for name, preset in PRESETS.items() if preset == cfg]
-    return timm_name(equal[0] if equal else "crate_tiny")
+    family = family_for(cfg).name
+    same = [name for name, info in PRESET_INFO.items() if info.family == family]
+    equal = [name for name in same if PRESETS[name] == cfg]
+    return timm_name(equal[0] if equal else "crate_tiny" if family == "crate" else same[0])

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import UserError
 from .models import CRATE, CRATEMAE, CRATEConfig, CRATEMAEConfig
 
-__all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family"]
+__all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family", "trace_method"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ def get_family(name: str) -> Family:
 def is_family_model(obj: Any) -> bool:
     """Whether ``obj`` is a model of a registered family (as opposed to, e.g., a timm ViT baseline)."""
     return any(isinstance(obj, family.model_cls) for family in _FAMILIES.values())
+
+
+def trace_method(model: nn.Module) -> Any:
+    """The model's bound trace method (its family's ``trace``: every layer's intermediates), or a clear error."""
+    family = family_for(model)
+    if family.trace is None:
+        raise UserError(f"{family.name} models have no trace method; the analysis needs per-layer intermediates")
+    return getattr(model, family.trace)
 
 
 def family_for(obj: Any) -> Family:

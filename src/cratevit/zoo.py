@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .models import CRATE, CRATEConfig
+from .models import CRATEConfig
 from .presets import get_config, resolve_name
+from .registry import family_for
 
 __all__ = ["ZOO", "ZooEntry", "count_params", "describe_config", "get_entry", "zoo_rows"]
 
@@ -117,7 +118,7 @@ ZOO: tuple[ZooEntry, ...] = (
 def count_params(cfg: CRATEConfig) -> int:
     """Parameters of the model ``cfg`` builds, counted on the meta device (no memory, no initialisation cost)."""
     with torch.device("meta"):
-        return CRATE(config=cfg).num_params()
+        return family_for(cfg).build(cfg).num_params()
 
 
 def describe_config(cfg: CRATEConfig) -> str:

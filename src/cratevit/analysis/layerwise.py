@@ -34,6 +34,7 @@ from ..checkpoint import stored_preprocessing
 from ..errors import UserError
 from ..models import CRATE, CRATEMAE
 from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, data_preprocessing, get_config, preprocessing_for
+from ..registry import trace_method
 
 __all__ = [
     "MAE_DECODER_DEFINITIONS",
@@ -194,7 +195,7 @@ def layerwise_stats(
                     (trace.encoder, model.blocks) if part == "encoder" else (trace.decoder, model.decoder_blocks)
                 )
             else:
-                layers, blocks = model.forward_trace(batch).layers, model.blocks
+                layers, blocks = trace_method(model)(batch).layers, model.blocks
             rc_in.append(torch.stack([compression(t.proj, eps) for t in layers], dim=1))
             after = [t.z_half if part == "encoder" else t.z_out for t in layers]
             project = _project if part == "encoder" else _project_decoder

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_file, load_model
 from ..errors import CheckpointError, UserError
-from ..models import CRATE, CRATEMAE
+from ..models import CRATEMAE
 from ..presets import IMAGENET_MEAN, IMAGENET_STD
+from ..registry import is_family_model, trace_method
 from .images import load_image, prepare
 from .visualize import cls_attention, first_component_foreground, mass_mask, upsample
 
@@ -104,8 +105,8 @@ def attention_maps(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool =
         return cls_attention(t.attn, grid)
     if decoder:
         raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
-    if isinstance(model, CRATE):
-        trace = model.forward_trace(x, layers=[layer])
+    if is_family_model(model):
+        trace = trace_method(model)(x, layers=[layer])
         return cls_attention(trace.layers[0].attn, trace.grid_size)
     attn = _timm_attention(model, x, layer)
     prefix = getattr(model, "num_prefix_tokens", 1)
@@ -122,8 +123,8 @@ def patch_features(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool =
         return t.z_out[:, 1:].reshape(t.z_out.shape[0], *grid, t.z_out.shape[-1])
     if decoder:
         raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
-    if isinstance(model, CRATE):
-        trace = model.forward_trace(x, layers=[layer])
+    if is_family_model(model):
+        trace = trace_method(model)(x, layers=[layer])
         z = trace.layers[0].z_out[:, 1:]
         return z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
     depth = len(model.blocks)
@@ -181,8 +182,8 @@ def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:
 
 
 def model_geometry(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(input size, patch size) of a CRATE (or CRATE-MAE) or a timm ViT, as (height, width) pairs."""
-    if isinstance(model, (CRATE, CRATEMAE)):
+    """(input size, patch size) of a CRATE or a timm ViT, as (height, width) pairs."""
+    if is_family_model(model):
         return model.config.image_size, model.config.patch_size
     embed = model.patch_embed
     return tuple(embed.img_size), tuple(embed.patch_size)
@@ -284,10 +285,10 @@ def _to_gt(mask: Tensor, shape: tuple[int, int]) -> np.ndarray:
 def maps_and_features(model: nn.Module, x: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
     """Class-token attention maps (b, heads, rows, cols) and patch features (b, rows, cols, dim) of ``layer``
     (one traced forward pass for CRATE)."""
-    if not isinstance(model, CRATE):
+    if not is_family_model(model):
         return attention_maps(model, x, layer), patch_features(model, x, layer)
     with torch.no_grad():
-        trace = model.forward_trace(x, layers=[layer])
+        trace = trace_method(model)(x, layers=[layer])
     t = trace.layers[0]
     z = t.z_out[:, 1:]
     return cls_attention(t.attn, trace.grid_size), z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])

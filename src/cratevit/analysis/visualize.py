@@ -2,8 +2,8 @@
 
 * :func:`cls_attention`: the class token's attention to every patch, per head, as a (heads, rows, cols) map;
 * :func:`mass_mask`: DINO's mask keeping the patches that carry the top ``keep`` fraction of a map's mass;
-* :func:`pca_rgb`: PCA of patch features across images, the first three components as RGB, and a foreground
-  mask from the first component;
+* :func:`pca_maps`: PCA of patch features across images, the first three components as RGB;
+  :func:`first_component_foreground`: a foreground mask from the first component;
 * writers for heat maps, masks, overlays, head grids and the layer-wise curves.
 """
 

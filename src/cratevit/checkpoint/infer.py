@@ -105,7 +105,8 @@ def infer_config(
     model. Raises :class:`CheckpointError` naming the key when a
     tensor it needs is missing or malformed, and when the head count is ambiguous.
     """
-    presets = {n: p for n, p in PRESETS.items() if isinstance(p, CRATEConfig)} if presets is None else presets
+    if presets is None:  # the CRATE presets (other families' configurations have other fields)
+        presets = {n: c for n, c in PRESETS.items() if isinstance(c, CRATEConfig)}
     where = f"{source}: " if source else ""
     pos = _need(state, "pos_embed", 3, where, name_in_file)
     proj = _need(state, "patch_embed.proj.weight", 2, where, name_in_file)

@@ -38,11 +38,11 @@ class KeyTable:
     """(reference name, our name) pairs of one family; both directions are derived."""
 
     body: tuple[tuple[str, str], ...]
-    head_one_stage: tuple[tuple[str, str], ...]
-    head_two_stage: tuple[tuple[str, str], ...]
     reference_markers: tuple[str, ...]  # key prefixes only the reference layout has
-    two_stage_reference_key: str  # present in a reference state_dict with a two-stage head
-    two_stage_our_key: str  # present in our state_dict with a two-stage head
+    head_one_stage: tuple[tuple[str, str], ...] = ()  # families without head variants put the head in ``body``
+    head_two_stage: tuple[tuple[str, str], ...] = ()
+    two_stage_reference_key: str = "\0"  # present in a reference state_dict with a two-stage head ("\0": never)
+    two_stage_our_key: str = "\0"  # present in our state_dict with a two-stage head
     reference_unused: tuple[str, ...] = ()  # tensors the reference model holds but its forward pass never reads
 
     def rules(self, to_ours: bool, two_stage: bool) -> list[Rule]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, CratevitWarning, UserError
 from ..presets import (
+    PRESET_INFO,
     PRESETS,
     data_preprocessing,
     get_config,
@@ -218,8 +219,6 @@ def create_model(
     With ``checkpoint``, the file is loaded strictly; if ``num_classes`` differs from the checkpoint's head, the
     head is dropped and re-initialised (fine-tuning).
     """
-    from ..presets import PRESET_INFO
-
     key = resolve_name(name)
     cfg = get_config(key, num_classes=num_classes, image_size=image_size, patch_size=patch_size, **overrides)
     model = _set_pretrained_cfg(_build(cfg, PRESET_INFO[key].family), pretrained_cfg_for(cfg))

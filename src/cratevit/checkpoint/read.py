@@ -37,7 +37,6 @@ __all__ = [
     "CONFIG_NAME",
     "FAMILIES",
     "FORMAT",
-    "MODEL_TYPE",
     "WEIGHTS_NAME",
     "check_hub_config",
     "config_from_dict",
@@ -51,7 +50,6 @@ __all__ = [
 FORMAT = "cratevit"
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
-MODEL_TYPE = "crate"  # config.json's model_type: the family name (this one is CRATE's)
 
 FAMILIES: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",

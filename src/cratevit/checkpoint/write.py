@@ -115,7 +115,7 @@ def hub_config(model: nn.Module) -> dict[str, Any]:
         "architecture": timm_name_for(cfg),
         "num_classes": cfg.num_classes,
         "num_features": model.num_features,
-        "global_pool": "avg" if getattr(cfg, "pool", "cls") == "mean" else "token",  # CRATE-MAE: no pool field
+        "global_pool": "avg" if getattr(cfg, "pool", "cls") == "mean" else "token",
         "model_args": cfg.to_dict(),
         "pretrained_cfg": _pretrained_cfg(model),
     }

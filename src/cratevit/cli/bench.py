@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "names (default: all three and vit_tiny_patch16_224, vit_small_patch16_224)",
     )
     p.add_argument("--modes", nargs="+", choices=("inference", "train"), default=None, help="default both")
-    p.add_argument("--no-compile", action="store_true", help="drop the cratevit+compile row (saves ~2 minutes)")
+    p.add_argument(
+        "--no-compile", action="store_true", help="drop the cratevit+compile row (and its torch.compile time)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

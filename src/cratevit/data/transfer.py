@@ -12,7 +12,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import UserError, require
 
 __all__ = ["TRANSFER", "TransferSpec", "make_transfer"]
 
@@ -20,11 +20,19 @@ __all__ = ["TRANSFER", "TransferSpec", "make_transfer"]
 class TransferSpec:
     """How to build one transfer dataset with torchvision, and where its files live."""
 
-    def __init__(self, cls_name: str, num_classes: int, splits: tuple[dict[str, Any], dict[str, Any]], layout: str):
+    def __init__(
+        self,
+        cls_name: str,
+        num_classes: int,
+        splits: tuple[dict[str, Any], dict[str, Any]],
+        layout: str,
+        requires: tuple[str, str] | None = None,
+    ):
         self.cls_name = cls_name
         self.num_classes = num_classes
         self.splits = splits  # (train kwargs, val kwargs)
         self.layout = layout  # what the user must put under --data-dir
+        self.requires = requires  # (module, cratevit extra) torchvision needs to read the files
 
     def build(self, root: Path, train: bool, transform: Callable | None, download: bool) -> Dataset:
         import torchvision.datasets as tvd
@@ -52,6 +60,7 @@ TRANSFER: dict[str, TransferSpec] = {
         102,
         ({"split": "train"}, {"split": "test"}),
         "flowers-102/ (jpg/image_*.jpg, imagelabels.mat, setid.mat)",
+        requires=("scipy", "flowers"),  # torchvision reads the .mat label files with scipy
     ),
     "pets": TransferSpec(
         "OxfordIIITPet",
@@ -67,6 +76,8 @@ def make_transfer(
 ) -> Dataset:
     """The torchvision dataset ``name`` read from ``data_dir``; downloads if absent and allowed."""
     spec = TRANSFER[name]
+    if spec.requires:
+        require(*spec.requires, what=f"--data {name}")
     if data_dir is None:
         raise UserError(f"--data {name} needs --data-dir DIR: the folder that holds (or will hold) {spec.layout}")
     root = Path(data_dir).expanduser()

@@ -13,7 +13,6 @@ and writes through a temporary file renamed into place, so a failed export leave
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_path, save_safetensors
-from ..errors import UserError
+from ..errors import UserError, require
 from ..models import CRATE
 from .hub import save_pretrained
 
@@ -95,13 +94,6 @@ def export_pretrained(model: CRATE, folder: str | Path) -> Path:
     return folder
 
 
-def _require(*modules: str) -> None:
-    """Fail with the install command when an optional ONNX package is missing."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'cratevit[onnx]'")
-
-
 @contextlib.contextmanager
 def _eval_mode(model: CRATE) -> Iterator[CRATE]:
     was_training = model.training
@@ -128,7 +120,8 @@ def export_onnx(model: CRATE, path: str | Path, batch_size: int = 2, opset: int 
     """
     if batch_size < 2:
         raise ExportError(f"the ONNX example batch must have at least 2 images (got {batch_size}); use --batch-size 2")
-    _require("onnx", "onnxscript")
+    require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnx", "ONNX export")
     path = check_writable(path)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with _eval_mode(model), torch.no_grad(), atomic_path(path) as tmp:
@@ -149,7 +142,7 @@ def export_onnx(model: CRATE, path: str | Path, batch_size: int = 2, opset: int 
 
 def verify_onnx(model: CRATE, path: str | Path, batch_sizes: Sequence[int] = (2, 3)) -> dict[int, float]:
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same images: max |difference| per batch size."""
-    _require("onnxruntime")
+    require("onnxruntime", "onnx", "ONNX verification")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -198,7 +198,7 @@ class MSSA(nn.Module):
     def _use_sdpa(self, w: Tensor) -> bool:
         if self.attn_impl != "auto":
             return self.attn_impl == "sdpa"
-        # Measured with benchmarks/cratebench.py: on CPU the fused kernel wins in float32 but loses to the explicit
+        # Measured (README, Performance: the attention kernel per device and dtype): on CPU the fused kernel wins in float32 but loses to the explicit
         # softmax in bfloat16/float16; on GPUs the fused (flash / memory-efficient) kernels win.
         return w.device.type != "cpu" or w.dtype == torch.float32
 

@@ -42,7 +42,7 @@ from ..checkpoint import (
     load_state_dict_strict,
 )
 from ..data import Batch, EpochSampler, SeededDataset, build_datasets, collate_skip, data_info
-from ..errors import UserError
+from ..errors import UserError, require
 from ..models.crate_mae import CRATEMAE, crate_classifier_from_mae
 from ..presets import data_preprocessing, get_config, list_models, pretrained_cfg_for, resolve_name
 from ..registry import is_family_model
@@ -483,6 +483,8 @@ class Trainer:
         if resume and resume_state is None:
             resume_state = read_resume_checkpoint(resume)
         self.resume_state = resume_state
+        if cfg.tensorboard:
+            require("tensorboard", "tensorboard", "--tensorboard")
         self.info = data_info(cfg.data, cfg.dummy, cfg.num_classes)
         self.cfg = cfg = resolve_config(cfg, self.info)
         self.run_dir = self._run_dir(resume, evaluate_only)
