@@ -8,6 +8,10 @@ One run times, interleaved and after warm-up, every model of the comparison on t
   trained with a fused AdamW where torch has one; ``cratevit+compile`` is the same model under ``torch.compile``;
 * timm's ``vit_tiny_patch16_224`` and ``vit_small_patch16_224`` (ViT-S has CRATE-T's width).
 
+For a CRATE-alpha preset (``--preset crate_alpha_b16``) the rows are its literal formulation
+(:mod:`cratevit.models.reference_alpha`: the two ISTA steps as written), :class:`cratevit.models.CRATEAlpha`
+(the fused two-step ISTA) and, by default, the timm ViT of the same width and patch (``vit_base_patch16_224``).
+
 Each figure is the median of repeated timings; ratios are taken within the run, so they survive a noisy
 machine. FLOPs are analytic forward FLOPs per image of the matrix products each model actually runs
 (a training step counts as three forward passes); utilisation is relative to a large-matmul peak measured in the
@@ -38,7 +42,7 @@ from torch import Tensor, nn
 from cratevit import create_model, get_config
 from cratevit.checkpoint import to_reference_keys
 from cratevit.errors import UserError
-from cratevit.models import CRATE, forward_flops
+from cratevit.models import CRATE, CRATEAlpha, CRATEAlphaConfig, ReferenceCRATEAlpha, alpha_forward_flops, forward_flops
 from cratevit.models.reference import ReferenceCRATE
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CRATE_VARIANTS = ("reference", "cratevit", "cratevit+compile")
 TIMM_CPU = ("vit_tiny_patch16_224", "vit_small_patch16_224")
+DEFAULT_MODELS = (*CRATE_VARIANTS, *TIMM_CPU)
 # Nominal dense bfloat16 tensor-core peaks (TFLOP/s) for model FLOP utilisation on known cards.
 GPU_BF16_PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
@@ -72,7 +77,7 @@ class BenchOptions:
     infer_batch: int = 32
     train_batch: int = 16
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    models: tuple[str, ...] = ("reference", "cratevit", "cratevit+compile", *TIMM_CPU)
+    models: tuple[str, ...] = DEFAULT_MODELS
     modes: tuple[str, ...] = ("inference", "train")
     repeats: int = 5
     warmup: int = 1
@@ -91,7 +96,9 @@ class BenchOptions:
             raise UserError(f"unknown mode {bad_modes[0]!r}; choose 'inference' and/or 'train'")
         if self.repeats < 1 or self.warmup < 0 or self.infer_batch < 1 or self.train_batch < 1:
             raise UserError("repeats and batch sizes must be >= 1 and warmup >= 0")
-        get_config(self.preset, image_size=self.image_size)  # an unknown preset or size fails here, with its fix
+        cfg = get_config(self.preset, image_size=self.image_size)  # an unknown preset or size fails here, with its fix
+        if isinstance(cfg, CRATEAlphaConfig) and self.models == DEFAULT_MODELS:  # compare with the ViT of its size
+            self.models = (*CRATE_VARIANTS, matching_vit(cfg))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         for name in self.models:
@@ -147,11 +154,43 @@ def vit_forward_flops(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _crate_pair(opts: BenchOptions) -> tuple[CRATE, ReferenceCRATE]:
-    """A cratevit model and the reference formulation holding the same weights."""
+def matching_vit(cfg: Any) -> str:
+    """The timm ViT of a configuration's width and patch (``vit_base_patch16_224`` for CRATE-alpha-B/16)."""
+    import timm
+
+    size = {384: "small", 768: "base", 1024: "large"}.get(cfg.dim, "base")
+    for patch in (cfg.patch_size[0], 16):
+        if timm.is_model(name := f"vit_{size}_patch{patch}_224"):
+            return name
+    return "vit_base_patch16_224"
+
+
+def _alpha_pair(model: CRATEAlpha) -> tuple[CRATEAlpha, ReferenceCRATEAlpha]:
+    c = model.config
+    square = c.image_size[0] == c.image_size[1] and c.patch_size[0] == c.patch_size[1]
+    if not square or c.dynamic_img_size or c.pool != "cls" or c.overcomplete != 4 or (c.ista, c.lambd) != (0.1, 0.1):
+        raise UserError(f"CRATE-alpha configuration {c} has no literal formulation to compare with")
+    ref = ReferenceCRATEAlpha(
+        image_size=c.image_size[0],
+        patch_size=c.patch_size[0],
+        num_classes=c.num_classes,
+        dim=c.dim,
+        depth=c.depth,
+        heads=c.heads,
+        dim_head=c.dim_head,
+        channels=c.channels,
+    )
+    ref.load_state_dict(to_reference_keys(model.state_dict(), "crate_alpha"))
+    return model, ref
+
+
+def _crate_pair(opts: BenchOptions) -> tuple[CRATE, nn.Module]:
+    """A cratevit model and the reference (literal) formulation holding the same weights."""
 
     torch.manual_seed(opts.seed)
     model = create_model(opts.preset, image_size=opts.image_size)
+    if isinstance(model, CRATEAlpha):
+        return _alpha_pair(model)
     c = model.config
     if c.head_hidden_dim or c.dynamic_img_size:
         raise UserError(f"preset {opts.preset!r} has no reference formulation to compare with")
@@ -175,9 +214,12 @@ def build_variant(name: str, opts: BenchOptions) -> tuple[nn.Module, int, bool]:
     """``(model, forward FLOPs per image, use a fused optimizer)`` for one row of the comparison."""
     if name in CRATE_VARIANTS:
         model, ref = _crate_pair(opts)
+        if isinstance(model, CRATEAlpha):  # both formulations make the same four dictionary products
+            flops = ref_flops = alpha_forward_flops(model.config)
+        else:
+            flops, ref_flops = forward_flops(model.config), forward_flops(model.config, ista_matmuls=3)
         if name == "reference":
-            return ref, forward_flops(model.config, ista_matmuls=3), False
-        flops = forward_flops(model.config)
+            return ref, ref_flops, False
         if name == "cratevit+compile":
             return torch.compile(model), flops, True
         return model, flops, True

@@ -176,6 +176,30 @@ def test_gpu_table_reports_model_flop_utilisation_of_the_named_card():
     assert "| train | bfloat16 | cratevit | 256 | 1000.0 | 1.50x | 33 | 98900 | 20% | 10.0% | 12,345 |" in table
 
 
+def test_crate_alpha_is_benchmarked_against_its_literal_formulation_and_the_vit_of_its_size():
+    from cratebench import DEFAULT_MODELS
+    from cratevit.models import CRATEAlpha, ReferenceCRATEAlpha, alpha_forward_flops
+
+    assert BenchOptions(preset="crate_alpha_b16").models == (
+        "reference",
+        "cratevit",
+        "cratevit+compile",
+        "vit_base_patch16_224",
+    )
+    assert BenchOptions(preset="crate_tiny").models == DEFAULT_MODELS
+    opts = quick_options(preset="crate_alpha_debug")
+    ref, ref_flops, _ = build_variant("reference", opts)
+    model, flops, _ = build_variant("cratevit", opts)
+    assert isinstance(ref, ReferenceCRATEAlpha) and isinstance(model, CRATEAlpha)
+    assert ref_flops == flops == alpha_forward_flops(get_config("crate_alpha_debug"))  # the same four products
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+    result = tiny_run(preset="crate_alpha_debug")
+    assert [r.model for r in result.rows] == ["reference", "cratevit"] * 2
+    assert all(r.images_per_s > 0 for r in result.rows)
+
+
 def test_bench_outside_a_source_checkout_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     """An installed wheel has no benchmarks/ folder: the command says where the harness lives."""
     import sys

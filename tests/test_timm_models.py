@@ -41,12 +41,14 @@ def test_every_preset_has_pretrained_metadata(preset):
     meta = timm.models.get_pretrained_cfg(timm_name(preset)).to_dict()
     assert meta["input_size"] == (cfg.channels, *cfg.image_size)
     # the digits preset carries its data's normalisation, 0.5/0.5 (cratevit.presets; issue #10); the rest ImageNet's
-    mean, std = ((0.5, 0.5, 0.5),) * 2 if preset == "crate_digits" else (IMAGENET_MEAN, IMAGENET_STD)
+    digits = preset in ("crate_digits", "crate_alpha_digits")
+    mean, std = ((0.5, 0.5, 0.5),) * 2 if digits else (IMAGENET_MEAN, IMAGENET_STD)
     assert meta["mean"] == mean and meta["std"] == std
     assert meta["classifier"] == "head" and meta["num_classes"] == cfg.num_classes
     assert meta["interpolation"] == "bilinear" and meta["fixed_input_size"] is True
     assert meta["crop_pct"] == (0.875 if cfg.image_size[0] >= 224 else 1.0)
-    assert meta["architecture"] == timm_name(preset) and meta["paper_ids"] == "arXiv:2306.01129"
+    paper = "arXiv:2405.20299" if preset.startswith("crate_alpha") else "arXiv:2306.01129"  # CRATE-alpha / CRATE
+    assert meta["architecture"] == timm_name(preset) and meta["paper_ids"] == paper
 
 
 def test_registration_happens_on_import_cratevit():
@@ -98,7 +100,7 @@ def test_bad_timm_arguments_are_clear_errors():
     assert timm.create_model("crate_debug_patch8_32", drop_path_rate=0.0).num_classes == 10
 
 
-@pytest.mark.parametrize("name", ["crate_debug_patch8_32", "crate_nano_patch4_32"])
+@pytest.mark.parametrize("name", ["crate_debug_patch8_32", "crate_nano_patch4_32", "crate_alpha_debug_patch8_32"])
 def test_timm_model_contract(name):
     model = timm.create_model(name, num_classes=5)
     cfg = model.config

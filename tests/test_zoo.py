@@ -32,6 +32,14 @@ def test_zoo_lists_every_released_family_with_its_configuration():
         "crate_small_21k",
         "crate_base_21k",
         "crate_base_768",
+        "crate_alpha_b16",
+        "crate_alpha_l14",
+        "crate_alpha_b32_in21k",
+        "crate_alpha_b16_in21k",
+        "crate_alpha_b8_in21k",
+        "crate_alpha_l32_in21k",
+        "crate_alpha_l14_in21k",
+        "crate_alpha_l8_in21k",
     ]
     demo = get_entry("CRATE_base_demo").config
     assert (demo.dim, demo.depth, demo.heads, demo.dim_head, demo.head_hidden_dim) == (768, 12, 6, 128, 768)
@@ -42,6 +50,9 @@ def test_zoo_lists_every_released_family_with_its_configuration():
     assert base768.replace(num_classes=21842) == base21k.replace(name=None) and base768.num_classes == 768
     for entry in ZOO:
         assert entry.family in FAMILIES
+        if entry.name.startswith("crate_alpha"):  # the authors' Hub repository (see test_crate_alpha_hub.py)
+            assert entry.weights.startswith("hf-hub:UCSC-VLAA/CRATE-alpha/torch/"), entry.weights
+            continue
         urls = [w for w in entry.weights.replace(";", " ").split() if w.startswith("http")]
         assert urls and all(u in PUBLISHED for u in urls), entry.weights
 

@@ -12,12 +12,13 @@ The original code's names (``CRATE_tiny``) resolve to ours (``crate_tiny``) case
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .models import MAE_PRESETS, CRATEConfig, CRATEMAEConfig, geometry_cfg
+from .models import MAE_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig, geometry_cfg
 from .registry import family_for, get_family
 
 __all__ = [
@@ -155,6 +156,50 @@ _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
 _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
 
+# CRATE-alpha (Yang et al., 2024): the sizes of the paper at 224 px, 1000 classes; "_in21k": the ImageNet-21K
+# pre-training heads of the released files (19,167 classes, configs/crate/classification/pre_training_in21k.py).
+# Evaluation as in the official ImageNet-1K config: short side to 256, centre crop 224, ImageNet mean/std (the
+# JAX pipeline resizes with "area", the released PyTorch eval script with torchvision's bilinear default).
+ALPHA_IN21K_CLASSES = 19167
+
+
+def _alpha(
+    name: str,
+    dim: int,
+    heads: int,
+    depth: int,
+    patch: int,
+    image: int = 224,
+    preprocessing: Preprocessing | None = None,
+    **kw: Any,
+) -> None:
+    cfg = CRATEAlphaConfig(
+        image_size=image, patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads, **kw
+    )
+    register_preset(name, cfg, preprocessing=preprocessing)
+
+
+for _size, (_dim, _heads, _depth, _patches) in {
+    "b": (768, 12, 12, (32, 16, 8)),
+    "l": (1024, 16, 24, (32, 14, 8)),
+}.items():
+    for _patch in _patches:
+        _alpha(f"crate_alpha_{_size}{_patch}", _dim, _heads, _depth, _patch, preprocessing=IMAGENET)
+        _alpha(
+            f"crate_alpha_{_size}{_patch}_in21k",
+            _dim,
+            _heads,
+            _depth,
+            _patch,
+            preprocessing=IMAGENET,
+            num_classes=ALPHA_IN21K_CLASSES,
+        )
+
+# Small CRATE-alpha presets: the built-in digits (`cratevit train --arch crate_alpha_digits`: crate_digits' depth
+# and 16 tokens at dim 64, 4 heads of 16; its 4x-wide dictionaries make a step ~1.5x crate_digits') and tests.
+_alpha("crate_alpha_digits", 64, 4, 6, 8, image=32, num_classes=10, preprocessing=HALF)
+_alpha("crate_alpha_debug", 32, 2, 2, 8, image=32, num_classes=10)
+
 # CRATE-MAE (family crate_mae): the official mae_crate_* sizes (patch 16, 224 px, decoder as wide and deep as the
 # encoder, lambda 0.5), and small ones that pretrain in a minute or two on the built-in data.
 for _name, _cfg in MAE_PRESETS.items():
@@ -269,7 +314,8 @@ def timm_name(preset: str) -> str:
     (ph, pw), (h, w) = cfg.patch_size, cfg.image_size
     patch = f"patch{ph}" if ph == pw else f"patch{ph}x{pw}"
     size = f"{h}" if h == w else f"{h}x{w}"
-    return f"{preset}_{size}" if f"_{patch}" in preset else f"{preset}_{patch}_{size}"
+    named = f"_{patch}" in preset or (ph == pw and re.search(rf"_[a-z]{ph}(_|$)", preset))  # crate_alpha_b16
+    return f"{preset}_{size}" if named else f"{preset}_{patch}_{size}"
 
 
 def timm_name_for(cfg: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .models import CRATE, CRATEMAE, CRATEConfig, CRATEMAEConfig
+from .models import CRATE, CRATEMAE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
 
 __all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family", "trace_method"]
 
@@ -80,10 +80,12 @@ def trace_method(model: nn.Module) -> Any:
 
 
 def family_for(obj: Any) -> Family:
-    """The family of a model or a configuration (by its class)."""
-    for family in _FAMILIES.values():
-        if isinstance(obj, (family.model_cls, family.config_cls)):
-            return family
+    """The family of a model or a configuration (by its class; the most derived one when a family's classes
+    subclass another's, as CRATE-alpha's subclass CRATE's)."""
+    for cls in type(obj).__mro__:
+        for family in _FAMILIES.values():
+            if cls in (family.model_cls, family.config_cls):
+                return family
     raise UserError(f"{type(obj).__name__} belongs to no registered architecture family ({', '.join(_FAMILIES)})")
 
 
@@ -98,6 +100,21 @@ register_family(
             "paper_name": "White-Box Transformers via Sparse Rate Reduction",
             "paper_ids": "arXiv:2306.01129",
             "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
+        },
+    )
+)
+
+register_family(
+    Family(
+        name="crate_alpha",
+        model_cls=CRATEAlpha,
+        config_cls=CRATEAlphaConfig,
+        description="CRATE-alpha: overcomplete two-step ISTA with a decoupled decoder (Yang et al., NeurIPS 2024)",
+        paper={
+            "license": "apache-2.0",
+            "paper_name": "Scaling White-Box Transformers for Vision",
+            "paper_ids": "arXiv:2405.20299",
+            "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
         },
     )
 )

@@ -10,7 +10,9 @@ every token's vector normalised to unit length), ``p = dim_head`` and ``eps = 0.
 float64, through a Cholesky factorisation (``torch.logdet`` returned NaN under some CPU thread settings;
 ``benchmarks/cratebench.py`` checks the two forms agree under two threads).
 The same measure is offered on ``Z^{l+1/2}`` (projected with the same layer's ``U_k`` and LayerNorm), i.e. right
-after the compression step. Sparsity is the fraction of non-zero entries of the ISTA output ``Z^{l+1}``.
+after the compression step. Sparsity is the fraction of non-zero entries of the ISTA output ``Z^{l+1}``. For
+CRATE-alpha, whose layer output is a residual sum (not sparse), the sparse code ``A_2`` of the two ISTA steps is
+measured too (``code_sparsity``), as is the output.
 
 Everything here is a function of tensors except :func:`layerwise_stats`, which runs a model's
 :meth:`~cratevit.models.CRATE.forward_trace` over a batch of images.
@@ -105,6 +107,7 @@ class LayerwiseStats:
     rc_half: Tensor  # R^c of Z^{l+1/2} (after compression, same U_k and LN1)
     sparsity: Tensor  # fraction of non-zeros of Z^{l+1} (the ISTA output)
     eps: float = EPS
+    code_sparsity: Tensor | None = None  # CRATE-alpha: fraction of non-zeros of the sparse code A_2
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,7 +123,9 @@ class LayerwiseStats:
         rows = []
         for i in range(self.depth):
             row: dict[str, float] = {"layer": i + 1}
-            for name in ("rc_in", "rc_half", "sparsity"):
+            for name in ("rc_in", "rc_half", "sparsity", "code_sparsity"):
+                if getattr(self, name) is None:
+                    continue
                 col = getattr(self, name)[:, i]
                 row[f"{name}_mean"] = float(col.mean())
                 row[f"{name}_std"] = float(col.std(unbiased=False))
@@ -156,6 +161,8 @@ DEFINITIONS = MappingProxyType(
         "token rows, p = dim_head, n tokens (class token included); Z^l is the input of layer l",
         "rc_half": "the same measure on Z^{l+1/2} = Z^l + MSSA(LN1(Z^l)), projected with layer l's LN1 and U_k",
         "sparsity": "fraction of non-zero entries of Z^{l+1} = ISTA(LN2(Z^{l+1/2})), the output of layer l",
+        "code_sparsity": "CRATE-alpha only: fraction of non-zero entries of the sparse code A_2 (b, n, 4 dim) of the "
+        "two ISTA steps on LN2(Z^{l+1/2}); its layer output Z^{l+1} = Z^{l+1/2} + A_2 D_hat^T is a residual sum",
         "std": "standard deviation over images (population)",
     }
 )
@@ -186,7 +193,7 @@ def layerwise_stats(
     was_training = model.training
     model.eval()
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
-    rc_in, rc_half, sparse = [], [], []
+    rc_in, rc_half, sparse, code = [], [], [], []
     try:
         for batch in batches:
             if isinstance(model, CRATEMAE):
@@ -205,11 +212,19 @@ def layerwise_stats(
                 )
             )
             sparse.append(torch.stack([sparsity(t.z_out) for t in layers], dim=1))
+            if all(hasattr(t, "code") for t in layers):
+                code.append(torch.stack([sparsity(t.code) for t in layers], dim=1))
     finally:
         model.train(was_training)
     if not rc_in:
         raise UserError("no images to analyse")
-    return LayerwiseStats(torch.cat(rc_in), torch.cat(rc_half), torch.cat(sparse), eps=eps)
+    return LayerwiseStats(
+        torch.cat(rc_in),
+        torch.cat(rc_half),
+        torch.cat(sparse),
+        eps=eps,
+        code_sparsity=torch.cat(code) if code else None,
+    )
 
 
 def _project_decoder(block: torch.nn.Module, z: Tensor) -> Tensor:

@@ -16,11 +16,11 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointError, UserError
-from ..models import CRATEConfig, CRATEMAEConfig
-from ..presets import PRESETS, get_config, resolve_name
+from ..models import CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
+from ..presets import PRESET_INFO, PRESETS, get_config, resolve_name
 from .keys import KeyNamer, described, key_namer
 
-__all__ = ["infer_config", "infer_mae_config", "recorded_preset", "resolve_config"]
+__all__ = ["infer_alpha_config", "infer_config", "infer_mae_config", "recorded_preset", "resolve_config"]
 
 
 def _need(state: Mapping[str, Tensor], key: str, ndim: int, where: str, name_in_file: KeyNamer | None) -> Tensor:
@@ -144,6 +144,56 @@ def infer_config(
     return cfg.replace(name=match)
 
 
+def infer_alpha_config(
+    state: Mapping[str, Tensor],
+    heads: int | None = None,
+    presets: Mapping[str, Any] | None = None,
+    source: str = "",
+    name_in_file: KeyNamer | None = None,
+) -> CRATEAlphaConfig:
+    """A CRATE-alpha configuration from the tensor shapes of a state_dict in our key layout.
+
+    dim, channels and patch size from the convolutional stem, the (square) image size from ``pos_embed``, depth
+    from the block indices, the dictionary ratio from ``D``, the class count from the head; the head count from
+    ``heads`` or from the CRATE-alpha presets of the same dim, depth and projection width (U is
+    ``(heads * dim_head, dim)``: its shape cannot tell 12 heads of 64 from 6 of 128).
+    """
+    if presets is None:
+        presets = {n: p.config for n, p in PRESET_INFO.items() if p.family == "crate_alpha"}
+    where = f"{source}: " if source else ""
+    pos = _need(state, "pos_embed", 3, where, name_in_file)
+    stem = _need(state, "patch_embed.proj.weight", 4, where, name_in_file)
+    qkv = _need(state, "blocks.0.mssa.subspace_proj.weight", 2, where, name_in_file)
+    dictionary = _need(state, "blocks.0.ista.dictionary", 2, where, name_in_file)
+    dim, channels, ph, pw = stem.shape
+    grid = math.isqrt(max(pos.shape[1] - 1, 0))
+    if grid * grid != pos.shape[1] - 1 or pos.shape[1] < 2:
+        raise CheckpointError(
+            f"{where}{described('pos_embed', name_in_file)} {tuple(pos.shape)} holds no square patch grid; pass "
+            f"arch= a CRATEAlphaConfig with the image size"
+        )
+    dims = {
+        "dim": dim,
+        "depth": _depth(state, where, name_in_file),
+        "inner_dim": qkv.shape[0],
+        "out_proj": "blocks.0.mssa.out_proj.weight" in state,
+        "head_hidden_dim": None,
+    }
+    n_heads = _head_count(dims, heads, presets, source)
+    cfg = CRATEAlphaConfig(
+        image_size=(grid * ph, grid * pw),
+        patch_size=(ph, pw),
+        channels=channels,
+        dim=dim,
+        depth=dims["depth"],
+        heads=n_heads,
+        dim_head=dims["inner_dim"] // n_heads,
+        overcomplete=dictionary.shape[1] // dim,
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+    )
+    return cfg.replace(name=next((n for n, p in presets.items() if p == cfg), None))
+
+
 def infer_mae_config(
     state: Mapping[str, Tensor], heads: int | None = None, source: str = "", name_in_file: KeyNamer | None = None
 ) -> CRATEMAEConfig:
@@ -232,7 +282,8 @@ def resolve_config(
     if arch == "auto" or (arch is None and stored is None and recorded_preset(meta) is None):
         if family == "crate_mae":
             return _mae_args(infer_mae_config(state, heads=heads, source=str(path), name_in_file=namer), meta)
-        return infer_config(state, heads=heads, source=str(path), name_in_file=namer)
+        infer = infer_alpha_config if family == "crate_alpha" else infer_config
+        return infer(state, heads=heads, source=str(path), name_in_file=namer)
     if arch is not None and not isinstance(arch, str):  # a configuration object of any family
         cfg = arch
     elif arch is not None:

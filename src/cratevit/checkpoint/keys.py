@@ -23,6 +23,7 @@ __all__ = [
     "from_reference_keys",
     "is_reference_state",
     "key_namer",
+    "state_family",
     "strip_prefix",
     "to_reference_keys",
 ]
@@ -77,6 +78,28 @@ CRATE_KEYS = KeyTable(
     two_stage_our_key="pre_logits.weight",
 )
 
+# CRATE-alpha: the released PyTorch files (Hub UCSC-VLAA/CRATE-alpha, torch/*.pth) are plain state_dicts of the
+# official torch_inference/model/crate_alpha.py. Every tensor keeps its shape (D and D1 are (dim, 4 dim) in both).
+CRATE_ALPHA_KEYS = KeyTable(
+    body=(
+        ("conv1.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("pos_embedding", "pos_embed"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.weight", "blocks.{i}.mssa.out_proj.weight"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.D", "blocks.{i}.ista.dictionary"),
+        ("transformer.layers.{i}.1.fn.D1", "blocks.{i}.ista.decoder"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(),
+    reference_markers=("conv1.", "transformer.layers."),
+    two_stage_reference_key="",
+    two_stage_our_key="",
+)
+
 # CRATE-MAE as released (model/crate_ae/ of the CRATE repository, trained with FAIR's MAE code): timm's conv
 # PatchEmbed, encoder blocks ``[PreNorm(Attention), PreNorm(ISTA)]``, decoder blocks ``[PreNorm(D x), PreNorm(Attention)]``.
 # The official forward pass adds ``decoder_pos_embed`` to the encoder's input and never applies ``pos_embed`` or
@@ -101,15 +124,31 @@ CRATE_MAE_KEYS = KeyTable(
         ("decoder_norm.{p}", "decoder_norm.{p}"),
         ("decoder_pred.{p}", "decoder_pred.{p}"),
     ),
-    head_one_stage=(),
-    head_two_stage=(),
     reference_markers=("blocks.0.layers.0.", "decoder_blocks.0.layers.0."),
-    two_stage_reference_key="",
-    two_stage_our_key="",
     reference_unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
 )
 
-KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS, "crate_mae": CRATE_MAE_KEYS}
+KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS, "crate_alpha": CRATE_ALPHA_KEYS, "crate_mae": CRATE_MAE_KEYS}
+
+
+def _covers(table: KeyTable, keys: list[str], to_ours: bool) -> bool:
+    if to_ours:  # tensors the reference model holds but never reads (they are dropped when read)
+        keys = [k for k in keys if k not in table.reference_unused]
+    two_stage = (table.two_stage_reference_key if to_ours else table.two_stage_our_key) in keys
+    rules = table.rules(to_ours, two_stage)
+    return bool(keys) and all(rename(k, rules) is not None for k in keys)
+
+
+def state_family(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(architecture family, key layout ``"reference"`` or ``"cratevit"``) of a state_dict: the first family whose
+    key table names every key, in either layout. Files no table covers count as CRATE (its errors then name
+    the keys that do not fit)."""
+    keys = [k.removeprefix("module.") for k in state]
+    for layout, to_ours in (("cratevit", False), ("reference", True)):
+        for family, table in KEY_TABLES.items():
+            if _covers(table, keys, to_ours):
+                return family, layout
+    return "crate", "reference" if is_reference_state(state) else "cratevit"
 
 
 def _table(family: str) -> KeyTable:

@@ -32,6 +32,7 @@ from ..presets import (
     resolve_name,
 )
 from ..registry import get_family
+from .hubfile import hub_file, is_hub_file
 from .infer import recorded_preset, resolve_config
 from .keys import KeyNamer, key_namer
 from .read import CONFIG_NAME, read_checkpoint, read_folder
@@ -59,8 +60,13 @@ def load_state_dict_strict(
     source: str = "",
     name_in_file: KeyNamer | None = None,
     hint: str | None = None,
+    assign: bool = False,
 ) -> None:
     """Load ``state`` (our key layout) into ``model``: every key used, none missing, every shape equal.
+
+    ``assign=True`` (a model built on the meta device) gives the model fresh copies of the file's tensors, in the
+    model's dtypes, as its parameters: the random initialisation is skipped. (Fresh copies, not the file's own
+    tensors: a safetensors buffer may be unaligned, and BLAS then rounds differently.)
 
     With ``drop_head=True`` a classifier of another shape is skipped and the model's fresh head kept.
     ``name_in_file`` maps our key to the file's name for it, so errors name both. ``hint`` replaces the default
@@ -102,7 +108,11 @@ def load_state_dict_strict(
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit the model ({'; '.join(parts)}); {hint}")
     with torch.no_grad():
-        model.load_state_dict(state, strict=not drop_head)
+        if assign:
+            state = {k: v.to(own[k].dtype, copy=True) for k, v in state.items()}  # fresh, aligned memory
+        model.load_state_dict(state, strict=not drop_head, assign=assign)
+    if assign and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading (a bug)")
 
 
 def pretrained_cfg_from_meta(meta: Mapping[str, Any], config: Any) -> dict[str, Any]:
@@ -153,17 +163,22 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
     ``arch``: a preset name, a configuration object, or ``"auto"`` (read the architecture from the tensor
     shapes). By default the file's stored configuration is used, else its ``arch`` entry, else ``"auto"``.
     ``heads`` gives the head count where shapes cannot (6 heads of 128 and 12 of 64 have the same tensors).
-    ``overrides`` change the configuration (e.g. ``dynamic_img_size=True``).
+    ``overrides`` change the configuration (e.g. ``dynamic_img_size=True``). ``path`` may be a Hub file,
+    ``hf-hub:OWNER/REPO/PATH`` (``hf-hub:UCSC-VLAA/CRATE-alpha/torch/crate_alpha_B16.pth``): it is downloaded once
+    into huggingface_hub's cache, which is all that is read with ``HF_HUB_OFFLINE=1``.
     """
+    if is_hub_file(str(path)):
+        path = hub_file(str(path))
     state, stored, meta = read_checkpoint(path)
     cfg = resolve_config(path, state, stored, meta, arch=arch, heads=heads)
     if overrides:
         cfg = cfg.replace(**overrides)
     family = meta.get("model_family", "crate")
-    model = _build(cfg, family)
+    with torch.device("meta"):  # the file provides every tensor: skip the random initialisation
+        model = _build(cfg, family)
     hint = _misfit_hint(arch, stored, meta)
     namer = key_namer(meta, state, family)
-    load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint)
+    load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint, assign=True)
     warn_non_finite(state, path)
     return _set_pretrained_cfg(model, pretrained_cfg_from_meta(meta, model.config))
 
@@ -232,7 +247,10 @@ def load_model(source: str | Path, arch: Any = None, heads: int | None = None, *
     """The front door: a checkpoint file, a ``save_pretrained`` folder or a preset name (random weights).
     (Hub ids ``user/repo`` are fetched by :func:`cratevit.interop.hub.from_pretrained`, which then calls
     :func:`load_folder`.) ``arch``/``heads``: for files that do not record their architecture; ``overrides``
-    change the configuration. A missing file gets a clear error."""
+    change the configuration. A missing file gets a clear error. A Hub file ``hf-hub:OWNER/REPO/PATH`` is read
+    through huggingface_hub's cache (:func:`load_checkpoint`)."""
+    if is_hub_file(source):
+        return load_checkpoint(str(source), arch=arch, heads=heads, **overrides)
     path = Path(source)
     if path.is_file():
         return load_checkpoint(path, arch=arch, heads=heads, **overrides)

@@ -11,7 +11,12 @@ Families of files, recognised from the file's own structure (``meta["family"]`` 
 * ``emergence-demo``: the emergence-demo models (``CRATE_base_demo``, ``CRATE_small_21k``, ``CRATE_base_21k``,
   ``CRATE_base_768``): weights under ``"model"``, keys without prefix; ``CRATE_base_demo`` has a two-stage head,
   ``mlp_head`` = LayerNorm -> Linear(768, 768), then ``head`` = Linear(768, 21842), no activation between;
-* ``reference-state-dict`` / ``cratevit-state-dict``: a bare state_dict in either key layout.
+* ``reference-state-dict`` / ``cratevit-state-dict``: a bare state_dict in either key layout; CRATE-alpha's
+  released PyTorch files (``conv1.*``, ``transformer.layers.{i}.1.fn.D`` / ``D1``, ``mlp_head.*``) are bare
+  state_dicts in the official CRATE-alpha layout.
+
+The architecture family of a file without a stored configuration (``meta["model_family"]``) is the family whose
+key table (:mod:`.keys`) names every tensor of the file.
 
 Every file is read with ``torch.load(weights_only=True)`` (or safetensors): loading a checkpoint never runs code.
 A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``save_pretrained``) is read by
@@ -31,7 +36,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..registry import families, get_family
-from .keys import from_reference_keys, is_reference_state, strip_prefix
+from .keys import from_reference_keys, state_family, strip_prefix
 
 __all__ = [
     "CONFIG_NAME",
@@ -60,7 +65,7 @@ FAMILIES: dict[str, str] = {
     "emergence-demo": "model without prefix: the emergence-demo weights (CRATE_base_demo, CRATE_*_21k, CRATE_base_768)",
     "mae-pretrain": "FAIR MAE main_pretrain.py (the released CRATE-MAE-B): model, optimizer, epoch, scaler, args",
     "mae-state-dict": "bare state_dict in the official CRATE-MAE key layout",
-    "reference-state-dict": "bare state_dict in the reference key layout",
+    "reference-state-dict": "bare state_dict in the reference key layout (also CRATE-alpha's released .pth files)",
 }
 
 
@@ -119,21 +124,19 @@ def _tensors(weights: Mapping[str, Any], path: Path, slot: str) -> Mapping[str, 
     return weights
 
 
-def _model_family(weights: Mapping[str, Any]) -> str:
-    """The architecture family of a state_dict without a recorded one: CRATE-MAE's official layout, else CRATE."""
-    return "crate_mae" if is_reference_state(weights, "crate_mae") else "crate"
-
-
 def _layout(weights: Mapping[str, Tensor]) -> dict[str, Any]:
     """How the weights are keyed: ``layout`` (reference or cratevit) and ``key_prefix`` (``module.`` or '')."""
     prefix = "module." if weights and all(k.startswith("module.") for k in weights) else ""
-    reference = is_reference_state(weights, _model_family(weights))
-    return {"layout": "reference" if reference else "cratevit", "key_prefix": prefix}
+    return {"layout": state_family(weights)[1], "key_prefix": prefix}
 
 
 def _to_ours(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    family = _model_family(weights)
-    return from_reference_keys(weights, family) if is_reference_state(weights, family) else strip_prefix(weights)
+    family, layout = state_family(weights)
+    return from_reference_keys(weights, family) if layout == "reference" else strip_prefix(weights)
+
+
+def _is_reference(weights: Mapping[str, Tensor]) -> bool:
+    return state_family(weights)[1] == "reference"
 
 
 def _mae_args(meta: dict[str, Any]) -> dict[str, Any]:
@@ -150,18 +153,18 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
     """(family, entry name or '', weights) of a checkpoint dict, told apart by the file's own structure."""
     if isinstance(obj.get("state_dict"), Mapping):
         weights = _tensors(obj["state_dict"], path, "state_dict")
-        return ("reference" if is_reference_state(weights) else "cratevit-state-dict"), "state_dict", weights
+        return ("reference" if _is_reference(weights) else "cratevit-state-dict"), "state_dict", weights
     if isinstance(obj.get("model"), Mapping):
         weights = _tensors(obj["model"], path, "model")
-        if is_reference_state(weights, "crate_mae"):
+        if state_family(weights) == ("crate_mae", "reference"):
             return "mae-pretrain", "model", weights
-        if not is_reference_state(weights):
+        if not _is_reference(weights):
             return "cratevit-state-dict", "model", weights
         prefixed = _layout(weights)["key_prefix"] == "module."
         return ("reference-finetune" if prefixed else "emergence-demo"), "model", weights
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
-        family = "reference-state-dict" if is_reference_state(obj) else "cratevit-state-dict"
-        family = "mae-state-dict" if is_reference_state(obj, "crate_mae") else family
+        family = "reference-state-dict" if _is_reference(obj) else "cratevit-state-dict"
+        family = "mae-state-dict" if state_family(obj) == ("crate_mae", "reference") else family
         return family, "", obj
     raise CheckpointError(
         f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "
@@ -195,8 +198,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         return dict(obj["model"]), cfg, {**meta, "family": "cratevit", "layout": "cratevit", "key_prefix": ""}
     family, entry, weights = _weights_entry(obj, path)
     meta = _mae_args({k: v for k, v in obj.items() if entry and k != entry})
-    meta = {"model_family": _model_family(weights), **meta, "family": family, **_layout(weights)}
-    return _to_ours(weights), None, meta
+    return (
+        _to_ours(weights),
+        None,
+        {"model_family": state_family(weights)[0], **meta, "family": family, **_layout(weights)},
+    )
 
 
 # --------------------------------------------------------------------------------------------- folders

@@ -140,13 +140,17 @@ def run(args: argparse.Namespace) -> int:
                 stats.meta["definitions"] = dict(MAE_DECODER_DEFINITIONS)
             results[name] = stats
             last = stats.rows()[-1]
+            code = (
+                f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
+            )
             print(
                 f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
-                f"non-zeros {last['sparsity_mean']:.3f}"
+                f"non-zeros {last['sparsity_mean']:.3f}{code}"
             )
     rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
     with (args.out / "layerwise.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for row in rows for k in row))  # CRATE-alpha's rows add code_sparsity
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     (args.out / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
@@ -164,5 +168,15 @@ def run(args: argparse.Namespace) -> int:
         ),
         args.out / "sparsity",
     )
-    print(f"wrote {args.out}/layerwise.csv, layerwise.json, compression.png/pdf, sparsity.png/pdf")
+    written = "compression.png/pdf, sparsity.png/pdf"
+    coded = {label: rows for label, rows in series.items() if "code_sparsity_mean" in rows[0]}
+    if coded:  # CRATE-alpha: the sparse code A_2 is what its ISTA steps make sparse
+        save_figure(
+            layerwise_figure(
+                coded, "code_sparsity", "fraction of non-zeros of A_2", "sparsity of the sparse code (lower: sparser)"
+            ),
+            args.out / "code_sparsity",
+        )
+        written += ", code_sparsity.png/pdf"
+    print(f"wrote {args.out}/layerwise.csv, layerwise.json, {written}")
     return 0

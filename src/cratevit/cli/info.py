@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         if key == "params":
             value = f"{value:,}"
         elif isinstance(value, float):
-            value = f"{value:.3f}"
+            value = f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:g}"  # norm_eps 1e-06
         print(f"{key:<{width}}  {value}")
     return 0

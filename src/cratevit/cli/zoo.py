@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-HELP = "list the known CRATE checkpoints: configuration, parameters, training data, where they were published"
+HELP = "list the known CRATE and CRATE-alpha checkpoints: configuration, parameters, data, where they were published"
 
 COLUMNS = (
     ("name", "name"),
@@ -34,6 +34,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_hub_files(files: list[dict[str, Any]]) -> str:
+    """Every file the CRATE-alpha authors published, loadable or not, with its size and reported accuracy."""
+    lines = [
+        "CRATE-alpha files on the Hugging Face Hub (UCSC-VLAA/CRATE-alpha); load one with "
+        "cratevit.load_checkpoint(ADDRESS), which downloads it through huggingface_hub's cache:"
+    ]
+    for f in files:
+        top1 = f"top-1 {f['top1']} ({f['top1_source']})" if f["top1"] is not None else "top-1 not reported"
+        preset = f"preset {f['preset']}" if f["preset"] else "not loadable"
+        lines.append(f"  {f['address']}\n      {f['size']}; {top1}; {preset}" + (f"; {f['note']}" if f["note"] else ""))
+    return "\n".join(lines)
+
+
 def format_entry(row: dict[str, Any]) -> str:
     """One checkpoint in detail, with the commands that load it."""
     fields = [
@@ -45,6 +58,7 @@ def format_entry(row: dict[str, Any]) -> str:
         ("file layout", f"{row['family']} (any family loads; see cratevit.checkpoint.FAMILIES)"),
         ("defined in", row["source"]),
         ("note", row["note"]),
+        ("reported top-1", row.get("top1", "")),
         (
             "load (Python)",
             f"cratevit.load_checkpoint(FILE)  or  cratevit.create_model({row['name']!r}, checkpoint=FILE)",
@@ -58,14 +72,27 @@ def format_entry(row: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..zoo import get_entry, zoo_rows
+    from ..zoo import ALPHA_HUB_FILES, get_entry, zoo_rows
 
     rows = zoo_rows()
+    files = [
+        {
+            "address": f.address,
+            "size": f.size_text,
+            "top1": f.top1,
+            "top1_source": f.top1_source,
+            "preset": f.preset,
+            "note": f.note,
+        }
+        for f in ALPHA_HUB_FILES
+    ]
     if args.name is not None:
         name = get_entry(args.name).name
         rows = [r for r in rows if r["name"] == name]
     if args.json:
         print(json.dumps(rows if args.name is None else rows[0], indent=2))
+    elif args.name is None:
+        print(format_table(rows) + "\n\n" + format_hub_files(files))
     else:
-        print(format_table(rows) if args.name is None else format_entry(rows[0]))
+        print(format_entry(rows[0]))
     return 0

@@ -35,7 +35,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import is_model as timm_is_model
 from torch import Tensor
 
-from ..checkpoint.keys import from_reference_keys, is_reference_state, strip_prefix
+from ..checkpoint.keys import from_reference_keys, state_family, strip_prefix
 from ..errors import UserError
 from ..models import CRATE, CRATEConfig
 from ..presets import PRESET_INFO, PRESETS, pretrained_cfg_for, timm_name, timm_name_for
@@ -89,8 +89,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: CRATE | None = No
     for key in ("model", "state_dict"):  # our checkpoints, the reference's main.py / finetune.py files
         if isinstance(state_dict.get(key), Mapping):
             state_dict = state_dict[key]
-    if is_reference_state(state_dict):
-        return from_reference_keys(state_dict)
+    family, layout = state_family(state_dict)  # CRATE's or CRATE-alpha's official layout, or ours
+    if layout == "reference":
+        return from_reference_keys(state_dict, family)
     return strip_prefix(state_dict)
 
 

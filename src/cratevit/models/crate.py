@@ -178,7 +178,15 @@ class PatchEmbed(nn.Module):
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: ``U_k^T x`` serves as query, key and value of head k."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, attn_impl: AttnImpl = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        dropout: float = 0.0,
+        attn_impl: AttnImpl = "auto",
+        out_bias: bool = True,  # CRATE-alpha's output projection has no bias
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
@@ -186,7 +194,7 @@ class MSSA(nn.Module):
         self.attn_impl = attn_impl
         self.subspace_proj = nn.Linear(dim, heads * dim_head, bias=False)  # U = [U_1 ... U_K]^T
         project_out = not (heads == 1 and dim_head == dim)
-        self.out_proj = nn.Linear(heads * dim_head, dim) if project_out else nn.Identity()
+        self.out_proj = nn.Linear(heads * dim_head, dim, bias=out_bias) if project_out else nn.Identity()
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
 
@@ -544,7 +552,9 @@ def geometry_cfg(cfg: CRATEConfig) -> dict[str, Any]:
         "fixed_input_size": not cfg.dynamic_img_size,
         "num_classes": int(cfg.num_classes),
         "pool_size": None,
-        "first_conv": None,  # patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply
+        # CRATE's patches go through LayerNorm -> Linear: timm's conv-stem adaptation does not apply (CRATE-alpha's
+        # configuration names its convolutional stem)
+        "first_conv": getattr(cfg, "first_conv", None),
         "classifier": "head",
     }
 
