@@ -45,6 +45,7 @@ __all__ = [
     "load_vision_model",
     "maps_and_features",
     "model_geometry",
+    "multishapes_samples",
     "patch_features",
     "shapes_samples",
 ]
@@ -192,12 +193,14 @@ def model_geometry(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
 # --------------------------------------------------------------------------------------------- datasets
 @dataclass
 class SegSample:
-    """One image with its ground truth: foreground mask and the pixels to ignore."""
+    """One image with its ground truth: foreground mask, the pixels to ignore and, where known, the class label
+    of every pixel (0 background, 255 ignored)."""
 
     name: str
     image: Image.Image
     foreground: np.ndarray  # bool (H, W)
     ignore: np.ndarray | None = None  # bool (H, W)
+    labels: np.ndarray | None = None  # int (H, W)
 
 
 class VOCSegmentationFolder:
@@ -234,7 +237,7 @@ class VOCSegmentationFolder:
             image = load_image(self.root / "JPEGImages" / f"{name}.jpg")
             with Image.open(self.root / "SegmentationClass" / f"{name}.png") as seg:
                 labels = np.asarray(seg if seg.mode in ("P", "L") else seg.convert("L"))
-            yield SegSample(name, image, (labels != 0) & (labels != 255), labels == 255)
+            yield SegSample(name, image, (labels != 0) & (labels != 255), labels == 255, labels)
 
 
 def shapes_samples(split: str = "val", size: int = 200, image_size: int = 32, seed: int = 0) -> Iterator[SegSample]:
@@ -244,7 +247,23 @@ def shapes_samples(split: str = "val", size: int = 200, image_size: int = 32, se
     data = ShapesDataset(split=split, size=size, image_size=image_size, seed=seed)
     for i in range(len(data)):
         image, _, mask = data.sample(i)
-        yield SegSample(f"{split}-{i:05d}", image, mask)
+        yield SegSample(f"{split}-{i:05d}", image, mask, labels=mask.astype(np.uint8))
+
+
+def multishapes_samples(
+    split: str = "val", size: int = 200, image_size: int = 48, seed: int = 0
+) -> Iterator[SegSample]:
+    """The built-in multi-shapes scenes (2-4 objects) as semantic ground truth: each pixel's label is its
+    visible object's shape class + 1 (0: background)."""
+    from ..data.multishapes import MultiShapesDataset
+
+    data = MultiShapesDataset(split=split, size=size, image_size=image_size, seed=seed)
+    for i in range(len(data)):
+        image, scene = data[i]
+        labels = np.zeros((image_size, image_size), np.uint8)
+        for label, mask in zip(scene.labels, scene.masks, strict=True):
+            labels[mask] = label + 1
+        yield SegSample(f"{split}-{i:05d}", image, labels > 0, labels=labels)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -294,6 +313,22 @@ def maps_and_features(model: nn.Module, x: Tensor, layer: int = -1) -> tuple[Ten
     return cls_attention(t.attn, trace.grid_size), z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
 
 
+def cratevit_scores(
+    result: SegEvalResult, sample: SegSample, head_maps: Tensor, feat: Tensor, threshold: float
+) -> None:
+    """Append one image's IoUs (head-averaged attention, each head, PCA) to ``result``."""
+    shape = sample.foreground.shape
+    pca_mask = torch.from_numpy(first_component_foreground(_pca_first_component(feat)))
+    result.names.append(sample.name)
+    result.attention.append(
+        iou(_to_gt(mass_mask(head_maps.mean(0), threshold), shape), sample.foreground, sample.ignore)
+    )
+    result.per_head.append(
+        [iou(_to_gt(m, shape), sample.foreground, sample.ignore) for m in mass_mask(head_maps, threshold)]
+    )
+    result.pca.append(iou(_to_gt(pca_mask, shape), sample.foreground, sample.ignore))
+
+
 def _batches(samples: Iterable[SegSample], size: int) -> Iterator[list[SegSample]]:
     batch: list[SegSample] = []
     for sample in samples:
@@ -327,16 +362,7 @@ def evaluate(
         )
         maps, feats = maps_and_features(model, x, layer)
         for sample, head_maps, feat in zip(batch, maps, feats, strict=True):
-            shape = sample.foreground.shape
-            pca_mask = torch.from_numpy(first_component_foreground(_pca_first_component(feat)))
-            result.names.append(sample.name)
-            result.attention.append(
-                iou(_to_gt(mass_mask(head_maps.mean(0), threshold), shape), sample.foreground, sample.ignore)
-            )
-            result.per_head.append(
-                [iou(_to_gt(m, shape), sample.foreground, sample.ignore) for m in mass_mask(head_maps, threshold)]
-            )
-            result.pca.append(iou(_to_gt(pca_mask, shape), sample.foreground, sample.ignore))
+            cratevit_scores(result, sample, head_maps, feat, threshold)
         if progress is not None:
             progress(len(result.names))
     if not result.names:

@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "attention": "cratevit.cli.attention",
     "pca": "cratevit.cli.pca",
     "segeval": "cratevit.cli.segeval",
+    "maskcut": "cratevit.cli.maskcut",
+    "detect-eval": "cratevit.cli.detect_eval",
     "export": "cratevit.cli.export",
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",

@@ -1,4 +1,5 @@
-"""``cratevit segeval CKPT --data shapes``: mIoU of foreground masks from attention and PCA (emergence paper)."""
+"""``cratevit segeval CKPT --data shapes``: coarse segmentation from [CLS] attention under three protocols (the
+CRATE emergence paper's, DINO's, and cratevit's first one with its PCA masks); see :mod:`cratevit.segprotocols`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-HELP = "mIoU of attention / PCA foreground masks against ground truth (built-in shapes data or PASCAL VOC 2012)"
+HELP = (
+    "coarse segmentation from [CLS] attention (and PCA) against ground truth, under the paper's, DINO's and "
+    "cratevit's protocols (built-in shapes / multi-shapes, or PASCAL VOC 2012)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,16 +24,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="shapes",
-        help="'shapes' (built-in, exact masks) or a PASCAL VOC 2012 folder (JPEGImages/, "
-        "SegmentationClass/, ImageSets/Segmentation/)",
+        help="'shapes' (built-in, one object, exact masks), 'multishapes' (2-4 objects of 6 classes, 48 px) "
+        "or a PASCAL VOC 2012 folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
+    )
+    p.add_argument(
+        "--protocol",
+        action="append",
+        choices=("paper", "dino", "cratevit"),
+        default=None,
+        help="protocol to report (repeat for several; default: all three): paper = token grid, top 60%% "
+        "of entries, best head per class; dino = pixel Jaccard, 60%% of the mass, head-mean map and "
+        "best head per image; cratevit = pixel IoU of the head-mean map, one fixed head, and PCA",
+    )
+    p.add_argument(
+        "--threshold-kind",
+        choices=("entries", "mass"),
+        default="entries",
+        help="paper protocol: keep the top --threshold of a head's entries, or of its attention mass",
     )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="val", help="shapes split (train/val/test) or VOC image list (val, train, ...)")
     p.add_argument("--num-images", type=int, default=300, help="number of images (VOC: the first N of the list)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes data and of --with-random")
     p.add_argument("--with-random", action="store_true", help="also score the first model at random initialisation")
-    p.add_argument("--layer", type=int, default=-1, help="layer of the attention and features (0-based, -1: last)")
-    p.add_argument("--threshold", type=float, default=0.6, help="fraction of attention mass the masks keep")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=-1,
+        help="layer of the attention and features (0-based, -1: last; the paper's figures use -2)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="fraction the masks keep (of the entries or the mass, see --threshold-kind)",
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -44,14 +73,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _samples(args: argparse.Namespace, image_size: int) -> Any:
-    from ..analysis.segmentation import VOCSegmentationFolder, shapes_samples
+    from ..analysis.segmentation import VOCSegmentationFolder, multishapes_samples, shapes_samples
     from ..errors import UserError
 
     if args.num_images <= 0:
         raise UserError(f"--num-images must be positive, got {args.num_images}")
     if args.data == "shapes":
         return shapes_samples(args.split, args.num_images, image_size, args.seed)
+    if args.data == "multishapes":
+        return multishapes_samples(args.split, args.num_images, MULTISHAPES_SIZE, args.seed)
     return VOCSegmentationFolder(args.data, args.split, limit=args.num_images)
+
+
+MULTISHAPES_SIZE = 48
 
 
 def _random_copy(model: Any, seed: int) -> Any:
@@ -73,15 +107,40 @@ def _random_copy(model: Any, seed: int) -> Any:
     return fresh
 
 
+def _flat(spec: str, args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
+    """One model's summary: the cratevit protocol's figures at the top level (as the first segeval wrote them),
+    the paper's and DINO's in their own entries."""
+    cratevit = summary.pop("cratevit", {})
+    return {"model": spec, "data": args.data, "split": args.split, **summary, **cratevit}
+
+
+def _table(summaries: dict[str, dict[str, Any]], protocols: list[str]) -> list[str]:
+    head, cols = ["model"], []
+    if "paper" in protocols:
+        head += ["paper mIoU (best head per class)", "paper mIoU (head mean)"]
+        cols += [lambda s: s["paper"]["miou"], lambda s: s["paper"]["miou_head_mean"]]
+    if "dino" in protocols:
+        head += ["DINO J (head-mean map)", "DINO J (best head)"]
+        cols += [lambda s: s["dino"]["jaccard_head_mean_map"], lambda s: s["dino"]["jaccard_best_head"]]
+    if "cratevit" in protocols:
+        head += ["mIoU attention (mean of heads)", "mIoU best head", "mIoU PCA"]
+        cols += [lambda s: s["miou_attention"], lambda s: s["miou_best_head"], lambda s: s["miou_pca"]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows += ["| " + " | ".join([s["model"]] + [f"{c(s):.3f}" for c in cols]) + " |" for s in summaries.values()]
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     import csv
     import json
 
     from ..analysis import input_normalization
-    from ..analysis.segmentation import evaluate, load_vision_model, model_geometry
+    from ..analysis.segmentation import load_vision_model, model_geometry
+    from ..analysis.segprotocols import PROTOCOLS, evaluate_protocols
     from ..errors import UserError
     from ..registry import is_family_model
 
+    protocols = [p for p in PROTOCOLS if p in (args.protocol or PROTOCOLS)]
     models = [(spec, load_vision_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
     if args.with_random:
         models.append((f"{args.models[0]} (random init)", _random_copy(models[0][1], args.seed)))
@@ -92,35 +151,53 @@ def run(args: argparse.Namespace) -> int:
         depth = len(model.blocks)
         if not -depth <= args.layer < depth:
             raise UserError(f"--layer {args.layer} is out of range for {spec} ({depth} layers)")
-        if args.image_size is not None and args.data != "shapes":
+        if args.image_size is not None and args.data not in ("shapes", "multishapes"):
             if not is_family_model(model):
                 raise UserError("--image-size works for CRATE models only (timm ViTs are evaluated at their size)")
             model.dynamic_img_size = True
             size = (args.image_size, args.image_size)
+        if args.data == "multishapes" and tuple(size) != (MULTISHAPES_SIZE, MULTISHAPES_SIZE):
+            from ..analysis.maskcut import set_input_size
+
+            set_input_size(model, (MULTISHAPES_SIZE, MULTISHAPES_SIZE))  # the scenes' own size, same object scale
+            size = (MULTISHAPES_SIZE, MULTISHAPES_SIZE)
         mean, std = input_normalization(spec.removesuffix(" (random init)"))
-        result = evaluate(
-            model.eval(), _samples(args, size[0]), size, patch, args.layer, args.threshold, mean, std, args.batch_size
+        result = evaluate_protocols(
+            model.eval(),
+            _samples(args, size[0]),
+            size,
+            patch,
+            args.layer,
+            args.threshold,
+            args.threshold_kind,
+            mean,
+            std,
+            protocols,
+            args.batch_size,
         )
-        summary = {"model": spec, "data": args.data, "split": args.split, **result.summary()}
+        summary = _flat(spec, args, result.summary())
         summaries[spec] = summary
-        per_image += [
-            {"model": spec, **row, "iou_heads": " ".join(f"{v:.4f}" for v in row["iou_heads"])}
-            for row in result.per_image()
-        ]
-        print(
-            f"{spec}: mIoU attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
-            f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f} over {summary['num_images']} images"
-        )
+        per_image += [{"model": spec, **row} for row in result.per_image()]
+        parts = []
+        if "paper" in protocols:
+            parts.append(f"paper mIoU {summary['paper']['miou']:.3f}")
+        if "dino" in protocols:
+            parts.append(
+                f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
+                f"(best head {summary['dino']['jaccard_best_head']:.3f})"
+            )
+        if "cratevit" in protocols:
+            parts.append(
+                f"attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
+                f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f}"
+            )
+        print(f"{spec}: " + "; ".join(parts) + f" over {summary['num_images']} images")
     (args.out / "segeval.json").write_text(json.dumps(summaries, indent=2))
     with (args.out / "per_image.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(per_image[0]))
         writer.writeheader()
         writer.writerows(per_image)
-    table = ["| model | mIoU attention (mean of heads) | mIoU best head | mIoU PCA |", "|---|---|---|---|"]
-    table += [
-        f"| {s['model']} | {s['miou_attention']:.3f} | {s['miou_best_head']:.3f} | {s['miou_pca']:.3f} |"
-        for s in summaries.values()
-    ]
+    table = _table(summaries, protocols)
     (args.out / "segeval.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0

@@ -294,6 +294,11 @@ class CRATEMAETrace:
     pred: Tensor  # (b, n_patches, patch_dim)
     grid_size: tuple[int, int]
 
+    @property
+    def layers(self) -> list[LayerTrace]:
+        """The encoder's layers (the name CRATE's trace uses, so that CRATE's analysis reads the encoder)."""
+        return self.encoder
+
 
 class CRATEMAE(nn.Module):
     """The CRATE masked autoencoder. ``CRATEMAE(CRATEMAEConfig(...))`` or ``CRATEMAE(dim=..., depth=..., ...)``."""
@@ -452,9 +457,13 @@ class CRATEMAE(nn.Module):
         mask: Tensor | None = None,
         encoder_layers: list[int] | None = None,
         decoder_layers: list[int] | None = None,
+        layers: list[int] | None = None,
     ) -> CRATEMAETrace:
         """Run encoder and decoder on ``images`` (masked where ``mask`` is True; None: nothing masked) and return
-        every selected layer's intermediates (all layers by default; negative indices count from the end)."""
+        every selected layer's intermediates (all layers by default; negative indices count from the end).
+        ``layers`` (CRATE's signature) selects encoder layers and no decoder layer."""
+        if layers is not None:  # CRATE's signature: these encoder layers, no decoder layer
+            encoder_layers, decoder_layers = layers, []
         if mask is None:
             mask = torch.zeros(images.shape[0], self.config.num_patches, dtype=torch.bool, device=images.device)
 
