@@ -285,3 +285,20 @@ def test_attention_maps_need_no_gradients():
 
     assert not attention_maps(create_model("crate_debug"), torch.randn(1, 3, 32, 32)).requires_grad
     assert not attention_maps(CRATEMAE(CRATEMAEConfig(**TINY)), torch.randn(1, 3, 32, 32), decoder=True).requires_grad
+
+
+def test_facets_of_encoder_and_decoder_and_crate_style_trace():
+    from cratevit.analysis.facets import facet_features
+
+    torch.manual_seed(0)
+    model = CRATEMAE(CRATEMAEConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tr = model.forward_trace(x)
+        crate_style = model.forward_trace(x, layers=[-1])
+        assert len(crate_style.layers) == 1 and not crate_style.decoder
+        torch.testing.assert_close(crate_style.layers[0].z_out, tr.encoder[1].z_out)
+        key = facet_features(model, x, 0, "key", decoder=True)
+        torch.testing.assert_close(key, tr.decoder[0].proj.transpose(1, 2).flatten(2)[:, 1:].reshape(2, 4, 4, 32))
+        token = facet_features(model, x, -1, "token")
+        torch.testing.assert_close(token, tr.encoder[1].z_out[:, 1:].reshape(2, 4, 4, 32))
