@@ -162,3 +162,16 @@ def test_finetune_probe_and_reconstruct_from_a_pretrained_run(tmp_path, capsys):
     assert (tmp_path / "rec" / "reconstruction.pdf").is_file()
     assert main(["reconstruct", str(ft / "last.pt"), str(image)]) == 2  # not a CRATE-MAE: one line
     assert "not a CRATE-MAE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_two_processes(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cratevit",
+           "pretrain", *QUICK, "--epochs", "1", "--output", str(tmp_path / "ddp")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es)" in done.stdout and done.stdout.count("run directory") == 2  # rank 0 speaks
+    val = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val[-1]["images"] == 360 and 0 < val[-1]["loss"] < 10  # every validation image once, over both ranks
+    assert isinstance(load_checkpoint(tmp_path / "ddp" / "last.pt"), CRATEMAE)
