@@ -220,3 +220,19 @@ def test_the_page_for_crate_alpha() -> None:
     assert a["stats"]["code_dim"] == 128 and a["patches"]
     r = client.get(f"/api/intervene?image_id={image_id}&layer=0&coord={coord}&value=0").json
     assert [item["layer"] for item in r["later"]] == [1] and r["top_class"]["logit_change"] > 0
+
+
+def test_the_page_for_crate_mae() -> None:
+    """CRATE-MAE (its digits preset): the encoder's attention, facets, atoms and interventions; no classes."""
+    ex = load_explorer("mae_crate_digits")
+    client = create_app(ex).test_client()
+    info = client.get("/api/info").json
+    assert info["family"] == "crate_mae" and info["has_code"] and not info["classifier"] and not info["resizable"]
+    image_id = _open(client, sample="astronaut")["image_id"]
+    v = client.get(f"/api/view?image_id={image_id}&layer=2&facet=key").json
+    assert v["classes"] == [] and len(v["attention"]["heads"]) == 3 and v["atoms"]
+    coord = v["atoms"][0]["coord"]
+    assert _wait_job(client, client.post("/api/index").json)["state"] == "done"
+    assert client.get(f"/api/atom?image_id={image_id}&layer=0&coord={coord}").json["patches"]
+    r = client.get(f"/api/intervene?image_id={image_id}&layer=0&coord={coord}&value=0").json
+    assert [item["layer"] for item in r["later"]] == [1, 2] and r["classes_after"] == [] and "top_class" not in r

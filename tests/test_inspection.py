@@ -313,7 +313,7 @@ def test_timm_vit_attention_and_facets() -> None:
 
 
 # ------------------------------------------------------------------ every family: the same facets as analysis.facets
-@pytest.mark.parametrize("spec", ["crate_debug", "crate_alpha_debug", "vit"])
+@pytest.mark.parametrize("spec", ["crate_debug", "crate_alpha_debug", "mae_crate_digits", "vit"])
 def test_facets_agree_with_the_segmentation_module(spec) -> None:
     from cratevit.analysis import facets
 
@@ -345,3 +345,18 @@ def test_crate_alpha_intervention_decodes_the_edited_code() -> None:
     z = t.z_half + code @ model.blocks[0].ista.decoder.t()
     torch.testing.assert_close(result.logits, model.forward_head(model.blocks[1](z)))
     assert not torch.allclose(result.logits, ins.logits)
+
+
+def test_crate_mae_is_read_through_its_encoder() -> None:
+    """CRATE-MAE: its encoder's layers, no classifier; an edited code reruns the later encoder layers."""
+    torch.manual_seed(0)
+    model = create_model("mae_crate_digits").eval()
+    x = torch.randn(2, 3, 32, 32)
+    ins = inspect_model(model, x)
+    assert ins.family == "crate_mae" and ins.depth == len(model.blocks) and ins.logits is None
+    assert ins.grid == (8, 8) and set(image_curves(ins)) == {"rc", "sparsity"}
+    result = intervene(model, ins, layer=0, coord=3, value=0.0)
+    z = model.forward_trace(x).encoder[0].z_out.clone()
+    z[..., 3] = 0.0
+    torch.testing.assert_close(result.attention_after(1), model.blocks[1].trace(z)[1].attn)
+    assert result.logits is None and len(result.after_layers) == len(model.blocks) - 1
