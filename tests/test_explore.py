@@ -236,3 +236,35 @@ def test_the_page_for_crate_mae() -> None:
     assert client.get(f"/api/atom?image_id={image_id}&layer=0&coord={coord}").json["patches"]
     r = client.get(f"/api/intervene?image_id={image_id}&layer=0&coord={coord}&value=0").json
     assert [item["layer"] for item in r["later"]] == [1, 2] and r["classes_after"] == [] and "top_class" not in r
+
+
+def test_the_command_serves_the_page() -> None:
+    """``cratevit explore`` as a user runs it: a process that prints its 127.0.0.1 address and serves the page."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cratevit", "explore", "crate_debug", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = []
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("http://127.0.0.1:" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        url = next(w for line in lines for w in line.split() if w.startswith("http://127.0.0.1:"))
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert b"cratevit explore" in r.read()
+        with urllib.request.urlopen(url + "api/info", timeout=10) as r:
+            assert b'"family":"crate"' in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
