@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"zoo"},
     {"checkpoint", "data"},
     {"interop", "train", "analysis"},
+    {"explore"},  # the explore page's server (a user interface over analysis, like the CLI)
     {"cli"},
     {"__init__", "__main__"},
 ]

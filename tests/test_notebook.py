@@ -25,7 +25,9 @@ def test_emergence_notebook_executes(tmp_path, monkeypatch) -> None:
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(images) >= 5 + 1 + 2  # a head grid per image, the PCA figure, the two Figure 3 curves
+    assert len(images) >= 5 + 1 + 2 + 2  # head grids, PCA, the Figure 3 curves, the atom's patches and attention
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "small.pt: 2 layers, 2 heads" in text and "explained variance ratio" in text
     assert "random init R^c" in text
+    assert "astronaut (this model) R^c" in text  # one photo's own curve (cratevit.inspection.image_curves)
+    assert "usage rank" in text and "top classes after:" in text  # the atom and the intervention

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .models import CRATEAlphaConfig, CRATEConfig, geometry_cfg
+from .models import MAE_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig, geometry_cfg
 from .registry import family_for, get_family
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "PRESET_INFO",
     "Preprocessing",
     "Preset",
+    "classifier_presets",
     "data_preprocessing",
     "get_config",
     "list_models",
@@ -199,6 +200,41 @@ for _size, (_dim, _heads, _depth, _patches) in {
 _alpha("crate_alpha_digits", 64, 4, 6, 8, image=32, num_classes=10, preprocessing=HALF)
 _alpha("crate_alpha_debug", 32, 2, 2, 8, image=32, num_classes=10)
 
+# CRATE-MAE (family crate_mae): the official mae_crate_* sizes (patch 16, 224 px, decoder as wide and deep as the
+# encoder, lambda 0.5), and small ones that pretrain in a minute or two on the built-in data.
+for _name, _cfg in MAE_PRESETS.items():
+    register_preset(_name, _cfg)
+register_preset(
+    "mae_crate_digits",
+    CRATEMAEConfig(
+        image_size=32,
+        patch_size=4,
+        dim=96,
+        depth=3,
+        heads=3,
+        dim_head=32,
+        decoder_depth=3,
+        decoder_heads=3,
+        decoder_dim_head=32,
+    ),
+    preprocessing=HALF,
+)
+register_preset(
+    "mae_crate_shapes",
+    CRATEMAEConfig(
+        image_size=64,
+        patch_size=8,
+        dim=96,
+        depth=3,
+        heads=3,
+        dim_head=32,
+        decoder_depth=3,
+        decoder_heads=3,
+        decoder_dim_head=32,
+    ),
+    preprocessing=HALF,
+)
+
 
 def resolve_name(name: str) -> str:
     if name in PRESETS:
@@ -219,6 +255,11 @@ def get_config(name: str, **overrides: Any) -> CRATEConfig:
 
 def list_models() -> list[str]:
     return sorted(PRESETS)
+
+
+def classifier_presets() -> list[str]:
+    """The presets of image-classifier families (timm models): every preset but the autoencoders'."""
+    return sorted(n for n, info in PRESET_INFO.items() if get_family(info.family).classifier)
 
 
 # --------------------------------------------------------------------------------------------- preprocessing

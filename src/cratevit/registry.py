@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .models import CRATE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig
+from .models import CRATE, CRATEMAE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
 
 __all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family", "trace_method"]
 
@@ -35,6 +35,7 @@ class Family:
     config_cls: type  # a dataclass with to_dict() / from_dict() / replace() and a ``name`` field
     description: str
     trace: str | None = "forward_trace"  # method returning per-layer intermediates (None: the family has none)
+    classifier: bool = True  # an image classifier (timm registration, the model contract); False: e.g. an autoencoder
     paper: dict[str, Any] = field(default_factory=dict)  # timm's pretrained_cfg paper fields
 
     def build(self, config: Any) -> nn.Module:
@@ -114,6 +115,22 @@ register_family(
             "paper_name": "Scaling White-Box Transformers for Vision",
             "paper_ids": "arXiv:2405.20299",
             "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
+        },
+    )
+)
+
+register_family(
+    Family(
+        name="crate_mae",
+        model_cls=CRATEMAE,
+        config_cls=CRATEMAEConfig,
+        description="CRATE-MAE: white-box masked autoencoder (Pai et al., ICLR 2024)",
+        classifier=False,
+        paper={
+            "license": "mit",
+            "paper_name": "Masked Completion via Structured Diffusion with White-Box Transformers",
+            "paper_ids": "https://openreview.net/forum?id=PvyOYleymy",
+            "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
         },
     )
 )

@@ -36,14 +36,22 @@ def _check_facet(facet: str) -> None:
 
 
 @torch.no_grad()
-def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "key") -> Tensor:
-    """Patch features (b, rows, cols, dim) of ``facet`` at ``layer`` for a CRATE or a timm ViT."""
+def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "key", decoder: bool = False) -> Tensor:
+    """Patch features (b, rows, cols, dim) of ``facet`` at ``layer`` for a CRATE or a timm ViT; ``decoder``: a
+    CRATE-MAE's decoder layer (``key``: its MSSA input ``U_k^T LN(Z^{l+1/2})``, ``attn``: ``Z^{l+1/2} = LN(Z^l) D^T``,
+    ``token``: its output)."""
     from ..registry import is_family_model, trace_method
 
     _check_facet(facet)
-    if is_family_model(model):
+    if decoder and not hasattr(model, "decoder_blocks"):
+        raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
+    if decoder:
+        trace = model.forward_trace(x, encoder_layers=[], decoder_layers=[layer])
+        t = trace.decoder[0]
+    if is_family_model(model) and not decoder:
         trace = trace_method(model)(x, layers=[layer])
         t = trace.layers[0]
+    if is_family_model(model):
         if facet == "key":
             z = t.proj.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
         elif facet == "attn":

@@ -34,11 +34,12 @@ from torch import Tensor
 from ..checkpoint import load_model as _load_model
 from ..checkpoint import stored_preprocessing
 from ..errors import UserError
-from ..models import CRATE
+from ..models import CRATE, CRATEMAE
 from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, data_preprocessing, get_config, preprocessing_for
 from ..registry import trace_method
 
 __all__ = [
+    "MAE_DECODER_DEFINITIONS",
     "LayerwiseStats",
     "coding_rate",
     "compression",
@@ -171,32 +172,52 @@ DEFINITIONS = MappingProxyType(
 STD_CORRECTION = MappingProxyType({"rc_in": 1, "rc_half": 1, "sparsity": 0, "code_sparsity": 0})
 
 
+MAE_DECODER_DEFINITIONS = MappingProxyType(
+    {
+        "rc_in": "R^c of the decoder's MSSA input: U_k^T LN2(Z^{l+1/2}), Z^{l+1/2} = LN1(Z^l) D^T",
+        "rc_half": "the same measure on Z^{l+1} = Z^{l+1/2} - MSSA(LN2(Z^{l+1/2})), with layer l's LN2 and U_k",
+        "sparsity": "fraction of non-zero entries of Z^{l+1}, the output of decoder layer l",
+    }
+)
+
+
 @torch.no_grad()
 def layerwise_stats(
-    model: CRATE, images: Tensor | Iterable[Tensor], batch_size: int = 32, eps: float = EPS
+    model: CRATE | CRATEMAE,
+    images: Tensor | Iterable[Tensor],
+    batch_size: int = 32,
+    eps: float = EPS,
+    part: str = "encoder",
 ) -> LayerwiseStats:
     """Figure 3's measurements for every layer of ``model`` over ``images`` ((N, C, H, W) or an iterable of
-    batches)."""
+    batches). For a CRATE-MAE (unmasked images), ``part`` picks the encoder (CRATE's measures) or the decoder
+    (:data:`MAE_DECODER_DEFINITIONS`: the compression its MSSA step undoes, and the sparsity of its outputs)."""
+    if part not in ("encoder", "decoder") or (part == "decoder" and not isinstance(model, CRATEMAE)):
+        raise UserError(f"part must be 'encoder' (any model) or 'decoder' (a CRATE-MAE), got {part!r}")
     was_training = model.training
     model.eval()
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
     rc_in, rc_half, sparse, code = [], [], [], []
     try:
         for batch in batches:
-            trace = trace_method(model)(batch)
-            rc_in.append(torch.stack([compression(t.proj, eps) for t in trace.layers], dim=1))
+            if isinstance(model, CRATEMAE):
+                trace = model.forward_trace(batch)
+                layers, blocks = (
+                    (trace.encoder, model.blocks) if part == "encoder" else (trace.decoder, model.decoder_blocks)
+                )
+            else:
+                layers, blocks = trace_method(model)(batch).layers, model.blocks
+            rc_in.append(torch.stack([compression(t.proj, eps) for t in layers], dim=1))
+            after = [t.z_half if part == "encoder" else t.z_out for t in layers]
+            project = _project if part == "encoder" else _project_decoder
             rc_half.append(
                 torch.stack(
-                    [
-                        compression(_project(block, t.z_half), eps)
-                        for block, t in zip(model.blocks, trace.layers, strict=True)
-                    ],
-                    dim=1,
+                    [compression(project(block, z), eps) for block, z in zip(blocks, after, strict=True)], dim=1
                 )
             )
-            sparse.append(torch.stack([sparsity(t.z_out) for t in trace.layers], dim=1))
-            if all(hasattr(t, "code") for t in trace.layers):
-                code.append(torch.stack([sparsity(t.code) for t in trace.layers], dim=1))
+            sparse.append(torch.stack([sparsity(t.z_out) for t in layers], dim=1))
+            if all(hasattr(t, "code") for t in layers):
+                code.append(torch.stack([sparsity(t.code) for t in layers], dim=1))
     finally:
         model.train(was_training)
     if not rc_in:
@@ -208,6 +229,11 @@ def layerwise_stats(
         eps=eps,
         code_sparsity=torch.cat(code) if code else None,
     )
+
+
+def _project_decoder(block: torch.nn.Module, z: Tensor) -> Tensor:
+    """A CRATE-MAE decoder layer's ``U_k^T LN2(z)`` (its MSSA acts after the dictionary step)."""
+    return block.mssa.project(block.norm2(z))
 
 
 def _project(block: torch.nn.Module, z: Tensor) -> Tensor:

@@ -16,11 +16,11 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointError, UserError
-from ..models import CRATEAlphaConfig, CRATEConfig
+from ..models import CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
 from ..presets import PRESET_INFO, PRESETS, get_config, resolve_name
 from .keys import KeyNamer, described, key_namer
 
-__all__ = ["infer_alpha_config", "infer_config", "recorded_preset", "resolve_config"]
+__all__ = ["infer_alpha_config", "infer_config", "infer_mae_config", "recorded_preset", "resolve_config"]
 
 
 def _need(state: Mapping[str, Tensor], key: str, ndim: int, where: str, name_in_file: KeyNamer | None) -> Tensor:
@@ -194,6 +194,62 @@ def infer_alpha_config(
     return cfg.replace(name=next((n for n, p in presets.items() if p == cfg), None))
 
 
+def infer_mae_config(
+    state: Mapping[str, Tensor], heads: int | None = None, source: str = "", name_in_file: KeyNamer | None = None
+) -> CRATEMAEConfig:
+    """A CRATE-MAE configuration from the tensor shapes (our key layout): width, depths, patch, channels and image
+    size from the shapes; the head count from ``heads`` or from the official preset of the same width (the
+    official presets differ in width, and their encoder and decoder have the same heads)."""
+    where = f"{source}: " if source else ""
+    pos = _need(state, "pos_embed", 3, where, name_in_file)
+    proj = _need(state, "patch_embed.proj.weight", 4, where, name_in_file)
+    qkv = _need(state, "blocks.0.mssa.subspace_proj.weight", 2, where, name_in_file)
+    dec_qkv = _need(state, "decoder_blocks.0.mssa.subspace_proj.weight", 2, where, name_in_file)
+    dim, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = math.isqrt(max(pos.shape[1] - 1, 0))
+    if grid * grid != pos.shape[1] - 1 or grid < 1 or proj.shape[2] != proj.shape[3]:
+        raise CheckpointError(
+            f"{where}cannot read a square patch grid from {described('pos_embed', name_in_file)} "
+            f"{tuple(pos.shape)}; pass arch= a CRATEMAEConfig"
+        )
+    depths = [
+        len({k.split(".")[1] for k in state if k.startswith(prefix)}) for prefix in ("blocks.", "decoder_blocks.")
+    ]
+    if heads is None:
+        same = {p.heads for p in PRESETS.values() if isinstance(p, CRATEMAEConfig) and p.dim == dim}
+        if len(same) != 1:
+            raise CheckpointError(
+                f"{source or 'the checkpoint'} does not record its architecture and no mae_crate_* "
+                f"preset is {dim} wide; pass heads=N (or arch=)"
+            )
+        heads = same.pop()
+    if qkv.shape[0] % heads or dec_qkv.shape[0] % heads:
+        raise CheckpointError(f"{where}heads={heads} does not divide the {qkv.shape[0]}-wide subspace projection")
+    cfg = CRATEMAEConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        dim=dim,
+        depth=depths[0],
+        heads=heads,
+        dim_head=qkv.shape[0] // heads,
+        decoder_depth=depths[1],
+        decoder_heads=heads,
+        decoder_dim_head=dec_qkv.shape[0] // heads,
+    )
+    match = next((n for n, p in PRESETS.items() if p == cfg), None)
+    return cfg.replace(name=match)
+
+
+def _mae_args(cfg: Any, meta: Mapping[str, Any]) -> Any:
+    """FAIR MAE's recorded ``args``: the loss target and mask ratio the model was trained with."""
+    args = meta.get("args")
+    if not isinstance(cfg, CRATEMAEConfig) or not isinstance(args, Mapping):
+        return cfg
+    changes = {k: args[k] for k in ("norm_pix_loss", "mask_ratio") if isinstance(args.get(k), (bool, float))}
+    return cfg.replace(**changes) if changes else cfg
+
+
 def _with_heads(cfg: CRATEConfig, heads: int, where: str) -> CRATEConfig:
     if heads <= 0 or cfg.inner_dim % heads:
         raise CheckpointError(f"{where}heads={heads} does not divide the {cfg.inner_dim}-wide subspace projection")
@@ -224,6 +280,8 @@ def resolve_config(
     family = meta.get("model_family", "crate")
     where, namer = f"{path}: ", key_namer(meta, state, family)
     if arch == "auto" or (arch is None and stored is None and recorded_preset(meta) is None):
+        if family == "crate_mae":
+            return _mae_args(infer_mae_config(state, heads=heads, source=str(path), name_in_file=namer), meta)
         infer = infer_alpha_config if family == "crate_alpha" else infer_config
         return infer(state, heads=heads, source=str(path), name_in_file=namer)
     if arch is not None and not isinstance(arch, str):  # a configuration object of any family
@@ -232,8 +290,13 @@ def resolve_config(
         cfg = get_config(arch)
     else:
         cfg = stored if stored is not None else get_config(str(recorded_preset(meta)))
-    if heads is not None:
+    if heads is not None and isinstance(cfg, CRATEMAEConfig):
+        cfg = cfg.replace(
+            heads=heads, dim_head=cfg.dim // heads, decoder_heads=heads, decoder_dim_head=cfg.dim // heads
+        )
+    elif heads is not None:
         cfg = _with_heads(cfg, heads, where)
+    cfg = _mae_args(cfg, meta)
     if "head.weight" in state and cfg.num_classes != state["head.weight"].shape[0]:
         cfg = cfg.replace(num_classes=state["head.weight"].shape[0])
     return cfg

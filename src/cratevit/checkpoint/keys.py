@@ -44,6 +44,7 @@ class KeyTable:
     head_two_stage: tuple[tuple[str, str], ...] = ()
     two_stage_reference_key: str = "\0"  # present in a reference state_dict with a two-stage head ("\0": never)
     two_stage_our_key: str = "\0"  # present in our state_dict with a two-stage head
+    reference_unused: tuple[str, ...] = ()  # tensors the reference model holds but its forward pass never reads
 
     def rules(self, to_ours: bool, two_stage: bool) -> list[Rule]:
         pairs = self.body + (self.head_two_stage if two_stage else self.head_one_stage)
@@ -99,10 +100,40 @@ CRATE_ALPHA_KEYS = KeyTable(
     two_stage_our_key="",
 )
 
-KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS, "crate_alpha": CRATE_ALPHA_KEYS}
+# CRATE-MAE as released (model/crate_ae/ of the CRATE repository, trained with FAIR's MAE code): timm's conv
+# PatchEmbed, encoder blocks ``[PreNorm(Attention), PreNorm(ISTA)]``, decoder blocks ``[PreNorm(D x), PreNorm(Attention)]``.
+# The official forward pass adds ``decoder_pos_embed`` to the encoder's input and never applies ``pos_embed`` or
+# ``decoder_embed``: those are checked to be there and dropped.
+CRATE_MAE_KEYS = KeyTable(
+    body=(
+        ("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("mask_token", "mask_token"),
+        ("decoder_pos_embed", "pos_embed"),
+        ("blocks.{i}.layers.0.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("blocks.{i}.layers.0.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("blocks.{i}.layers.0.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("blocks.{i}.layers.0.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("blocks.{i}.layers.0.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("norm.{p}", "norm.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.norm.{p}", "decoder_blocks.{i}.norm1.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.fn.weight", "decoder_blocks.{i}.dictionary"),
+        ("decoder_blocks.{i}.layers.0.1.norm.{p}", "decoder_blocks.{i}.norm2.{p}"),
+        ("decoder_blocks.{i}.layers.0.1.fn.qkv.weight", "decoder_blocks.{i}.mssa.subspace_proj.weight"),
+        ("decoder_blocks.{i}.layers.0.1.fn.to_out.0.{p}", "decoder_blocks.{i}.mssa.out_proj.{p}"),
+        ("decoder_norm.{p}", "decoder_norm.{p}"),
+        ("decoder_pred.{p}", "decoder_pred.{p}"),
+    ),
+    reference_markers=("blocks.0.layers.0.", "decoder_blocks.0.layers.0."),
+    reference_unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
+)
+
+KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS, "crate_alpha": CRATE_ALPHA_KEYS, "crate_mae": CRATE_MAE_KEYS}
 
 
 def _covers(table: KeyTable, keys: list[str], to_ours: bool) -> bool:
+    if to_ours:  # tensors the reference model holds but never reads (they are dropped when read)
+        keys = [k for k in keys if k not in table.reference_unused]
     two_stage = (table.two_stage_reference_key if to_ours else table.two_stage_our_key) in keys
     rules = table.rules(to_ours, two_stage)
     return bool(keys) and all(rename(k, rules) is not None for k in keys)
@@ -161,7 +192,11 @@ def from_reference_keys(state: Mapping[str, Tensor], family: str = "crate") -> d
     """
     table = _table(family)
     state = strip_prefix(state)
-    return _convert(state, table.rules(True, table.two_stage_reference_key in state), "reference CRATE")
+    missing = [k for k in table.reference_unused if k not in state]
+    if missing:
+        raise CheckpointError(f"the {family} reference state_dict lacks {missing}; the file is truncated or damaged")
+    state = {k: v for k, v in state.items() if k not in table.reference_unused}
+    return _convert(state, table.rules(True, table.two_stage_reference_key in state), f"reference {family}")
 
 
 def to_reference_keys(state: Mapping[str, Tensor], family: str = "crate") -> dict[str, Tensor]:

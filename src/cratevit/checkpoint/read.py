@@ -25,6 +25,7 @@ A Hugging Face folder (``config.json`` + ``model.safetensors``, written by ``sav
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Mapping
@@ -63,6 +64,8 @@ FAMILIES: dict[str, str] = {
     "reference": "original main.py (ImageNet-1K training): state_dict with module. keys, epoch, arch, optimizer",
     "reference-finetune": "original finetune.py: model with module. keys, optimizer, scaler",
     "emergence-demo": "model without prefix: the emergence-demo weights (CRATE_base_demo, CRATE_*_21k, CRATE_base_768)",
+    "mae-pretrain": "FAIR MAE main_pretrain.py (the released CRATE-MAE-B): model, optimizer, epoch, scaler, args",
+    "mae-state-dict": "bare state_dict in the official CRATE-MAE key layout",
     "reference-state-dict": "bare state_dict in the reference key layout (also CRATE-alpha's released .pth files)",
 }
 
@@ -76,8 +79,6 @@ def _safe_globals() -> list[Any]:
     """Harmless Python objects that checkpoints of other projects store beside their weights, allowed through
     ``weights_only`` loading: ``argparse.Namespace`` (FAIR MAE-style files keep their ``args``), numpy scalars and
     dtypes (accuracies stored as numpy floats). Unpickling them builds plain data and runs no code of the file."""
-    import argparse
-
     allowed: list[Any] = [argparse.Namespace]
     try:
         import numpy as np
@@ -156,6 +157,16 @@ def _is_reference(weights: Mapping[str, Tensor]) -> bool:
     return state_family(weights)[1] == "reference"
 
 
+def _mae_args(meta: dict[str, Any]) -> dict[str, Any]:
+    """FAIR MAE's ``args`` (an argparse.Namespace) as a plain dict; its ``model`` becomes the file's ``arch``."""
+    args = meta.get("args")
+    if isinstance(args, argparse.Namespace):
+        meta["args"] = args = dict(vars(args))
+    if isinstance(args, Mapping) and isinstance(args.get("model"), str):
+        meta.setdefault("arch", args["model"])
+    return meta
+
+
 def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mapping[str, Tensor]]:
     """(family, entry name or '', weights) of a checkpoint dict, told apart by the file's own structure."""
     if isinstance(obj.get("state_dict"), Mapping):
@@ -163,12 +174,15 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
         return ("reference" if _is_reference(weights) else "cratevit-state-dict"), "state_dict", weights
     if isinstance(obj.get("model"), Mapping):
         weights = _tensors(obj["model"], path, "model")
+        if state_family(weights) == ("crate_mae", "reference"):
+            return "mae-pretrain", "model", weights
         if not _is_reference(weights):
             return "cratevit-state-dict", "model", weights
         prefixed = _layout(weights)["key_prefix"] == "module."
         return ("reference-finetune" if prefixed else "emergence-demo"), "model", weights
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         family = "reference-state-dict" if _is_reference(obj) else "cratevit-state-dict"
+        family = "mae-state-dict" if state_family(obj) == ("crate_mae", "reference") else family
         return family, "", obj
     raise CheckpointError(
         f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "
@@ -201,7 +215,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         cfg = config_from_dict(obj["config"], meta["model_family"])
         return dict(obj["model"]), cfg, {**meta, "family": "cratevit", "layout": "cratevit", "key_prefix": ""}
     family, entry, weights = _weights_entry(obj, path)
-    meta = {k: v for k, v in obj.items() if entry and k != entry}
+    meta = _mae_args({k: v for k, v in obj.items() if entry and k != entry})
     return (
         _to_ours(weights),
         None,

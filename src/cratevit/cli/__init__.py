@@ -23,6 +23,7 @@ __all__ = ["COMMANDS", "EXPECTED_ERRORS", "UserError", "build_parser", "main"]
 COMMANDS: dict[str, str] = {
     "train": "cratevit.cli.train",
     "finetune": "cratevit.cli.finetune",
+    "pretrain": "cratevit.cli.pretrain",
     "info": "cratevit.cli.info",
     "zoo": "cratevit.cli.zoo",
     "bench": "cratevit.cli.bench",
@@ -32,8 +33,11 @@ COMMANDS: dict[str, str] = {
     "segeval": "cratevit.cli.segeval",
     "maskcut": "cratevit.cli.maskcut",
     "detect-eval": "cratevit.cli.detect_eval",
+    "explore": "cratevit.cli.explore",
     "export": "cratevit.cli.export",
     "predict": "cratevit.cli.predict",
+    "probe": "cratevit.cli.probe",
+    "reconstruct": "cratevit.cli.reconstruct",
 }
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)

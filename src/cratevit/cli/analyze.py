@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis import layerwise_stats, load_model
+    from ..analysis.layerwise import MAE_DECODER_DEFINITIONS
     from ..analysis.visualize import layerwise_figure, save_figure
+    from ..models import CRATEMAE
 
     torch.manual_seed(args.seed)
     models = [(spec, load_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
@@ -140,15 +142,23 @@ def run(args: argparse.Namespace) -> int:
     for spec, model in models:
         label = "random init" if spec == "random init" else _label(spec, used)
         images, what = load_images(args, model, args.models[0] if spec == "random init" else spec)
-        stats = layerwise_stats(model, images, batch_size=args.batch_size, eps=args.eps)
-        stats.meta = {"model": spec, "images": what, "architecture": model.config.to_dict()}
-        results[label] = stats
-        last = stats.rows()[-1]
-        code = f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
-        print(
-            f"{label}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
-            f"non-zeros {last['sparsity_mean']:.3f}{code}"
-        )
+        # a CRATE-MAE: its encoder and its decoder as two series (unmasked images)
+        parts = ("encoder", "decoder") if isinstance(model, CRATEMAE) else ("encoder",)
+        for part in parts:
+            name = f"{label} {part}" if len(parts) > 1 else label
+            stats = layerwise_stats(model, images, batch_size=args.batch_size, eps=args.eps, part=part)
+            stats.meta = {"model": spec, "part": part, "images": what, "architecture": model.config.to_dict()}
+            if part == "decoder":
+                stats.meta["definitions"] = dict(MAE_DECODER_DEFINITIONS)
+            results[name] = stats
+            last = stats.rows()[-1]
+            code = (
+                f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
+            )
+            print(
+                f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
+                f"non-zeros {last['sparsity_mean']:.3f}{code}"
+            )
     rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
     with (args.out / "layerwise.csv").open("w", newline="") as f:
         fields = list(dict.fromkeys(k for row in rows for k in row))  # CRATE-alpha's rows add code_sparsity

@@ -25,6 +25,7 @@ def add_model_and_image_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
     p.add_argument("--layer", type=int, default=-1, help="layer index (0-based; negative counts from the end)")
+    p.add_argument("--decoder", action="store_true", help="a CRATE-MAE's decoder layer (default: its encoder)")
     p.add_argument(
         "--resize",
         choices=("keep-aspect", "model"),
@@ -131,16 +132,23 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
     sizes; a timm ViT (a ``cratevit train --arch vit_...`` checkpoint) gets its training size (``--resize model``)."""
     from ..analysis.segmentation import load_vision_model
     from ..errors import UserError
+    from ..models import CRATEMAE
     from ..registry import is_family_model
 
     spec, files = split_inputs(args)
     model = load_vision_model(spec, arch=args.arch, heads=args.heads).eval()
-    if is_family_model(model):
+    if isinstance(model, CRATEMAE):  # a fixed sine-cosine table: the training size
+        if args.resize != "model":
+            print(f"{spec}: a CRATE-MAE; images are resized to its training size (--resize model)")
+        args.resize = "model"
+    elif args.decoder:
+        raise UserError(f"--decoder needs a CRATE-MAE; {spec} holds a {type(model).__name__}")
+    elif is_family_model(model):
         model.dynamic_img_size = True
     elif args.resize != "model":
         print(f"{spec}: a timm model; images are resized to its training size (--resize model)")
         args.resize = "model"
-    depth = len(model.blocks)
+    depth = len(model.decoder_blocks if args.decoder else model.blocks)
     if not -depth <= args.layer < depth:
         raise UserError(f"--layer {args.layer} is out of range for a {depth}-layer model; use 0..{depth - 1} or -1")
     return model, spec, files
@@ -174,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
 
     model, spec, files = load_for_images(args)
+    depth = len(model.decoder_blocks if args.decoder else model.blocks)
     mean, std = normalization(args, spec)
     size, patch = model_geometry(model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     readable, images, skipped = read_images(args, files)
     for path, image in zip(readable, images, strict=True):
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
-        maps = attention_maps(model, prep.tensor[None], args.layer)[0]  # heads rows cols
+        maps = attention_maps(model, prep.tensor[None], args.layer, args.decoder)[0]  # heads rows cols
         masks = mass_mask(maps, args.threshold)
         heat = upsample(maps, prep.original_size).numpy()  # heads H W
         mask_up = upsample(masks.float(), prep.original_size).numpy() > 0.5
@@ -193,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
             Image.fromarray(to_uint8(heat[k]), mode="L").save(folder / f"attn-head{k}.png")
             Image.fromarray((mask_up[k] * 255).astype(np.uint8), mode="L").save(folder / f"mask-head{k}.png")
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
-        title = f"{path.name}: layer {args.layer % len(model.blocks)}, top {args.threshold:.0%} of attention mass"
+        part = "decoder layer" if args.decoder else "layer"
+        title = f"{path.name}: {part} {args.layer % depth}, top {args.threshold:.0%} of attention mass"
         save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
         records.append(
             {
@@ -209,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
     info = {
         "checkpoint": spec,
         "layer": args.layer,
+        "decoder": args.decoder,
         "threshold": args.threshold,
         "mean": mean,
         "std": std,

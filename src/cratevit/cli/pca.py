@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for image in images:
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
         preps.append(prep)
-        feats.append(facet_features(model, prep.tensor[None], args.layer, facet)[0])  # rows cols dim
+        feats.append(facet_features(model, prep.tensor[None], args.layer, facet, args.decoder)[0])  # rows cols dim
     if args.method == "paper":
         paper = paper_pca(feats, args.fg_threshold, args.components)
         rgbs, scores_list, fgs = paper.rgb, [p[..., None] for p in paper.first], paper.foreground

@@ -156,12 +156,15 @@ def _entrypoint(preset: str) -> Callable[..., CRATE]:
 
 
 def register_timm_models() -> list[str]:
-    """Register every preset not yet known to timm; returns the timm names registered by this call.
+    """Register every classifier preset not yet known to timm; returns the timm names registered by this call.
 
-    A name timm already knows from another library is left alone (never overwritten).
+    A name timm already knows from another library is left alone (never overwritten). Families that are not
+    image classifiers (CRATE-MAE) are not timm models.
     """
     added = []
     for preset in sorted(PRESETS):
+        if not get_family(PRESET_INFO[preset].family).classifier:
+            continue
         name = timm_name(preset)
         if name in default_cfgs or timm_is_model(name):
             continue

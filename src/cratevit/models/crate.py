@@ -43,6 +43,7 @@ __all__ = [
     "CRATEBlock",
     "CRATEConfig",
     "CRATETrace",
+    "ConvPatchEmbed",
     "LayerTrace",
     "PatchEmbed",
     "forward_flops",
@@ -85,6 +86,7 @@ class CRATEConfig:
     # paper (its recipes train without it); offered so that timm recipes (`train.py --drop-path 0.1`) run. The ISTA
     # step has no outer residual, so it is never skipped.
     drop_path_rate: float = 0.0
+    patch_embed: Literal["linear", "conv"] = "linear"  # conv: a strided convolution, as CRATE-MAE's encoder
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +106,8 @@ class CRATEConfig:
             raise UserError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if not 0.0 <= float(self.drop_path_rate) < 1.0:
             raise UserError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate!r}")
+        if self.patch_embed not in ("linear", "conv"):
+            raise UserError(f"patch_embed must be 'linear' or 'conv', got {self.patch_embed!r}")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             raise UserError(f"attn_impl must be 'auto', 'sdpa' or 'math', got {self.attn_impl!r}")
         for name in ("dim", "depth", "heads", "dim_head", "channels"):
@@ -259,6 +263,18 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class ConvPatchEmbed(nn.Module):
+    """Patches by a strided convolution (= a linear map of each flattened patch), (b, c, H, W) -> (b, n, dim).
+    CRATE-MAE's patch embedding (``patch_embed="conv"``: a CRATE classifier fine-tuned from its encoder)."""
+
+    def __init__(self, patch_size: tuple[int, int], channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # b (rows cols) dim
 
 
 class PatchEmbed(nn.Module):
@@ -450,7 +466,8 @@ class CRATE(nn.Module):
             {"module": f"blocks.{i}", "num_chs": cfg.dim, "reduction": cfg.patch_size[0]} for i in range(cfg.depth)
         ]  # timm's features_only metadata
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.channels, cfg.dim)
+        embed = PatchEmbed if cfg.patch_embed == "linear" else ConvPatchEmbed
+        self.patch_embed = embed(cfg.patch_size, cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.emb_dropout)

@@ -23,11 +23,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,12 +35,15 @@ from ..checkpoint import (
     atomic_save,
     checkpoint_dict,
     create_model,
+    is_reference_state,
     load_file,
     load_into,
+    load_model,
     load_state_dict_strict,
 )
 from ..data import Batch, EpochSampler, SeededDataset, build_datasets, build_eval_dataset, collate_skip, data_info
 from ..errors import UserError, require
+from ..models.crate_mae import CRATEMAE, crate_classifier_from_mae
 from ..presets import data_preprocessing, get_config, list_models, pretrained_cfg_for, resolve_name
 from ..registry import is_family_model
 from .config import RECIPES, SAVE_EVERY_MINUTES, TrainConfig, resolve_config
@@ -56,6 +58,7 @@ from .distributed import (
     init_distributed,
 )
 from .memory import check_training_memory
+from .objectives import make_objective
 
 __all__ = ["RECIPES", "TrainConfig", "Trainer", "load_run_config", "resolve_config", "train"]
 
@@ -132,6 +135,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         unknown = sorted(set(cfg.model_kwargs or {}) - known)
         if unknown:
             raise UserError(f"--model-kwargs: unknown {cfg.arch} option(s) {unknown}; its options: {sorted(known)}")
+        num_classes = None if cfg.objective == "mae" else num_classes  # an autoencoder has no classifier
         try:
             return create_model(
                 cfg.arch,
@@ -292,6 +296,30 @@ class Diverged(UserError):
     """The loss, the gradients or the weights became non-finite; nothing non-finite was saved."""
 
 
+def _is_mae_file(path: str) -> bool:
+    """Whether a checkpoint file holds a CRATE-MAE (ours or the official layout), peeking with mmap."""
+    try:
+        obj = load_file(path, mmap=True) if Path(path).suffix != ".safetensors" else None
+    except CheckpointError:
+        return False  # the loader reports unreadable files
+    if not isinstance(obj, dict):
+        return False
+    weights = obj.get("model", obj)
+    return obj.get("model_family") == "crate_mae" or (
+        isinstance(weights, dict) and is_reference_state(weights, "crate_mae")
+    )
+
+
+def mae_pretrained_classifier(cfg: TrainConfig, num_classes: int) -> nn.Module | None:
+    """For a classification run whose ``--pretrained`` file is a CRATE-MAE: a CRATE classifier built from its
+    encoder (``--arch`` does not apply: the encoder fixes the architecture). None for any other file."""
+    if cfg.objective != "classification" or not cfg.pretrained or not _is_mae_file(cfg.pretrained):
+        return None
+    mae = load_model(cfg.pretrained)
+    assert isinstance(mae, CRATEMAE)
+    return crate_classifier_from_mae(mae, num_classes)
+
+
 def accuracy_counts(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """Number of samples whose target is among the top-k logits, for each k."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
@@ -386,18 +414,23 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracy = all("acc" in r for r in train) and all("top1" in r for r in val)  # not for masked autoencoding
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(10 if accuracy else 5.5, 4), squeeze=False)
+    ax_loss, ax_acc = axes[0, 0], axes[0, -1]
     if train:
         x = [r["epoch"] + r["step"] / r["steps"] for r in train]
         ax_loss.plot(x, [r["loss"] for r in train], label="train", lw=1)
-        ax_acc.plot(x, [100 * r["acc"] for r in train], label="train (batch)", lw=1, alpha=0.6)
+        if accuracy:
+            ax_acc.plot(x, [100 * r["acc"] for r in train], label="train (batch)", lw=1, alpha=0.6)
     if val:
         x = [r["epoch"] + 1 for r in val]
         ax_loss.plot(x, [r["loss"] for r in val], "o-", label="val")
-        ax_acc.plot(x, [r["top1"] for r in val], "o-", label="val top-1")
+        if accuracy:
+            ax_acc.plot(x, [r["top1"] for r in val], "o-", label="val top-1")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    if accuracy:
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -423,10 +456,8 @@ class Progress:
         if not self.enabled:
             return
         if text is None and stats is not None:
-            text = (
-                f"loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}% lr {stats['lr']:.2e} "
-                f"{stats['img_s']:.0f} img/s"
-            )
+            acc = f"acc {100 * stats['acc']:.1f}% " if "acc" in stats else ""
+            text = f"loss {stats['loss']:.4f} {acc}lr {stats['lr']:.2e} {stats['img_s']:.0f} img/s"
         text = text or ""
         if self.bar is not None:
             self.bar.update(1)
@@ -470,12 +501,15 @@ class Trainer:
             raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.model = build_model(cfg, self.info.num_classes)
+        from_mae = mae_pretrained_classifier(cfg, self.info.num_classes)
+        if from_mae is not None:  # the run records the encoder's name as its architecture
+            self.cfg = cfg = replace(cfg, arch=from_mae.config.name or "crate_mae_encoder")
+        self.model = build_model(cfg, self.info.num_classes) if from_mae is None else from_mae
         if is_family_model(self.model):  # checkpoints record the data's preprocessing (cratevit.presets)
             self.model.pretrained_cfg = self.model.default_cfg = pretrained_cfg_for(
                 self.model.config, data_preprocessing(self.info.kind)
             )
-        if cfg.pretrained and self.resume_state is None:
+        if cfg.pretrained and self.resume_state is None and from_mae is None:
             load_pretrained(self.model, cfg.pretrained)
         if is_family_model(self.model) and self.info.classes:  # predict / export name the classes
             self.model.pretrained_cfg = {**self.model.pretrained_cfg, "label_names": list(self.info.classes)}
@@ -495,7 +529,8 @@ class Trainer:
 
         self._build_data()
         self._build_optimisation()
-        self.epoch, self.step_in_epoch, self.global_step, self.best_top1 = 0, 0, 0, -1.0
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_top1 = -1.0 if self.objective.classifies else float("-inf")  # the best validation score
         self.batch_in_epoch = 0  # batches drawn this epoch: steps + batches whose images were all unreadable
         self.metrics_lines: int | None = 0  # records of metrics.jsonl to keep (a resumed run: its checkpoint's)
         self._saved_time, self._saved_step = time.monotonic(), 0  # when and at which step last.pt was written
@@ -580,15 +615,19 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.steps_per_epoch)
 
     def _build_optimisation(self) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
         cfg = self.cfg
+        extra = {"betas": tuple(cfg.betas)} if cfg.betas else {}
         try:
             self.optimizer = create_optimizer_v2(
-                self.model, opt=cfg.optimizer.lower(), lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+                self.model,
+                opt=cfg.optimizer.lower(),
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum,
+                **extra,
             )
         except (AssertionError, ValueError) as e:
             raise UserError(f"--optimizer {cfg.optimizer!r}: {e}; try lion, adamw or sgd") from None
@@ -603,19 +642,11 @@ class Trainer:
             updates_per_epoch=self.steps_per_epoch,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                label_smoothing=cfg.label_smoothing,
-                num_classes=self.info.num_classes,
-            )
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        # what is optimised: the only difference between train/finetune and pretrain (cratevit.train.objectives)
+        options = {"label_smoothing": cfg.label_smoothing, "mixup": cfg.mixup, "cutmix": cfg.cutmix}
+        self.objective = make_objective(
+            cfg.objective, self.model, self.info.num_classes, options, cfg.seed, self.dist.rank
+        )
 
     def autocast(self) -> AbstractContextManager:
         if self.cfg.amp == "none":
@@ -742,7 +773,12 @@ class Trainer:
                     self.end_epoch()
         finally:
             self.log.close()
-        self._say(f"done: best val top-1 {self.best_top1:.2f}% ; run directory {self.run_dir}")
+        best = (
+            f"top-1 {self.best_top1:.2f}%"
+            if self.objective.classifies
+            else f"{self.objective.name} loss {-self.best_top1:.4f}"
+        )
+        self._say(f"done: best val {best} ; run directory {self.run_dir}")
         return 0
 
     def _say(self, text: str) -> None:
@@ -839,7 +875,7 @@ class Trainer:
         totals = torch.tensor([w["loss"], w["correct"], w["seen"], w["skipped"]], dtype=torch.float64)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         seen = max(totals[2].item(), 1.0)
-        return {
+        stats = {
             "loss": totals[0].item() / seen,
             "acc": totals[1].item() / seen,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -847,20 +883,20 @@ class Trainer:
             "skipped": totals[3].item(),
             "seen": seen,
         }
+        if not self.objective.classifies:  # no labels predicted: no accuracy
+            del stats["acc"]
+        return stats
 
     def _log_train(self, stats: dict[str, float]) -> None:
         if self.dist.enabled:  # average over ranks
             t = torch.tensor(
-                [stats["loss"] * stats["seen"], stats["acc"] * stats["seen"], stats["seen"], stats["skipped"]],
+                [stats["loss"] * stats["seen"], stats.get("acc", 0.0) * stats["seen"], stats["seen"], stats["skipped"]],
                 dtype=torch.float64,
             )
             t = all_reduce_sum(t.to(self.dist.device), self.dist).cpu()
-            stats = {
-                **stats,
-                "loss": t[0].item() / t[2].item(),
-                "acc": t[1].item() / t[2].item(),
-                "skipped": t[3].item(),
-            }
+            stats = {**stats, "loss": t[0].item() / t[2].item(), "skipped": t[3].item()}
+            if "acc" in stats:
+                stats["acc"] = t[1].item() / t[2].item()
         record = {
             "kind": "train",
             "epoch": self.epoch,
@@ -868,11 +904,13 @@ class Trainer:
             "steps": self.steps_per_epoch,
             "global_step": self.global_step,
             "loss": stats["loss"],
-            "acc": stats["acc"],
+            "acc": stats.get("acc"),
             "lr": stats["lr"],
             "img_s": stats["img_s"],
             "skipped_images": int(stats["skipped"]),
         }
+        if "acc" not in stats:
+            del record["acc"]
         self.log.write(record, self.global_step)
 
     def train_step(self, batch: Batch) -> tuple[float, int]:
@@ -880,13 +918,8 @@ class Trainer:
         cfg, dev = self.cfg, self.dist.device
         x = batch.images.to(dev, non_blocking=True)
         y = batch.targets.to(dev, non_blocking=True)
-        target = y
-        if self.mixup is not None:
-            np.random.seed((cfg.seed * 1_000_003 + self.global_step) % 2**32)  # mixup draws from numpy
-            x, target = self.mixup(x, y)
         with self.autocast():
-            logits = self.train_model(x)
-            loss = self.criterion(logits.float(), target)
+            loss, logits = self.objective.train_loss(self.train_model, x, y, self.global_step)
         if any_true(not bool(torch.isfinite(loss)), self.dist):
             raise self._diverged("loss", loss.item(), 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -902,26 +935,28 @@ class Trainer:
                 raise self._diverged("gradient norm", norm.item(), 1)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item(), int((logits.argmax(1) == y).sum())
+        return loss.item(), 0 if logits is None else int((logits.argmax(1) == y).sum())
 
     def end_epoch(self) -> None:
         metrics = self.evaluate()
-        is_best = metrics["top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, metrics["top1"])
+        score = self.objective.score(metrics)
+        is_best = score > self.best_top1
+        self.best_top1 = max(self.best_top1, score)  # the objective's score: top-1, or minus the loss
         self.epoch += 1
         self.step_in_epoch = self.batch_in_epoch = 0
-        record = {
-            "kind": "val",
-            "epoch": self.epoch - 1,
-            "global_step": self.global_step,
-            **metrics,
-            "best_top1": self.best_top1,
-        }
+        best = {"best_top1": self.best_top1} if self.objective.classifies else {"best_loss": -self.best_top1}
+        record = {"kind": "val", "epoch": self.epoch - 1, "global_step": self.global_step, **metrics, **best}
         self.log.write(record, self.global_step)
-        self._say(
-            f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% "
-            f"top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)"
-        )
+        if self.objective.classifies:
+            self._say(
+                f"epoch {self.epoch}/{self.cfg.epochs}: val loss {metrics['loss']:.4f} top-1 "
+                f"{metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% (best {self.best_top1:.2f}%)"
+            )
+        else:
+            self._say(
+                f"epoch {self.epoch}/{self.cfg.epochs}: val {self.objective.name} loss {metrics['loss']:.4f} "
+                f"(best {-self.best_top1:.4f})"
+            )
         self.save("last.pt")
         if is_best:
             self.save("best.pt")
@@ -936,38 +971,27 @@ class Trainer:
         """Validation loss, top-1 and top-5 accuracy (%) over the whole validation set, all ranks together."""
         self.forward_model.eval()
         dev = self.dist.device
-        totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
+        sums = torch.zeros(self.objective.num_sums, dtype=torch.float64)  # the objective's sums, last: the count
+        skipped = torch.zeros(1, dtype=torch.float64)
         progress = Progress(self.dist.is_main, len(self.val_loader), 0, "validation", self.cfg.print_freq)
         with stop_signals_held():  # the workers are forked here
             batches = iter(self.val_loader)
-        for step, batch in enumerate(batches, 1):
-            if totals[3] > 0:
-                progress.update(step - 1, text=f"top-1 so far {100 * totals[1].item() / totals[3].item():.2f}%")
-            totals[4] += batch.skipped
+        for index, batch in enumerate(batches):
+            progress.update(index + 1, text=f"{index + 1} batches")
+            skipped += batch.skipped
             if len(batch.targets) == 0:
                 continue
             x, y = batch.images.to(dev), batch.targets.to(dev)
             with self.autocast():
-                logits = self.forward_model(x).float()
-            totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            top1, top5 = accuracy_counts(logits, y)
-            totals[1:4] += torch.tensor([top1, top5, len(y)], dtype=torch.float64)
-        progress.update(len(self.val_loader), text="all batches")
+                sums += self.objective.eval_sums(self.forward_model, x, y, index)
         progress.close()
-        totals = all_reduce_sum(totals.to(dev), self.dist).cpu()
-        if totals[3] == 0:
+        totals = all_reduce_sum(torch.cat([sums, skipped]).to(dev), self.dist).cpu()
+        if totals[-2] == 0:
             raise UserError(
-                f"none of the {int(totals[4])} validation images of {self.info.name} could be read (see "
+                f"none of the {int(totals[-1])} validation images of {self.info.name} could be read (see "
                 f"the warnings); fix or remove the files"
             )
-        n = totals[3].item()
-        return {
-            "loss": totals[0].item() / n,
-            "top1": 100 * totals[1].item() / n,
-            "top5": 100 * totals[2].item() / n,
-            "images": int(totals[3].item()),
-            "skipped_images": int(totals[4].item()),
-        }
+        return {**self.objective.metrics(totals[:-1]), "skipped_images": int(totals[-1].item())}
 
 
 def train(

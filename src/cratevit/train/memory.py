@@ -91,7 +91,11 @@ def available_memory() -> int | None:
 def check_training_memory(model: Any, cfg: Any, local_batch: int, device: Any) -> int | None:
     """Stop a CPU run of a CRATE model whose estimated peak exceeds the memory this process may use, with the
     largest batch that fits; warn above 80%. Returns the estimate in bytes (None where none is made)."""
+    needed = ("grid_size", "dim", "heads", "dim_head", "depth", "channels", "image_size")
+    cfg_model = getattr(model, "config", None)
     if getattr(device, "type", str(device)) != "cpu" or not is_family_model(model) or not hasattr(model, "blocks"):
+        return None
+    if not all(hasattr(cfg_model, name) for name in needed):  # calibrated on CRATE's layout only
         return None
     available = available_memory()
     if available is None:

@@ -1,0 +1,50 @@
+"""``cratevit explore [CKPT|PRESET] [--images DIR]``: a local web page to look inside a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "look inside a model in the browser: attention, masks, PCA, per-layer curves, dictionary atoms (127.0.0.1)"
+DEFAULT_MODEL = "crate_nano"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="a checkpoint file, a preset name (random weights) or a timm ViT name")  # fmt: skip
+    p.add_argument("--images", type=Path, default=None,
+                   help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
+    p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError, require
+
+    require("flask", "explore", "cratevit explore")
+    require("skimage", "explore", "cratevit explore (its sample photos)")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} is not a port number; use 1024..65535, or 0 for any free port")
+    if args.images is not None and not args.images.is_dir():
+        raise UserError(f"--images {args.images}: not a folder of images")
+    import torch
+
+    from ..explore import THREADS, load_explorer
+    from ..explore.app import serve
+
+    if args.model == DEFAULT_MODEL:
+        print(f"no model given: {DEFAULT_MODEL} with random weights (pass a checkpoint file or preset)")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a positive number of threads")
+    explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads)
+    torch.set_num_threads(args.threads or THREADS)
+    try:
+        serve(explorer, args.port)
+    except OSError as e:
+        raise UserError(f"cannot listen on 127.0.0.1:{args.port} ({e.strerror}); choose another --port") from None
+    return 0

@@ -1,0 +1,160 @@
+"""``cratevit probe MODEL``: how good are a model's frozen features? Linear probe and k-NN top-1.
+
+``MODEL`` is anything cratevit loads (a checkpoint of any family, a ``save_pretrained`` folder, a preset name:
+random weights from ``--seed``) or a timm model name (random weights; ``--timm-pretrained`` downloads timm's).
+The features are the model's own final ones (CRATE-MAE: the unmasked encoder; CRATE/timm:
+``forward_head(..., pre_logits=True)``) or, with ``--layer``, the mean patch token of one layer. Both splits are
+embedded with evaluation preprocessing and the model's normalisation; the features are cached under the output
+folder, keyed by the weights, layer, pooling and data. Under torchrun the images are shared out and the features
+gathered; rank 0 fits the probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "linear-probe and k-NN accuracy of a model's frozen features (built-in data or an image folder)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint, save_pretrained folder, cratevit preset or timm model name")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="digits, shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/",
+    )
+    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="folder of the torchvision sets")
+    p.add_argument("--layer", type=int, default=None, help="probe the mean patch token of this layer (-1: last)")
+    p.add_argument(
+        "--pool",
+        choices=("cls", "mean"),
+        default="mean",
+        help="CRATE-MAE final features: class token or mean patch token",
+    )
+    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(cos / T) (DINO: 0.07)")
+    p.add_argument(
+        "--l2",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="L2",
+        help="L2 strengths the linear probe chooses from (default 1e-6 ... 1e-1, six values)",
+    )
+    p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", "-j", type=int, default=0, help="data loading processes")
+    p.add_argument("--seed", type=int, default=0, help="weights of a preset or timm name (random init)")
+    p.add_argument("--timm-pretrained", action="store_true", help="download timm's pretrained weights")
+    p.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="folder for probe.jsonl and the feature cache (default: next to the checkpoint, else runs/probe-MODEL)",
+    )
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="always recompute the features")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+
+
+def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
+    """A cratevit model (file, folder, preset: random weights from ``seed``) or a timm model name, in eval mode."""
+    from pathlib import Path
+
+    import timm
+    import torch
+
+    from ..checkpoint import load_model
+    from ..errors import UserError
+    from ..presets import resolve_name
+
+    torch.manual_seed(seed)
+    try:
+        resolve_name(spec)
+        is_preset = True
+    except UserError:
+        is_preset = False
+    if Path(spec).exists() or is_preset or not timm.is_model(spec):
+        return load_model(spec).eval()  # its errors name what is wrong
+    return timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from ..analysis.probe import (
+        L2_GRID,
+        cached_features,
+        extract_features,
+        knn_classifier,
+        linear_probe,
+        probe_datasets,
+        topk_accuracy,
+    )
+    from ..train.distributed import cleanup, init_distributed
+
+    dist = init_distributed(args.device)
+    try:
+        model = load_probe_model(args.model, args.seed, args.timm_pretrained).to(dist.device)
+        pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        size = int(pcfg.get("input_size", (3, 224, 224))[-1])
+        mean, std = pcfg.get("mean", (0.485, 0.456, 0.406)), pcfg.get("std", (0.229, 0.224, 0.225))
+        train_ds, val_ds, data_key = probe_datasets(args.data, size, mean, std, args.data_dir, args.seed)
+        source = Path(args.model)
+        out = (
+            Path(args.output)
+            if args.output
+            else (
+                source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
+            )
+        )
+        t0 = time.perf_counter()
+        feats = {}
+        for split, ds in (("train", train_ds), ("val", val_ds)):
+
+            def compute(ds=ds):
+                return extract_features(model, ds, args.layer, args.pool, args.batch_size, dist.device, args.workers)
+
+            if args.cache:
+                f, y, hit = cached_features(
+                    out / "features", model, f"{data_key}:{split}", args.layer, args.pool, compute
+                )
+            else:
+                (f, y), hit = compute(), False
+            feats[split] = (f, y, hit)
+        t_features = time.perf_counter() - t0
+        if not dist.is_main:
+            return 0
+        (xf, xy, hit_train), (vf, vy, hit_val) = feats["train"], feats["val"]
+        t1 = time.perf_counter()
+        num_classes = int(max(xy.max(), vy.max())) + 1
+        knn = topk_accuracy(knn_classifier(xf, xy, vf, args.k, args.temperature, num_classes), vy)
+        t_knn = time.perf_counter() - t1
+        lin = linear_probe(xf, xy, vf, vy, l2_grid=tuple(args.l2 or L2_GRID), num_classes=num_classes)
+        t_lin = time.perf_counter() - t1 - t_knn
+        record = {
+            "model": args.model,
+            "data": args.data,
+            "layer": args.layer,
+            "pool": args.pool,
+            "features": list(xf.shape),
+            "val_images": len(vy),
+            "cached": hit_train and hit_val,
+            "knn": {"k": args.k, "temperature": args.temperature, "top1": knn[1], "top5": knn[5]},
+            "linear": lin.to_dict(),
+            "seconds": {"features": t_features, "knn": t_knn, "linear": t_lin},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "probe.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        where = "final features" if args.layer is None else f"layer {args.layer} (mean patch token)"
+        print(f"{args.model} on {args.data} ({where}, {xf.shape[1]}-d, {len(xy)} train / {len(vy)} val images):")
+        print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {knn[1]:.2f}%")
+        print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")
+        print(
+            f"  features {t_features:.1f} s{' (cached)' if record['cached'] else ''}, k-NN {t_knn:.1f} s, "
+            f"linear {t_lin:.1f} s; results appended to {out / 'probe.jsonl'}"
+        )
+        return 0
+    finally:
+        cleanup(dist)
