@@ -137,13 +137,28 @@ def _project_url() -> str | None:
     return urls[0].split(",", 1)[-1].strip() if urls else None
 
 
+def _shape_line(cfg: Any) -> str:
+    """``12 layers, width 384, 6 heads of 64, 16x16 patches at 224x224 px, `` from the fields a config has."""
+    parts = []
+    if hasattr(cfg, "depth") and hasattr(cfg, "dim"):
+        parts.append(f"{cfg.depth} layers, width {cfg.dim}")
+    if hasattr(cfg, "heads") and hasattr(cfg, "dim_head"):
+        parts.append(f"{cfg.heads} heads of {cfg.dim_head}")
+    if hasattr(cfg, "patch_size") and hasattr(cfg, "image_size"):
+        parts.append(f"{cfg.patch_size[0]}x{cfg.patch_size[1]} patches at {cfg.image_size[1]}x{cfg.image_size[0]} px")
+    return "".join(f"{p}, " for p in parts)
+
+
 def model_card(model: nn.Module) -> str:
     """The ``README.md`` of a ``save_pretrained`` folder: what the model is, how to load it and feed it, and
     where it comes from (the paper, the original code, this project)."""
     cfg, prep = model.config, _pretrained_cfg(model)
     n_params = sum(p.numel() for p in model.parameters())
     names = prep.get("label_names") or []
-    classes = f"{cfg.num_classes} classes" + (f": {', '.join(map(str, names))}" if 0 < len(names) <= 20 else "")
+    n_classes = int(getattr(cfg, "num_classes", 0) or 0)
+    classes = f"{n_classes} classes" + (f": {', '.join(map(str, names))}" if 0 < len(names) <= 20 else "")
+    family = family_for(model).name
+    what = {"crate": "a CRATE white-box vision transformer"}.get(family, f"a white-box transformer ({family})")
     project = _project_url()
     made_with = f"[cratevit]({project})" if project else "cratevit (`pip install cratevit`)"
     crop = prep.get("crop_pct", 1.0)
@@ -157,7 +172,7 @@ def model_card(model: nn.Module) -> str:
         "tags: [image-classification, timm, crate, white-box-transformer]",
         "---",
         "",
-        f"# {cfg.name or timm_name_for(cfg)}: a CRATE white-box vision transformer",
+        f"# {getattr(cfg, 'name', None) or family}: {what}",
         "",
         "CRATE (Coding RAte reduction TransformEr) is a white-box transformer: each layer is one step of an "
         "optimiser of the sparse rate reduction objective, a multi-head subspace self-attention (compression) "
@@ -166,9 +181,10 @@ def model_card(model: nn.Module) -> str:
         "",
         "## This model",
         "",
-        f"- {cfg.depth} layers, width {cfg.dim}, {cfg.heads} heads of {cfg.dim_head}, "
-        f"{cfg.patch_size[0]}x{cfg.patch_size[1]} patches at {size[1]}x{size[0]} px, {n_params:,} parameters",
-        f"- classifier: {classes} ({'class token' if cfg.pool == 'cls' else 'mean token'})",
+        f"- family {family}; {_shape_line(cfg)}{n_params:,} parameters",
+        f"- classifier: {classes} ({'class token' if getattr(cfg, 'pool', 'cls') == 'cls' else 'mean token'})"
+        if n_classes
+        else "- no classifier (an encoder / autoencoder)",
         f"- input: RGB, {resize} ({prep.get('interpolation', 'bilinear')}), mean {tuple(prep.get('mean', ()))}, "
         f"std {tuple(prep.get('std', ()))}",
         "",
