@@ -495,8 +495,6 @@ class Trainer:
         if cfg.batch_size % dist.world_size:
             raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
         self.local_batch = cfg.batch_size // dist.world_size
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         if cfg.amp == "fp16" and dist.device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
 
@@ -1004,6 +1002,8 @@ def train(
     threads = torch.get_num_threads()  # --threads applies to this run only
     try:
         trainer = Trainer(cfg, dist, resume=resume, evaluate_only=evaluate_only, resume_state=resume_state)
+        if trainer.cfg.threads:  # the recipe's thread count, for this run only (restored below)
+            torch.set_num_threads(trainer.cfg.threads)
         if evaluate_only:
             metrics = trainer.evaluate()
             if dist.is_main:
