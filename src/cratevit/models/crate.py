@@ -62,8 +62,28 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(x), int(x)
 
 
+class PatchGrid:
+    """The patch grid of a configuration with ``image_size``, ``patch_size`` and ``channels`` (every family's)."""
+
+    image_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    channels: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch_size[0] * self.patch_size[1]
+
+
 @dataclass
-class CRATEConfig:
+class CRATEConfig(PatchGrid):
     """Everything that defines a CRATE network; stored in every checkpoint so a file describes itself."""
 
     image_size: tuple[int, int] = (224, 224)
@@ -113,18 +133,6 @@ class CRATEConfig:
         for name in ("dim", "depth", "heads", "dim_head", "channels"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * self.patch_size[0] * self.patch_size[1]
 
     @property
     def inner_dim(self) -> int:
@@ -266,11 +274,12 @@ class DropPath(nn.Module):
 
 
 class ConvPatchEmbed(nn.Module):
-    """Patches by a strided convolution (= a linear map of each flattened patch), (b, c, H, W) -> (b, n, dim).
-    CRATE-MAE's patch embedding (``patch_embed="conv"``: a CRATE classifier fine-tuned from its encoder)."""
+    """Patches by a strided convolution with bias (= a linear map of each flattened patch), (b, c, H, W) -> (b, n, dim).
+    CRATE-alpha's and CRATE-MAE's patch embedding (``patch_embed="conv"``: a CRATE classifier from an MAE encoder)."""
 
     def __init__(self, patch_size: tuple[int, int], channels: int, dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .crate import CRATE, MSSA, CRATEConfig, CRATETrace, LayerTrace, geometry_cfg
+from .crate import CRATE, MSSA, ConvPatchEmbed, CRATEConfig, CRATETrace, LayerTrace, geometry_cfg
 
 __all__ = [
     "AlphaLayerTrace",
@@ -76,18 +76,6 @@ class CRATEAlphaConfig(CRATEConfig):
     def code_dim(self) -> int:
         """Width of the sparse code (number of dictionary atoms)."""
         return self.overcomplete * self.dim
-
-
-class ConvPatchEmbed(nn.Module):
-    """Non-overlapping patches through one strided convolution (with bias): (b, c, H, W) -> (b, n, dim)."""
-
-    def __init__(self, patch_size: tuple[int, int], channels: int, dim: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # b dim gh gw -> b (gh gw) dim
 
 
 class OvercompleteISTA(nn.Module):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .crate import CRATE, ISTA, MSSA, ConvPatchEmbed, CRATEConfig, LayerTrace, to_2tuple
+from .crate import CRATE, ISTA, MSSA, ConvPatchEmbed, CRATEConfig, LayerTrace, PatchGrid, to_2tuple
 
 __all__ = [
     "CRATEMAE",
@@ -65,7 +65,7 @@ __all__ = [
 
 
 @dataclass
-class CRATEMAEConfig:
+class CRATEMAEConfig(PatchGrid):
     """Everything that defines a CRATE-MAE network (stored in every checkpoint)."""
 
     image_size: tuple[int, int] = (224, 224)
@@ -102,18 +102,6 @@ class CRATEMAEConfig:
             raise UserError(f"dim must be a multiple of 4 for the 2-D sine-cosine embedding, got {self.dim}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * self.patch_size[0] * self.patch_size[1]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
