@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from cratevit import create_model, get_config
 from cratevit.checkpoint import to_reference_keys
 from cratevit.errors import UserError
-from cratevit.models import CRATE, CRATEAlpha, CRATEAlphaConfig, ReferenceCRATEAlpha, alpha_forward_flops, forward_flops
+from cratevit.models import CRATE, CRATEAlpha, CRATEAlphaConfig, ReferenceCRATEAlpha, forward_flops
 from cratevit.models.reference import ReferenceCRATE
 
 __all__ = [
@@ -217,10 +217,10 @@ def build_variant(name: str, opts: BenchOptions) -> tuple[nn.Module, int, bool]:
     """``(model, forward FLOPs per image, use a fused optimizer)`` for one row of the comparison."""
     if name in CRATE_VARIANTS:
         model, ref = _crate_pair(opts)
-        if isinstance(model, CRATEAlpha):  # both formulations make the same four dictionary products
-            flops = ref_flops = alpha_forward_flops(model.config)
-        else:
-            flops, ref_flops = forward_flops(model.config), forward_flops(model.config, ista_matmuls=3)
+        flops, ref_flops = (
+            forward_flops(model.config),
+            forward_flops(model.config, ista_matmuls=3),
+        )  # CRATE-alpha: equal
         if name == "reference":
             return ref, ref_flops, False
         if name == "cratevit+compile":

@@ -81,6 +81,13 @@ class PatchGrid:
     def patch_dim(self) -> int:
         return self.channels * self.patch_size[0] * self.patch_size[1]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
 
 @dataclass
 class CRATEConfig(PatchGrid):
@@ -138,12 +145,9 @@ class CRATEConfig(PatchGrid):
     def inner_dim(self) -> int:
         return self.heads * self.dim_head
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["patch_size"] = list(self.patch_size)
-        return d
+    def sparse_code_flops(self, n: int, ista_matmuls: int = 2) -> int:
+        """FLOPs of one layer's ISTA step on ``n`` tokens: 2 products here, 3 in the literal formulation."""
+        return ista_matmuls * 2 * n * self.dim * self.dim
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CRATEConfig":
@@ -690,7 +694,7 @@ def forward_flops(cfg: CRATEConfig, ista_matmuls: int = 2, image_size: tuple[int
     per_layer += 2 * 2 * cfg.heads * n * n * cfg.dim_head  # w w^T and attn @ w
     if not (cfg.heads == 1 and cfg.dim_head == cfg.dim):
         per_layer += 2 * n * cfg.inner_dim * cfg.dim  # output projection
-    per_layer += ista_matmuls * 2 * n * cfg.dim * cfg.dim  # ISTA
+    per_layer += cfg.sparse_code_flops(n, ista_matmuls)  # ISTA
     flops += cfg.depth * per_layer
     if cfg.head_hidden_dim:
         flops += 2 * cfg.dim * cfg.head_hidden_dim

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .crate import CRATE, MSSA, ConvPatchEmbed, CRATEConfig, CRATETrace, LayerTrace, geometry_cfg
+from .crate import CRATE, MSSA, ConvPatchEmbed, CRATEConfig, CRATETrace, LayerTrace, forward_flops, geometry_cfg
 
 __all__ = [
     "AlphaLayerTrace",
@@ -76,6 +76,11 @@ class CRATEAlphaConfig(CRATEConfig):
     def code_dim(self) -> int:
         """Width of the sparse code (number of dictionary atoms)."""
         return self.overcomplete * self.dim
+
+    def sparse_code_flops(self, n: int, ista_matmuls: int = 2) -> int:
+        """X D, A_1 D^T, (A_1 D^T) D and A_2 D_hat^T, each (n, d) x (d, 4d): the fast path and the literal
+        formulation make the same four products, so ``ista_matmuls`` (a CRATE notion) does not change them."""
+        return 4 * 2 * n * self.dim * self.code_dim
 
 
 class OvercompleteISTA(nn.Module):
@@ -204,17 +209,5 @@ class CRATEAlpha(CRATE):
 
 
 def alpha_forward_flops(cfg: CRATEAlphaConfig, image_size: tuple[int, int] | None = None) -> int:
-    """Analytic forward FLOPs per image of the matrix products (2 FLOPs per multiply-add); the fast path and the
-    literal formulation make the same products."""
-    h, w = image_size or cfg.image_size
-    n_patch = (h // cfg.patch_size[0]) * (w // cfg.patch_size[1])
-    n = n_patch + 1
-    flops = 2 * n_patch * cfg.patch_dim * cfg.dim  # patch convolution
-    per_layer = 2 * n * cfg.dim * cfg.inner_dim  # U^T x
-    per_layer += 2 * 2 * cfg.heads * n * n * cfg.dim_head  # w w^T and attn @ w
-    if not (cfg.heads == 1 and cfg.dim_head == cfg.dim):
-        per_layer += 2 * n * cfg.inner_dim * cfg.dim  # output projection
-    per_layer += 4 * 2 * n * cfg.dim * cfg.code_dim  # X D, A_1 D^T, (A_1 D^T) D, A_2 D_hat^T
-    flops += cfg.depth * per_layer
-    flops += 2 * (cfg.head_hidden_dim or cfg.dim) * max(cfg.num_classes, 0)
-    return flops
+    """Analytic forward FLOPs per image (:func:`forward_flops`, whose ISTA term is this config's four products)."""
+    return forward_flops(cfg, image_size=image_size)

@@ -31,7 +31,7 @@ This file imports torch only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -102,12 +102,6 @@ class CRATEMAEConfig(PatchGrid):
             raise UserError(f"dim must be a multiple of 4 for the 2-D sine-cosine embedding, got {self.dim}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["patch_size"] = list(self.patch_size)
-        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CRATEMAEConfig:
