@@ -83,28 +83,50 @@ def _register_with_timm() -> None:
     importlib.import_module("cratevit.interop.timm_models")  # registers every preset on import
 
 
-class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
-    """Registers the presets with timm right after timm's own import finishes, so that ``import cratevit`` does
-    not import timm (seconds: timm imports torchvision) and ``import cratevit, timm`` still finds the models."""
+def _attach_hub_methods() -> None:
+    importlib.import_module("cratevit.interop.hub")  # attaches the Hub methods to every family's class (light)
+
+
+def _attach_hub_methods_to_models() -> None:
+    # ``from cratevit.models import CRATE`` alone: attach now. When the registry's import is what loaded the
+    # models, it is still running: the registry's own hook attaches them once it has finished.
+    if "cratevit.registry" not in sys.modules:
+        _attach_hub_methods()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``action`` right after the module ``name`` finishes its own import. Two uses: the presets are
+    registered with timm when timm loads (``import cratevit`` does not import timm, which takes seconds, and
+    ``import cratevit, timm`` still finds the models); the Hub methods are attached when ``cratevit.models`` loads
+    (``from cratevit.models import CRATE; CRATE.from_pretrained`` works although models/ may not import upward)."""
+
+    def __init__(self, name: str, action: Any) -> None:
+        self.name, self.action = name, action
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "timm":
+        if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # once; and let the other finders locate timm
-        spec = importlib.util.find_spec("timm")
+        sys.meta_path.remove(self)  # once; and let the other finders locate the module
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_register(module: Any) -> None:
+        def exec_then_act(module: Any) -> None:
             exec_module(module)
-            _register_with_timm()
+            self.action()
 
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_then_act  # type: ignore[method-assign]
         return spec
 
 
-if "timm" in sys.modules:
-    _register_with_timm()
-elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenTimmLoads())
+def _after_import(name: str, action: Any) -> None:
+    if name in sys.modules:
+        action()
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, action))
+
+
+_after_import("timm", _register_with_timm)
+_after_import("cratevit.models", _attach_hub_methods_to_models)
+_after_import("cratevit.registry", _attach_hub_methods)

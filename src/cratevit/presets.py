@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .models import MAE_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig, geometry_cfg
+from .models import MAE_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
 from .registry import family_for, get_family
 
 __all__ = [
@@ -155,6 +155,21 @@ _vit("crate_nano", 96, 3, 6, patch=4, image=32, num_classes=10)
 _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
 _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
+# The emergence paper's ablations (Yu et al. 2023, arXiv 2308.16271, Table 2) and attention-only stacks: the same
+# backbone with the attention (MSSA | MHSA) and the second half (ISTA | MLP | none) chosen. Each at the digits scale
+# (crate_digits' sizes; `cratevit train --arch NAME`) and at the paper's base size with 8x8 patches.
+ABLATIONS: dict[str, tuple[str, str]] = {
+    "crate_mlp": ("mssa", "mlp"),  # CRATE-MLP: ISTA replaced by the ViT's MLP
+    "crate_mhsa": ("mhsa", "ista"),  # CRATE-MHSA: MSSA replaced by standard q/k/v attention
+    "vit_wb": ("mhsa", "mlp"),  # a ViT inside the white-box backbone (MHSA + MLP, timm's key names)
+    "crate_attn_only": ("mssa", "none"),  # MSSA layers alone
+    "vit_attn_only": ("mhsa", "none"),  # MHSA layers alone
+}
+for _stem, (_attention, _feedforward) in ABLATIONS.items():
+    _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attention=_attention,
+         feedforward=_feedforward)  # fmt: skip
+    _vit(f"{_stem}_base_patch8", 768, 12, 12, patch=8, attention=_attention, feedforward=_feedforward)
+
 
 # CRATE-alpha (Yang et al., 2024): the sizes of the paper at 224 px, 1000 classes; "_in21k": the ImageNet-21K
 # pre-training heads of the released files (19,167 classes, configs/crate/classification/pre_training_in21k.py).
@@ -289,7 +304,7 @@ def pretrained_cfg_for(config: Any, preprocessing: Preprocessing | Mapping[str, 
         preprocessing = preprocessing_for(config)
     prep = preprocessing.to_cfg() if isinstance(preprocessing, Preprocessing) else dict(preprocessing)
     return {
-        **geometry_cfg(config),
+        **family.pretrained_cfg(config),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()},
         **family.paper,
     }

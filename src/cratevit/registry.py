@@ -1,45 +1,41 @@
-"""Architecture families: what the rest of cratevit needs to know about each model file in :mod:`cratevit.models`.
-
-A family is one model class and its configuration class. Everything above this layer (checkpoint loading, timm
-and Hub interop, the engine, analysis) finds the class to build for a configuration or a preset here, never by
-importing a model file directly:
+"""Architecture families: the one place that lists them. Each model file in :mod:`cratevit.models` ends with its
+family record (:class:`cratevit.models.family.Family`: classes, card, license, pretrained_cfg geometry, timm
+keywords, activation memory, trace and code kinds, training objective); this module registers those records, and
+everything above this layer (checkpoint loading, timm and Hub interop, the engine, analysis) asks it, never a model
+file and never ``isinstance`` on a family's class (``tests/test_layers.py`` enforces the first).
 
 * presets (:mod:`cratevit.presets`) name their family;
 * checkpoint files record it (``"family"``; files without it are CRATE files), and :mod:`cratevit.checkpoint.keys`
   holds one key table per family;
-* ``trace`` names the model method that returns every layer's intermediates (:meth:`CRATE.forward_trace`).
+* ``trace`` names the model method that returns every layer's intermediates.
 
-Adding a family: a file in ``models/``, one :func:`register_family` call below, its key table in
-``checkpoint/keys.py`` and its presets in ``presets.py``.
+Adding a family: see ``docs/architecture.md`` ("Adding a family").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .errors import UserError
-from .models import CRATE, CRATEMAE, CRATEAlpha, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
+from .models import crate, crate_alpha, crate_mae
+from .models.family import Card, Family
 
-__all__ = ["Family", "families", "family_for", "get_family", "is_family_model", "register_family", "trace_method"]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One architecture family."""
-
-    name: str  # recorded in checkpoints and presets ("crate")
-    model_cls: type[nn.Module]  # built as model_cls(config=config)
-    config_cls: type  # a dataclass with to_dict() / from_dict() / replace() and a ``name`` field
-    description: str
-    trace: str | None = "forward_trace"  # method returning per-layer intermediates (None: the family has none)
-    classifier: bool = True  # an image classifier (timm registration, the model contract); False: e.g. an autoencoder
-    paper: dict[str, Any] = field(default_factory=dict)  # timm's pretrained_cfg paper fields
-
-    def build(self, config: Any) -> nn.Module:
-        return self.model_cls(config=config)
+__all__ = [
+    "Card",
+    "Family",
+    "code_kind",
+    "families",
+    "family_for",
+    "get_family",
+    "is_autoencoder",
+    "is_family_model",
+    "objective",
+    "register_family",
+    "to_classifier",
+    "trace_method",
+]
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -89,48 +85,30 @@ def family_for(obj: Any) -> Family:
     raise UserError(f"{type(obj).__name__} belongs to no registered architecture family ({', '.join(_FAMILIES)})")
 
 
-register_family(
-    Family(
-        name="crate",
-        model_cls=CRATE,
-        config_cls=CRATEConfig,
-        description="CRATE: white-box transformer via sparse rate reduction (Yu et al., NeurIPS 2023)",
-        paper={
-            "license": "mit",
-            "paper_name": "White-Box Transformers via Sparse Rate Reduction",
-            "paper_ids": "arXiv:2306.01129",
-            "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
-        },
-    )
-)
+def objective(obj: Any) -> str:
+    """What a model (or configuration) of this family trains with: ``"classification"`` or
+    ``"masked_autoencoding"`` (the training engine's question)."""
+    return family_for(obj).objective
 
-register_family(
-    Family(
-        name="crate_alpha",
-        model_cls=CRATEAlpha,
-        config_cls=CRATEAlphaConfig,
-        description="CRATE-alpha: overcomplete two-step ISTA with a decoupled decoder (Yang et al., NeurIPS 2024)",
-        paper={
-            "license": "apache-2.0",
-            "paper_name": "Scaling White-Box Transformers for Vision",
-            "paper_ids": "arXiv:2405.20299",
-            "origin_url": "https://github.com/UCSC-VLAA/CRATE-alpha",
-        },
-    )
-)
 
-register_family(
-    Family(
-        name="crate_mae",
-        model_cls=CRATEMAE,
-        config_cls=CRATEMAEConfig,
-        description="CRATE-MAE: white-box masked autoencoder (Pai et al., ICLR 2024)",
-        classifier=False,
-        paper={
-            "license": "mit",
-            "paper_name": "Masked Completion via Structured Diffusion with White-Box Transformers",
-            "paper_ids": "https://openreview.net/forum?id=PvyOYleymy",
-            "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
-        },
-    )
-)
+def is_autoencoder(model: nn.Module) -> bool:
+    """Whether the model is a masked autoencoder of a registered family (an encoder and a decoder)."""
+    return is_family_model(model) and family_for(model).objective == "masked_autoencoding"
+
+
+def to_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """A classifier built from an autoencoder's encoder (its family's conversion), for fine-tuning."""
+    family = family_for(model)
+    if family.to_classifier is None:
+        raise UserError(f"{family.name} models have no encoder to turn into a classifier")
+    return family.to_classifier(model, num_classes)
+
+
+def code_kind(model: nn.Module) -> str | None:
+    """Where the model's sparse code is: ``"output"`` (the layer's output, CRATE's ISTA), ``"trace"``
+    (``LayerTrace.code``, CRATE-alpha's ``A_2``) or None (no ISTA step: MLP or attention-only ablations)."""
+    return family_for(model).code_kind(model.config)
+
+
+for _record in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY):
+    register_family(_record)

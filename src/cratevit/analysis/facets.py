@@ -40,9 +40,14 @@ def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "k
     """Patch features (b, rows, cols, dim) of ``facet`` at ``layer`` for a CRATE or a timm ViT; ``decoder``: a
     CRATE-MAE's decoder layer (``key``: its MSSA input ``U_k^T LN(Z^{l+1/2})``, ``attn``: ``Z^{l+1/2} = LN(Z^l) D^T``,
     ``token``: its output)."""
-    from ..registry import is_family_model, trace_method
+    from ..registry import code_kind, is_family_model, trace_method
 
     _check_facet(facet)
+    if facet == "code" and is_family_model(model) and not decoder and code_kind(model) is None:
+        raise UserError(
+            f"this {model.config.variant} model has no sparse code (its layers have no ISTA step); "
+            "use the key, attn or token facet"
+        )
     if decoder and not hasattr(model, "decoder_blocks"):
         raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
     if decoder:

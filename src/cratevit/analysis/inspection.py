@@ -37,8 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.crate_alpha import CRATEAlphaBlock
-from ..registry import family_for, is_family_model, trace_method
+from ..registry import code_kind, family_for, is_family_model, trace_method
 from .facets import paper_pca
 from .layerwise import compression, sparsity
 from .segprotocols import keep_top
@@ -186,15 +185,14 @@ class WhiteBoxFamily:
         return len(model.blocks)
 
     @staticmethod
-    def _record(t: Any) -> LayerRecord:
+    def _record(t: Any, kind: str | None = "output") -> LayerRecord:
+        """One layer's record; ``kind`` is where the family keeps the code (:func:`cratevit.registry.code_kind`:
+        the output, the trace's ``code``, or None: no code facet)."""
         b, h, n, p = t.proj.shape
+        facets = {"token": t.z_out, "key": t.proj.transpose(1, 2).reshape(b, n, h * p), "attn": t.z_half}
         code = getattr(t, "code", None)
-        facets = {
-            "token": t.z_out,
-            "key": t.proj.transpose(1, 2).reshape(b, n, h * p),
-            "attn": t.z_half,
-            "code": t.z_out if code is None else code,
-        }
+        if kind is not None:
+            facets["code"] = t.z_out if code is None else code
         return LayerRecord(attn=t.attn, facets=facets, heads_key=t.proj, z_in=t.z_in, z_half=t.z_half)
 
     @staticmethod
@@ -206,7 +204,8 @@ class WhiteBoxFamily:
     def inspect(self, model: nn.Module, x: Tensor) -> Inspection:
         trace = trace_method(model)(x)
         traces = trace.layers if hasattr(trace, "layers") else trace.encoder  # an autoencoder: its encoder
-        layers = [self._record(t) for t in traces]
+        kind = code_kind(model)
+        layers = [self._record(t, kind) for t in traces]
         features = trace.features if hasattr(trace, "features") else traces[-1].z_out
         logits = self._logits(model, features)
         return Inspection(family_for(model).name, layers, logits, tuple(trace.grid_size), 1)
@@ -217,9 +216,17 @@ class WhiteBoxFamily:
         blocks = model.blocks
         record = before.layer(layer)
         block = blocks[layer]
+        if "code" not in record.facets:
+            raise UserError(
+                f"this {getattr(model.config, 'variant', family_for(model).name)} model has no sparse code (no ISTA "
+                "step); atoms and interventions need a layer with one"
+            )
         editor = next((fn for cls, fn in _CODE_EDITORS.items() if isinstance(block, cls)), None)
-        if editor is not None:  # the family's function: edited code -> the layer's output
+        family_editor = family_for(model).code_editor
+        if editor is not None:  # a registered function: edited code -> the layer's output
             z = editor(block, record, edit(record.facets["code"].clone()))
+        elif family_editor is not None:  # the family record's editor (CRATE-alpha: decode onto the residual)
+            z = family_editor(block, record.z_half, edit(record.facets["code"].clone()))
         elif record.facets["code"] is record.facets["token"]:  # the code is the layer's output: edit it directly
             z = edit(record.facets["code"].clone())
         elif "code_edit" in _pyinspect.signature(block.trace).parameters:  # the block's own hook
@@ -232,7 +239,7 @@ class WhiteBoxFamily:
         after = []
         for blk in blocks[layer + 1 :]:
             z, t = blk.trace(z)
-            after.append(self._record(t))
+            after.append(self._record(t, code_kind(model)))
         return after, self._logits(model, z)
 
 
@@ -315,7 +322,16 @@ class TimmViTFamily:
         raise UserError("a timm ViT has no sparse code; atoms and interventions need a white-box model")
 
 
+class WhiteBoxFamilyWithoutCode(WhiteBoxFamily):
+    """A white-box backbone whose layers have no ISTA step (CRATE-MLP, ViT, attention-only ablations): attention,
+    the ``token``, ``key`` and ``attn`` facets and ``R^c``; no code, so no atoms or interventions."""
+
+    facets = ("token", "key", "attn")
+    has_code = False
+
+
 _FAMILIES: list[Family] = [WhiteBoxFamily(), TimmViTFamily()]
+_WHITE_BOX_WITHOUT_CODE = WhiteBoxFamilyWithoutCode()
 _CODE_EDITORS: dict[type, Callable[[nn.Module, LayerRecord, Tensor], Tensor]] = {}
 
 
@@ -323,10 +339,6 @@ def register_code_editor(block_cls: type, editor: Callable[[nn.Module, LayerReco
     """How blocks of ``block_cls`` turn an edited sparse code back into the layer's output:
     ``editor(block, record, code) -> Z^{l+1}`` (for families whose code is internal to the block)."""
     _CODE_EDITORS[block_cls] = editor
-
-
-# CRATE-alpha: Z^{l+1} = Z^{l+1/2} + A_2 D_hat^T, its sparse code A_2 decoded onto the residual.
-register_code_editor(CRATEAlphaBlock, lambda block, record, code: block.ista.decode(code, record.z_half))
 
 
 def register_family(family: Family) -> Family:
@@ -338,6 +350,8 @@ def register_family(family: Family) -> Family:
 def family_of(model: nn.Module) -> Family:
     for family in _FAMILIES:
         if family.matches(model):
+            if isinstance(family, WhiteBoxFamily) and code_kind(model) is None:
+                return _WHITE_BOX_WITHOUT_CODE  # an ablation without ISTA: no atoms, no interventions
             return family
     raise UserError(
         f"cannot look inside a {type(model).__name__}: expected a CRATE-family model (forward_trace) or a timm "

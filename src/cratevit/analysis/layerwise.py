@@ -34,9 +34,8 @@ from torch import Tensor
 from ..checkpoint import load_model as _load_model
 from ..checkpoint import stored_preprocessing
 from ..errors import UserError
-from ..models import CRATE, CRATEMAE
 from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, data_preprocessing, get_config, preprocessing_for
-from ..registry import trace_method
+from ..registry import is_autoencoder, trace_method
 
 __all__ = [
     "MAE_DECODER_DEFINITIONS",
@@ -183,7 +182,7 @@ MAE_DECODER_DEFINITIONS = MappingProxyType(
 
 @torch.no_grad()
 def layerwise_stats(
-    model: CRATE | CRATEMAE,
+    model: torch.nn.Module,
     images: Tensor | Iterable[Tensor],
     batch_size: int = 32,
     eps: float = EPS,
@@ -192,7 +191,7 @@ def layerwise_stats(
     """Figure 3's measurements for every layer of ``model`` over ``images`` ((N, C, H, W) or an iterable of
     batches). For a CRATE-MAE (unmasked images), ``part`` picks the encoder (CRATE's measures) or the decoder
     (:data:`MAE_DECODER_DEFINITIONS`: the compression its MSSA step undoes, and the sparsity of its outputs)."""
-    if part not in ("encoder", "decoder") or (part == "decoder" and not isinstance(model, CRATEMAE)):
+    if part not in ("encoder", "decoder") or (part == "decoder" and not is_autoencoder(model)):
         raise UserError(f"part must be 'encoder' (any model) or 'decoder' (a CRATE-MAE), got {part!r}")
     was_training = model.training
     model.eval()
@@ -200,7 +199,7 @@ def layerwise_stats(
     rc_in, rc_half, sparse, code = [], [], [], []
     try:
         for batch in batches:
-            if isinstance(model, CRATEMAE):
+            if is_autoencoder(model):
                 trace = model.forward_trace(batch)
                 layers, blocks = (
                     (trace.encoder, model.blocks) if part == "encoder" else (trace.decoder, model.decoder_blocks)
@@ -216,7 +215,7 @@ def layerwise_stats(
                 )
             )
             sparse.append(torch.stack([sparsity(t.z_out) for t in layers], dim=1))
-            if all(hasattr(t, "code") for t in layers):
+            if all(getattr(t, "code", None) is not None for t in layers):
                 code.append(torch.stack([sparsity(t.code) for t in layers], dim=1))
     finally:
         model.train(was_training)
@@ -237,11 +236,14 @@ def _project_decoder(block: torch.nn.Module, z: Tensor) -> Tensor:
 
 
 def _project(block: torch.nn.Module, z: Tensor) -> Tensor:
-    """``U_k^T LN1(z)`` with a block's own LayerNorm and subspaces: (b, n, dim) -> (b, heads, n, dim_head)."""
-    return block.mssa.project(block.norm1(z))
+    """``U_k^T LN1(z)`` with a block's own LayerNorm and subspaces: (b, n, dim) -> (b, heads, n, dim_head) (an MHSA
+    block's keys)."""
+    return block.project(z)
 
 
-def load_model(spec: str | Path, arch: str | None = None, heads: int | None = None, **overrides: Any) -> CRATE:
+def load_model(
+    spec: str | Path, arch: str | None = None, heads: int | None = None, **overrides: Any
+) -> torch.nn.Module:
     """A checkpoint file (``arch``: its preset, if the file does not record it), a ``save_pretrained`` folder, or
     a preset name (random weights): :func:`cratevit.checkpoint.load_model`. A missing file gets a clear error."""
     return _load_model(spec, arch=arch, heads=heads, **overrides)

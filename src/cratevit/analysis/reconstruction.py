@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor
-
-from ..models.crate_mae import CRATEMAE
+from torch import Tensor, nn
 
 __all__ = ["Reconstruction", "reconstruct", "reconstruction_figure"]
 
@@ -37,7 +35,7 @@ class Reconstruction:
 
 @torch.no_grad()
 def reconstruct(
-    model: CRATEMAE,
+    model: nn.Module,
     images: Tensor,
     mean: Sequence[float],
     std: Sequence[float],

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_file, load_model
 from ..errors import CheckpointError, UserError
-from ..models import CRATEMAE
 from ..presets import IMAGENET_MEAN, IMAGENET_STD
-from ..registry import is_family_model, trace_method
+from ..registry import is_autoencoder, is_family_model, trace_method
 from .images import load_image, prepare
 from .visualize import cls_attention, first_component_foreground, mass_mask, upsample
 
@@ -91,7 +90,7 @@ def _timm_attention(model: nn.Module, x: Tensor, layer: int) -> Tensor:
 
 
 @torch.no_grad()
-def _mae_layer(model: CRATEMAE, x: Tensor, layer: int, decoder: bool) -> Any:
+def _mae_layer(model: nn.Module, x: Tensor, layer: int, decoder: bool) -> Any:
     """One layer's trace of a CRATE-MAE on unmasked images: the encoder's, or with ``decoder`` the decoder's."""
     trace = model.forward_trace(x, encoder_layers=[] if decoder else [layer], decoder_layers=[layer] if decoder else [])
     return (trace.decoder if decoder else trace.encoder)[0], trace.grid_size
@@ -101,7 +100,7 @@ def _mae_layer(model: CRATEMAE, x: Tensor, layer: int, decoder: bool) -> Any:
 def attention_maps(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> Tensor:
     """The class token's attention to every patch at ``layer``: (b, heads, rows, cols). ``decoder``: a CRATE-MAE's
     decoder layer instead of its encoder layer."""
-    if isinstance(model, CRATEMAE):
+    if is_autoencoder(model):
         t, grid = _mae_layer(model, x, layer, decoder)
         return cls_attention(t.attn, grid)
     if decoder:
@@ -119,7 +118,7 @@ def attention_maps(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool =
 def patch_features(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> Tensor:
     """Patch-token outputs of ``layer`` (for CRATE the ISTA output ``Z^{l+1}``): (b, rows, cols, dim).
     ``decoder``: a CRATE-MAE's decoder layer instead of its encoder layer."""
-    if isinstance(model, CRATEMAE):
+    if is_autoencoder(model):
         t, grid = _mae_layer(model, x, layer, decoder)
         return t.z_out[:, 1:].reshape(t.z_out.shape[0], *grid, t.z_out.shape[-1])
     if decoder:

@@ -122,10 +122,6 @@ def hub_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-PAPER_URL = "https://arxiv.org/abs/2306.01129"
-ORIGINAL_CODE_URL = "https://github.com/Ma-Lab-Berkeley/CRATE"
-
-
 def _project_url() -> str | None:
     """This project's address as its package metadata declares it (``[project.urls]``), if it does."""
     from importlib.metadata import PackageNotFoundError, metadata
@@ -157,27 +153,34 @@ def model_card(model: nn.Module) -> str:
     names = prep.get("label_names") or []
     n_classes = int(getattr(cfg, "num_classes", 0) or 0)
     classes = f"{n_classes} classes" + (f": {', '.join(map(str, names))}" if 0 < len(names) <= 20 else "")
-    family = family_for(model).name
-    what = {"crate": "a CRATE white-box vision transformer"}.get(family, f"a white-box transformer ({family})")
+    record = family_for(model)
+    family, card = record.name, record.card
     project = _project_url()
     made_with = f"[cratevit]({project})" if project else "cratevit (`pip install cratevit`)"
     crop = prep.get("crop_pct", 1.0)
     size = cfg.image_size
     resize = f"Resize({int(size[0] / crop)}) + CenterCrop({size[0]})" if crop < 1 else f"resize to {size[1]}x{size[0]}"
+    license_id = card.license if card else record.paper.get("license", "other")
+    pipeline = card.pipeline_tag if card else "image-classification"
+    tags = card.tags if card else ("vision", "white-box")
+    loader = card.loader if card else record.model_cls.__name__
+    paper = record.paper
+    source = (
+        f" Paper: [{paper['paper_name']}]({card.paper_url}); original code: <{paper['origin_url']}>."
+        if card and "paper_name" in paper and "origin_url" in paper
+        else ""
+    )
     lines = [
         "---",
         "library_name: cratevit",
-        "license: mit",
-        "pipeline_tag: image-classification",
-        "tags: [image-classification, timm, crate, white-box-transformer]",
+        f"license: {license_id}",
+        f"pipeline_tag: {pipeline}",
+        f"tags: [{', '.join(tags)}]",
         "---",
         "",
-        f"# {getattr(cfg, 'name', None) or family}: {what}",
+        f"# {getattr(cfg, 'name', None) or family}: {card.title if card else record.description}",
         "",
-        "CRATE (Coding RAte reduction TransformEr) is a white-box transformer: each layer is one step of an "
-        "optimiser of the sparse rate reduction objective, a multi-head subspace self-attention (compression) "
-        f"followed by one ISTA step (sparsification). Paper: [White-Box Transformers via Sparse Rate Reduction]"
-        f"({PAPER_URL}) (Yu et al., NeurIPS 2023); original code: <{ORIGINAL_CODE_URL}>.",
+        (card.blurb if card else record.description) + source,
         "",
         "## This model",
         "",
@@ -191,14 +194,21 @@ def model_card(model: nn.Module) -> str:
         "## Use",
         "",
         "```python",
-        "from cratevit import CRATE",
-        'model = CRATE.from_pretrained("THIS_FOLDER_OR_HUB_ID")   # eval mode, weights loaded strictly',
+        f"from cratevit.models import {loader}",
+        f'model = {loader}.from_pretrained("THIS_FOLDER_OR_HUB_ID")   # eval mode, weights loaded strictly',
         "",
-        "import cratevit, timm                                    # or through timm",
-        'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
-        "```",
-        "",
-        "`cratevit predict THIS_FOLDER IMAGE...` prints the top-5 classes of images.",
+        *(
+            [
+                "",
+                "import cratevit, timm                                    # or through timm",
+                'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
+                "```",
+                "",
+                "`cratevit predict THIS_FOLDER IMAGE...` prints the top-5 classes of images.",
+            ]
+            if record.classifier
+            else ["```"]
+        ),
         "",
         f"Made with {made_with}, version {__version__}.",
     ]

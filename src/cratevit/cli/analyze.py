@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import layerwise_stats, load_model
     from ..analysis.layerwise import MAE_DECODER_DEFINITIONS
     from ..analysis.visualize import layerwise_figure, save_figure
-    from ..models import CRATEMAE
+    from ..registry import is_autoencoder
 
     torch.manual_seed(args.seed)
     models = [(spec, load_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         label = "random init" if spec == "random init" else _label(spec, used)
         images, what = load_images(args, model, args.models[0] if spec == "random init" else spec)
         # a CRATE-MAE: its encoder and its decoder as two series (unmasked images)
-        parts = ("encoder", "decoder") if isinstance(model, CRATEMAE) else ("encoder",)
+        parts = ("encoder", "decoder") if is_autoencoder(model) else ("encoder",)
         for part in parts:
             name = f"{label} {part}" if len(parts) > 1 else label
             stats = layerwise_stats(model, images, batch_size=args.batch_size, eps=args.eps, part=part)

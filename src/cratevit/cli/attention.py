@@ -132,12 +132,11 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
     sizes; a timm ViT (a ``cratevit train --arch vit_...`` checkpoint) gets its training size (``--resize model``)."""
     from ..analysis.segmentation import load_vision_model
     from ..errors import UserError
-    from ..models import CRATEMAE
-    from ..registry import is_family_model
+    from ..registry import is_autoencoder, is_family_model
 
     spec, files = split_inputs(args)
     model = load_vision_model(spec, arch=args.arch, heads=args.heads).eval()
-    if isinstance(model, CRATEMAE):  # a fixed sine-cosine table: the training size
+    if is_autoencoder(model):  # a fixed sine-cosine table: the training size
         if args.resize != "model":
             print(f"{spec}: a CRATE-MAE; images are resized to its training size (--resize model)")
         args.resize = "model"

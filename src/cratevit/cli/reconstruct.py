@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.visualize import save_figure
     from ..checkpoint import load_model
     from ..errors import UserError
-    from ..models.crate_mae import CRATEMAE
+    from ..registry import is_autoencoder
     from ..train.distributed import pick_device
 
     model = load_model(args.checkpoint)
-    if not isinstance(model, CRATEMAE):
+    if not is_autoencoder(model):
         raise UserError(
             f"{args.checkpoint} holds a {type(model).__name__}, not a CRATE-MAE; pass a checkpoint "
             f"written by cratevit pretrain or the official CRATE-MAE release"

@@ -27,34 +27,35 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import load_folder, save_folder
 from ..checkpoint.read import CONFIG_NAME, WEIGHTS_NAME
-from ..registry import families
+from ..registry import families, family_for, get_family
 
 __all__ = ["attach_hub_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
 
-PAPER_URL = "https://arxiv.org/abs/2306.01129"
-REPO_URL = "https://github.com/Ma-Lab-Berkeley/CRATE"
-
 
 @cache
-def _adapter_class() -> type:
-    """huggingface_hub's mixin around a model held by composition (built on first use)."""
+def _adapter_class(family: str = "crate") -> type:
+    """huggingface_hub's mixin around a model held by composition (built on first use, one per family: the Hub
+    metadata comes from the family's card)."""
     from huggingface_hub import PyTorchModelHubMixin
+
+    card = get_family(family).card
 
     class HubAdapter(
         PyTorchModelHubMixin,
         library_name="cratevit",
-        license="mit",
-        pipeline_tag="image-classification",
-        paper_url=PAPER_URL,
-        repo_url=REPO_URL,
-        tags=["image-classification", "timm", "crate", "white-box-transformer"],
+        license=card.license if card else None,
+        pipeline_tag=card.pipeline_tag if card else None,
+        paper_url=card.paper_url if card else None,
+        repo_url=get_family(family).paper.get("origin_url"),
+        tags=list(card.tags) if card else None,
     ):
         def __init__(self, model: nn.Module | None = None) -> None:
             self.model = model
 
         def _save_pretrained(self, save_directory: Path) -> None:
+            from ..checkpoint import save_folder
+
             save_folder(self.model, save_directory)
 
         @classmethod
@@ -79,6 +80,8 @@ def _adapter_class() -> type:
             model_kwargs.pop("strict", None)  # PyTorchModelHubMixin's option; loading here is always strict
             overrides = {k: v for k, v in model_kwargs.items() if not (k in config and config[k] == v)}
             weights = _weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
+            from ..checkpoint import load_folder
+
             model = load_folder(model_id, config=config, weights=weights, **overrides)
             return model.to(map_location).eval()
 
@@ -116,12 +119,12 @@ def _weights_file(
 def save_pretrained(model: nn.Module, save_directory: str | Path, **kwargs: Any) -> Any:
     """Write ``config.json``, ``model.safetensors`` and a model card into ``save_directory`` (huggingface_hub's
     ``save_pretrained`` options, e.g. ``push_to_hub=True, repo_id=...``, are accepted)."""
-    return _adapter_class()(model).save_pretrained(save_directory, **kwargs)
+    return _adapter_class(family_for(model).name)(model).save_pretrained(save_directory, **kwargs)
 
 
 def push_to_hub(model: nn.Module, repo_id: str, **kwargs: Any) -> Any:
     """Upload the model as a ``save_pretrained`` folder to the Hub repository ``repo_id``."""
-    return _adapter_class()(model).push_to_hub(repo_id, **kwargs)
+    return _adapter_class(family_for(model).name)(model).push_to_hub(repo_id, **kwargs)
 
 
 def from_pretrained(pretrained_model_name_or_path: str | Path, **kwargs: Any) -> nn.Module:

@@ -1,14 +1,25 @@
-"""The architectures: one file per family, each importing torch alone (no I/O, no hub, no timm).
+"""The architectures: shared blocks, one backbone, one file per family, each importing torch alone (no I/O, no hub,
+no timm).
 
-* :mod:`.crate`: CRATE (Yu et al., NeurIPS 2023), the fast formulation;
+* :mod:`.blocks`: patch embeddings, MSSA, MHSA, ISTA (CRATE's, CRATE-alpha's overcomplete), MLP, DropPath, the
+  composed :class:`WhiteBoxBlock` and its :class:`LayerTrace`;
+* :mod:`.backbone`: :class:`WhiteBoxBackbone` (embedding, block loop, trace, pooling, head, timm's contract);
+* :mod:`.crate`: CRATE (Yu et al., NeurIPS 2023) and the emergence paper's ablations (CRATE-MLP, CRATE-MHSA, ViT,
+  attention-only) as configurations;
 * :mod:`.reference`: the literal reference formulation of CRATE (tests and benchmarks compare against it);
 * :mod:`.crate_alpha`: CRATE-alpha (Yang et al., 2024): overcomplete two-step ISTA, decoupled decoder, residual;
 * :mod:`.crate_mae`: CRATE-MAE (Pai et al., ICLR 2024), the white-box masked autoencoder;
-* :mod:`.reference_alpha`: the literal formulation of CRATE-alpha, in the official release's module names.
+* :mod:`.reference_alpha`: the literal formulation of CRATE-alpha, in the official release's module names;
+* :mod:`.family`: the record each model file ends with (``FAMILY``), registered by :mod:`cratevit.registry`.
 
-A family is registered (model class, config class, key table, trace method) in :mod:`cratevit.registry`.
+Hub methods (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) are attached to every family's class by
+:mod:`cratevit.interop.hub`, which this package may not import (layers run downwards). Importing
+``cratevit.models`` imports the package ``cratevit`` first, whose import hook runs ``cratevit.interop.hub`` right
+after this package has loaded; so ``from cratevit.models import CRATE`` always finds them.
 """
 
+from .backbone import BackboneConfig, WhiteBoxBackbone, WhiteBoxTrace
+from .blocks import MHSA, MLP, OvercompleteISTA, WhiteBoxBlock
 from .crate import (
     CRATE,
     ISTA,
@@ -32,8 +43,11 @@ __all__ = [
     "CRATEMAE",
     "ISTA",
     "MAE_PRESETS",
+    "MHSA",
+    "MLP",
     "MSSA",
     "AlphaLayerTrace",
+    "BackboneConfig",
     "CRATEAlpha",
     "CRATEAlphaConfig",
     "CRATEBlock",
@@ -42,9 +56,13 @@ __all__ = [
     "CRATEMAETrace",
     "CRATETrace",
     "LayerTrace",
+    "OvercompleteISTA",
     "PatchEmbed",
     "ReferenceCRATE",
     "ReferenceCRATEAlpha",
+    "WhiteBoxBackbone",
+    "WhiteBoxBlock",
+    "WhiteBoxTrace",
     "alpha_forward_flops",
     "forward_flops",
     "geometry_cfg",

@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .crate import CRATE, ISTA, MSSA, ConvPatchEmbed, CRATEConfig, LayerTrace, PatchGrid, to_2tuple
+from .backbone import PatchGrid, to_2tuple
+from .blocks import MSSA, ConvPatchEmbed, LayerTrace, WhiteBoxBlock
+from .crate import CRATE, CRATEConfig
+from .family import Card, Family
 
 __all__ = [
     "CRATEMAE",
@@ -212,26 +215,11 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------------- modules
-class EncoderBlock(nn.Module):
+class EncoderBlock(WhiteBoxBlock):
     """A CRATE layer: ``z_half = z + MSSA(LN1(z))``; ``z_next = ISTA(LN2(z_half))``."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, step_size: float, lambd: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mssa = MSSA(dim, heads, dim_head)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ista = ISTA(dim, step_size, lambd)
-
-    def forward(self, z: Tensor) -> Tensor:
-        z_half = z + self.mssa(self.norm1(z))
-        return self.ista(self.norm2(z_half))
-
-    def trace(self, z: Tensor) -> tuple[Tensor, LayerTrace]:
-        proj = self.mssa.project(self.norm1(z))
-        out, attn = self.mssa.attend(proj)
-        z_half = z + self.mssa.out_proj(out.transpose(1, 2).flatten(2))
-        z_next = self.ista(self.norm2(z_half))
-        return z_next, LayerTrace(z_in=z, proj=proj, attn=attn, z_half=z_half, z_out=z_next)
+        super().__init__(dim, heads, dim_head, "mssa", "ista", step_size=step_size, lambd=lambd)
 
 
 class DecoderBlock(nn.Module):
@@ -252,9 +240,8 @@ class DecoderBlock(nn.Module):
     def trace(self, z: Tensor) -> tuple[Tensor, LayerTrace]:
         """The same step with its intermediates; here ``proj`` is ``U_k^T LN(Z^{l+1/2})`` (the MSSA input)."""
         z_half = F.linear(self.norm1(z), self.dictionary)
-        proj = self.mssa.project(self.norm2(z_half))
-        out, attn = self.mssa.attend(proj)
-        z_next = z_half - self.mssa.out_proj(out.transpose(1, 2).flatten(2))
+        out, proj, attn = self.mssa.trace(self.norm2(z_half))
+        z_next = z_half - out
         return z_next, LayerTrace(z_in=z, proj=proj, attn=attn, z_half=z_half, z_out=z_next)
 
 
@@ -548,3 +535,33 @@ def mae_crate_base(**overrides: Any) -> CRATEMAE:
 def mae_crate_large(**overrides: Any) -> CRATEMAE:
     """1024 wide, 24 + 24 layers, 16 heads of 64."""
     return _build("mae_crate_large", **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- the family record
+FAMILY = Family(
+    name="crate_mae",
+    model_cls=CRATEMAE,
+    config_cls=CRATEMAEConfig,
+    description="CRATE-MAE: white-box masked autoencoder (Pai et al., ICLR 2024)",
+    classifier=False,
+    objective="masked_autoencoding",
+    paper={
+        "license": "mit",
+        "paper_name": "Masked Completion via Structured Diffusion with White-Box Transformers",
+        "paper_ids": "https://openreview.net/forum?id=PvyOYleymy",
+        "origin_url": "https://github.com/Ma-Lab-Berkeley/CRATE",
+    },
+    card=Card(
+        title="a CRATE-MAE white-box masked autoencoder",
+        paper_url="https://openreview.net/forum?id=PvyOYleymy",
+        blurb="CRATE-MAE, a white-box masked autoencoder: a CRATE encoder and a decoder that runs each layer's steps "
+        "backwards, trained to complete masked patches.",
+        license="mit",
+        pipeline_tag="image-feature-extraction",
+        tags=("masked-autoencoder", "vision", "white-box", "crate", "crate-mae"),
+        loader="CRATEMAE",
+    ),
+    code_kind=lambda cfg: "output",
+    pretrained_cfg=mae_geometry_cfg,
+    to_classifier=crate_classifier_from_mae,
+)

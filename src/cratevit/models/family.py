@@ -1,0 +1,99 @@
+"""The record a family keeps next to its model: everything the rest of cratevit asks of an architecture.
+
+Each model file ends with one :class:`Family`; :mod:`cratevit.registry` only registers them, and every consumer
+(checkpoint reading and writing, timm and Hub interop, the training engine, analysis) asks the registry, never a
+model class. The record is torch-only data and functions of a configuration or a model:
+
+* identity: ``name`` (recorded in checkpoints and presets), ``model_cls`` built as ``model_cls(config=cfg)``,
+  ``config_cls`` (a dataclass with ``to_dict`` / ``from_dict`` / ``replace`` and a ``name`` field);
+* what it does: ``objective`` (``"classification"`` or ``"masked_autoencoding"``: what the engine trains),
+  ``classifier`` (an image classifier: timm registration and its model contract), ``trace`` (the method returning
+  every layer's intermediates, or None), ``code_kind`` (where the sparse code of a layer is: see
+  :meth:`Family.code_of`), ``code_editor`` (edited code -> the layer's output, for interventions);
+* the card: :class:`Card` (blurb, license, pipeline tag, tags, the class that loads a saved folder) and the paper
+  fields of timm's ``pretrained_cfg`` (``paper``; its license is the card's);
+* ``pretrained_cfg(cfg)``: the part of timm's ``pretrained_cfg`` the configuration determines;
+* ``timm_kwargs``: timm's ``create_model`` keyword -> the configuration's field;
+* ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["TIMM_KWARGS", "Card", "Family", "classifier_geometry"]
+
+# timm's create_model keywords -> CRATE-style configuration fields (those a family's config has are honoured).
+TIMM_KWARGS: dict[str, str] = {
+    "in_chans": "channels",
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "drop_rate": "dropout",
+    "pos_drop_rate": "emb_dropout",
+    "drop_path_rate": "drop_path_rate",
+    "global_pool": "pool",
+    "dynamic_img_size": "dynamic_img_size",
+    "num_classes": "num_classes",
+}
+
+
+def classifier_geometry(cfg: Any) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` geometry of an image classifier configuration with ``channels``, ``image_size``,
+    ``num_classes`` (and optionally ``dynamic_img_size``): the default of a family that does not give its own."""
+    size = tuple(cfg.image_size)
+    return {
+        "input_size": (int(cfg.channels), *size),
+        "fixed_input_size": not getattr(cfg, "dynamic_img_size", False),
+        "num_classes": int(cfg.num_classes),
+        "pool_size": None,
+        "first_conv": getattr(cfg, "first_conv", None),
+        "classifier": "head" if int(cfg.num_classes) > 0 else None,
+    }
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a saved folder's model card says about the family."""
+
+    title: str  # the card's heading after the model's name ("a CRATE white-box vision transformer")
+    blurb: str  # one paragraph: what the model is
+    paper_url: str  # where the paper is read
+    license: str  # SPDX-style id, as the Hub's card metadata
+    pipeline_tag: str = "image-classification"  # the Hub's task ("image-feature-extraction" for an autoencoder)
+    tags: tuple[str, ...] = ("image-classification", "vision", "white-box", "crate")
+    loader: str = "CRATE"  # the class whose from_pretrained loads the folder (cratevit.models.<loader>)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family (module docstring)."""
+
+    name: str
+    model_cls: type[nn.Module]
+    config_cls: type
+    description: str
+    trace: str | None = "forward_trace"
+    classifier: bool = True
+    paper: dict[str, Any] = field(default_factory=dict)  # timm's pretrained_cfg paper fields (license included)
+    card: Card | None = None
+    objective: str = "classification"  # or "masked_autoencoding"
+    # Where a layer's sparse code is, as a function of the configuration: "output" (the layer's output is the
+    # code, CRATE's ISTA), "trace" (LayerTrace.code, CRATE-alpha's A_2), None (no code: an MLP or no second half).
+    code_kind: Callable[[Any], str | None] = lambda cfg: "output"
+    code_editor: Callable[[nn.Module, Any, Any], Any] | None = None  # (block, z_half, code) -> the layer's output
+    pretrained_cfg: Callable[[Any], dict[str, Any]] = classifier_geometry  # geometry part of timm's pretrained_cfg
+    timm_kwargs: dict[str, str] = field(default_factory=lambda: dict(TIMM_KWARGS))
+    activation_bytes: Callable[[Any, str | None, bool], int | None] = lambda cfg, amp, ckpt: None
+    # An autoencoder's encoder as a classifier (fine-tuning): (model, num_classes) -> classifier; None elsewhere.
+    to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
+
+    def build(self, config: Any) -> nn.Module:
+        return self.model_cls(config=config)
+
+    @property
+    def license(self) -> str | None:
+        return self.paper.get("license")
