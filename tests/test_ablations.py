@@ -18,9 +18,9 @@ VARIANTS = {
     "crate_digits": "CRATE",
     "crate_mlp_digits": "CRATE-MLP",
     "crate_mhsa_digits": "CRATE-MHSA",
-    "vit_wb_digits": "ViT",
-    "crate_attn_only_digits": "MSSA only",
-    "vit_attn_only_digits": "MHSA only",
+    "crate_vit_digits": "ViT",
+    "crate_mssa_only_digits": "MSSA only",
+    "crate_mhsa_only_digits": "MHSA only",
 }
 
 
@@ -57,7 +57,7 @@ def test_variant_forward_trace_and_keys(name):
 
 def test_mhsa_mlp_block_is_timms_vit_block():
     torch.manual_seed(0)
-    ours = create_model("vit_wb_digits", attn_impl="math").eval().blocks[0]
+    ours = create_model("crate_vit_digits", attn_impl="math").eval().blocks[0]
     theirs = vit.Block(dim=96, num_heads=3, mlp_ratio=4.0, qkv_bias=True).eval()
     theirs.load_state_dict(ours.state_dict())  # the same key names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2
     z = torch.randn(2, 17, 96)

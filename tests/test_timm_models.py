@@ -41,7 +41,7 @@ def test_every_preset_has_pretrained_metadata(preset):
     meta = timm.models.get_pretrained_cfg(timm_name(preset)).to_dict()
     assert meta["input_size"] == (cfg.channels, *cfg.image_size)
     # the digits preset carries its data's normalisation, 0.5/0.5 (cratevit.presets; issue #10); the rest ImageNet's
-    digits = preset in ("crate_digits", "crate_alpha_digits")
+    digits = preset.endswith("_digits")  # crate_digits, crate_alpha_digits and the ablations (crate_mlp_digits, ...)
     mean, std = ((0.5, 0.5, 0.5),) * 2 if digits else (IMAGENET_MEAN, IMAGENET_STD)
     assert meta["mean"] == mean and meta["std"] == std
     assert meta["classifier"] == "head" and meta["num_classes"] == cfg.num_classes

@@ -161,9 +161,9 @@ _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=
 ABLATIONS: dict[str, tuple[str, str]] = {
     "crate_mlp": ("mssa", "mlp"),  # CRATE-MLP: ISTA replaced by the ViT's MLP
     "crate_mhsa": ("mhsa", "ista"),  # CRATE-MHSA: MSSA replaced by standard q/k/v attention
-    "vit_wb": ("mhsa", "mlp"),  # a ViT inside the white-box backbone (MHSA + MLP, timm's key names)
-    "crate_attn_only": ("mssa", "none"),  # MSSA layers alone
-    "vit_attn_only": ("mhsa", "none"),  # MHSA layers alone
+    "crate_vit": ("mhsa", "mlp"),  # a ViT inside the white-box backbone (MHSA + MLP, timm's key names)
+    "crate_mssa_only": ("mssa", "none"),  # MSSA layers alone
+    "crate_mhsa_only": ("mhsa", "none"),  # MHSA layers alone
 }
 for _stem, (_attention, _feedforward) in ABLATIONS.items():
     _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attention=_attention,

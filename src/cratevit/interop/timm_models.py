@@ -34,12 +34,11 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import is_model as timm_is_model
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checkpoint.keys import from_reference_keys, state_family, strip_prefix
 from ..checkpoint.read import read_checkpoint
 from ..errors import UserError
-from ..models import CRATE, CRATEConfig
 from ..presets import PRESET_INFO, PRESETS, pretrained_cfg_for, timm_name, timm_name_for
 from ..registry import get_family
 
@@ -48,42 +47,42 @@ __all__ = ["checkpoint_filter_fn", "register_timm_models", "timm_name", "timm_na
 default_cfgs: dict[str, Any] = {}  # timm's per-module pretrained-config table (see the module docstring)
 
 _POOL = {"token": "cls", "cls": "cls", "avg": "mean", "mean": "mean"}
-_RENAMED = {"in_chans": "channels", "img_size": "image_size", "pos_drop_rate": "emb_dropout"}
-_DROPOUT = ("drop_rate", "proj_drop_rate", "attn_drop_rate")
 
 
-def _config_from_timm_kwargs(preset: str, kwargs: dict[str, Any]) -> CRATEConfig:
-    """Translate timm's keyword arguments (see the module docstring) into a CRATEConfig for ``preset``."""
+def _config_from_timm_kwargs(preset: str, kwargs: dict[str, Any]) -> Any:
+    """Translate timm's keyword arguments into the configuration of ``preset``, through its family's
+    ``timm_kwargs`` (timm's name -> the configuration's field)."""
     kwargs = dict(kwargs)
+    family = get_family(PRESET_INFO[preset].family)
     changes: dict[str, Any] = {}
-    if "global_pool" in kwargs:
-        pool = kwargs.pop("global_pool")
-        if pool not in _POOL:
-            raise UserError(f"global_pool must be 'token' (or 'cls') or 'avg' (or 'mean') for CRATE, got {pool!r}")
-        changes["pool"] = _POOL[pool]
-    for name in _DROPOUT:
-        if name in kwargs:
-            changes["dropout"] = kwargs.pop(name)
-    for timm_key, ours in _RENAMED.items():
-        if timm_key in kwargs:
-            changes[ours] = kwargs.pop(timm_key)
+    for timm_key, ours in family.timm_kwargs.items():
+        if timm_key not in kwargs:
+            continue
+        value = kwargs.pop(timm_key)
+        if ours == "pool":
+            if value not in _POOL:
+                raise UserError(
+                    f"global_pool must be 'token' (or 'cls') or 'avg' (or 'mean') for {family.name}, got {value!r}"
+                )
+            value = _POOL[value]
+        changes[ours] = value
     fields = set(type(PRESETS[preset]).__dataclass_fields__)
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise UserError(
-            f"{timm_name(preset)} does not take {unknown}; it takes timm's num_classes, in_chans, img_size, "
-            f"global_pool, drop_rate, pos_drop_rate or CRATE config fields {sorted(fields)}"
+            f"{timm_name(preset)} does not take {unknown}; it takes timm's {', '.join(family.timm_kwargs)} or "
+            f"{family.name} config fields {sorted(fields)}"
         )
     changes.update(kwargs)
     changes.setdefault("name", preset)  # a saved folder records its own name (None: not a preset)
     return PRESETS[preset].replace(**changes)  # explicit None values count (head_hidden_dim=None)
 
 
-def _build(preset: str, **kwargs: Any) -> CRATE:
+def _build(preset: str, **kwargs: Any) -> nn.Module:
     return get_family(PRESET_INFO[preset].family).build(_config_from_timm_kwargs(preset, kwargs))
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: CRATE | None = None) -> dict[str, Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
     """timm's weight filter: a cratevit or reference checkpoint (dict or state_dict) -> our key layout."""
     for key in ("model", "state_dict"):  # our checkpoints, the reference's main.py / finetune.py files
         if isinstance(state_dict.get(key), Mapping):
@@ -124,7 +123,7 @@ def _overlay_with_file_classes(preset: str, kwargs: dict[str, Any]) -> None:
     kwargs["pretrained_cfg_overlay"] = {**overlay, "num_classes": in_file}
 
 
-def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> CRATE:
+def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """timm entry point body: timm handles pretrained_cfg and weights, :func:`_build` the configuration."""
     if pretrained:
         _overlay_with_file_classes(preset, kwargs)
@@ -143,10 +142,10 @@ def _create(preset: str, pretrained: bool = False, **kwargs: Any) -> CRATE:
     )
 
 
-def _entrypoint(preset: str) -> Callable[..., CRATE]:
+def _entrypoint(preset: str) -> Callable[..., nn.Module]:
     name = timm_name(preset)
 
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> CRATE:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return _create(preset, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

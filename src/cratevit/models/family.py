@@ -27,17 +27,16 @@ from torch import nn
 
 __all__ = ["TIMM_KWARGS", "Card", "Family", "classifier_geometry"]
 
-# timm's create_model keywords -> CRATE-style configuration fields (those a family's config has are honoured).
+# timm's create_model keywords -> configuration fields (timm's Vision Transformer names; same-named fields such as
+# num_classes, patch_size, drop_path_rate and dynamic_img_size pass through unchanged).
 TIMM_KWARGS: dict[str, str] = {
     "in_chans": "channels",
     "img_size": "image_size",
-    "patch_size": "patch_size",
-    "drop_rate": "dropout",
     "pos_drop_rate": "emb_dropout",
-    "drop_path_rate": "drop_path_rate",
-    "global_pool": "pool",
-    "dynamic_img_size": "dynamic_img_size",
-    "num_classes": "num_classes",
+    "drop_rate": "dropout",
+    "proj_drop_rate": "dropout",
+    "attn_drop_rate": "dropout",
+    "global_pool": "pool",  # values "token" / "avg" are timm's "cls" / "mean"
 }
 
 

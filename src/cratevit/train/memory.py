@@ -1,9 +1,10 @@
-"""Will a CRATE training run fit in memory? An estimate made before the first step, so that a run the machine
+"""Will a training run fit in memory? An estimate made before the first step, so that a run the machine
 cannot hold says so at once instead of being killed by the kernel after minutes of silence.
 
 Peak memory of a CPU training step = a fixed part (the Python process with torch, the model, its gradients and
 AdamW's two moments: 16 bytes per parameter) + the batch times what one image's forward pass keeps for the
-backward pass. Per CRATE layer and image, with ``n`` tokens, width ``d``, ``h`` heads and inner width ``i``:
+backward pass, the latter from the family's activation model (its record's ``activation_bytes``; a family
+without one is not checked). Per CRATE layer and image, with ``n`` tokens, width ``d``, ``h`` heads and inner width ``i``:
 
 * float32: the layer input, both LayerNorm outputs, ``Z^{l+1/2}``, the ISTA residual and its output (``6 n d``)
   and the projections, the attention output and its flattened copy (``3 n i``), 4 bytes each (the fused
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..registry import is_family_model
+from ..registry import family_for, is_family_model
 
 __all__ = [
     "available_memory",
@@ -38,18 +39,12 @@ BASE_BYTES = 800 * MIB  # Python + torch + timm + the data pipeline, measured be
 
 
 def per_image_bytes(cfg: Any, amp: str | None, checkpointing: bool = False) -> int:
-    """Activation bytes one image keeps for the backward pass of a CRATE configuration (with activation
-    checkpointing: each layer's input, plus one layer's activations recomputed at a time)."""
-    n = cfg.grid_size[0] * cfg.grid_size[1] + 1
-    d, heads, inner = cfg.dim, cfg.heads, cfg.heads * cfg.dim_head
-    if amp in ("bf16", "fp16"):
-        per_layer = 26 * n * d + 6 * n * inner + 2 * heads * n * n
-    else:
-        per_layer = 4 * (6 * n * d + 3 * n * inner)
-    image = 4 * cfg.channels * cfg.image_size[0] * cfg.image_size[1] * 2  # the batch and its normalised copy
-    if checkpointing:
-        return cfg.depth * 4 * n * d + per_layer + image
-    return cfg.depth * per_layer + image
+    """Activation bytes one image keeps for the backward pass: the family's activation model (its record's
+    ``activation_bytes``; CRATE's is the one above). Raises for a family whose model is unknown."""
+    got = family_for(cfg).activation_bytes(cfg, amp, checkpointing)
+    if got is None:
+        raise UserError(f"no activation-memory model for {type(cfg).__name__} {getattr(cfg, 'name', '')}".strip())
+    return got
 
 
 def estimate_training_memory(
@@ -91,11 +86,11 @@ def available_memory() -> int | None:
 def check_training_memory(model: Any, cfg: Any, local_batch: int, device: Any) -> int | None:
     """Stop a CPU run of a CRATE model whose estimated peak exceeds the memory this process may use, with the
     largest batch that fits; warn above 80%. Returns the estimate in bytes (None where none is made)."""
-    needed = ("grid_size", "dim", "heads", "dim_head", "depth", "channels", "image_size")
-    cfg_model = getattr(model, "config", None)
-    if getattr(device, "type", str(device)) != "cpu" or not is_family_model(model) or not hasattr(model, "blocks"):
+    if getattr(device, "type", str(device)) != "cpu" or not is_family_model(model):
         return None
-    if not all(hasattr(cfg_model, name) for name in needed):  # calibrated on CRATE's layout only
+    amp_ = cfg.amp if cfg.amp != "none" else None
+    ckpt_ = bool(getattr(model, "grad_checkpointing", False))
+    if family_for(model).activation_bytes(model.config, amp_, ckpt_) is None:  # the family's model is unknown
         return None
     available = available_memory()
     if available is None:
