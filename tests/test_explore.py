@@ -37,9 +37,17 @@ def explorer():
     return Explorer(model, "debug", (0.5,) * 3, (0.5,) * 3, items[:2], items, ["a", "b", "c", "d"], "5 noise images")
 
 
+def _client(explorer):
+    """A test client of the page on port 80 (Host: localhost) that sends the page's token, as the page does."""
+    app = create_app(explorer)
+    c = app.test_client()
+    c.environ_base["HTTP_X_CRATEVIT_TOKEN"] = app.config["TOKEN"]
+    return c
+
+
 @pytest.fixture(scope="module")
 def client(explorer):
-    return create_app(explorer).test_client()
+    return _client(explorer)
 
 
 def _open(client, **data):
@@ -88,7 +96,7 @@ def test_view_of_a_sample_and_an_upload(client) -> None:
         (b"", "empty.png", "empty.png: the file is empty"),
         (b"hello, not an image", "notes.jpg", "notes.jpg is not an image file"),
         (_png(Image.new("RGB", (64, 64)))[:60], "cut.png", "cut.png is not an image this page can read"),
-        (_png(Image.new("1", (9000, 5000))), "huge.png", "9000x5000 pixels is more than this page opens"),
+        (_png(Image.new("1", (8000, 6000))), "huge.png", "8000x6000 pixels is more than this page opens"),
     ],
 )
 def test_bad_uploads_get_a_message(client, data, name, message) -> None:
@@ -102,7 +110,7 @@ def test_too_large_and_bad_parameters(client) -> None:
     assert r.status_code == 413 and "larger than 32 MB" in r.json["error"]
     image_id = _open(client, sample="noise 0")["image_id"]
     cases = {
-        f"/api/view?image_id={image_id}&layer=7": "layer 7 is out of range; this model has layers 0..1",
+        f"/api/view?image_id={image_id}&layer=7": "layer 7 is out of range; this model has layers 0..1 (block indices, 0-based)",
         f"/api/view?image_id={image_id}&layer=one": "layer must be a whole number",
         f"/api/view?image_id={image_id}&layer=0&head=9": "head 9 is out of range",
         f"/api/view?image_id={image_id}&layer=0&facet=value": "facet 'value' does not exist",
@@ -207,7 +215,7 @@ def test_the_page_for_crate_alpha() -> None:
     """CRATE-alpha (its small preset): the code facet is the overcomplete A_2; atoms and interventions work."""
     torch.manual_seed(0)
     ex = load_explorer("crate_alpha_debug")
-    client = create_app(ex).test_client()
+    client = _client(ex)
     info = client.get("/api/info").json
     assert info["family"] == "crate_alpha" and info["has_code"] and info["resizable"]
     image_id = _open(client, sample="chelsea")["image_id"]
@@ -225,7 +233,7 @@ def test_the_page_for_crate_alpha() -> None:
 def test_the_page_for_crate_mae() -> None:
     """CRATE-MAE (its digits preset): the encoder's attention, facets, atoms and interventions; no classes."""
     ex = load_explorer("mae_crate_digits")
-    client = create_app(ex).test_client()
+    client = _client(ex)
     info = client.get("/api/info").json
     assert info["family"] == "crate_mae" and info["has_code"] and not info["classifier"] and not info["resizable"]
     image_id = _open(client, sample="astronaut")["image_id"]

@@ -71,4 +71,5 @@ def load_explorer(
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     names = class_names_for(num_classes, data) if num_classes > 0 else None
     samples = photos + own[:6] + folder[:24]
-    return Explorer(model, str(spec), mean, std, samples, image_set, names, label)
+    trained = Path(spec).is_file()  # a preset or a timm name is built with random weights
+    return Explorer(model, str(spec), mean, std, samples, image_set, names, label, trained=trained)
