@@ -203,7 +203,8 @@ def create_app(explorer: Explorer, port: int = 80, token: str | None = None) -> 
 
 
 class _Server(threading.Thread):
-    """The werkzeug server in a thread (for tests and notebooks): ``.url``, ``.stop()``."""
+    """The werkzeug server in a thread (for tests and notebooks): ``.url``, ``.port``, ``.app``, ``.stop()``; the
+    socket is bound here, so a busy port is a one-line :class:`UserError` (werkzeug would print and exit)."""
 
     def __init__(self, explorer: Explorer, port: int) -> None:
         from werkzeug.serving import make_server
@@ -221,6 +222,7 @@ class _Server(threading.Thread):
         self.app = create_app(explorer, port)
         self.server = make_server(HOST, port, self.app, threaded=True, fd=sock.fileno())
         sock.close()  # werkzeug holds its own duplicate of the socket
+        self.port = port
         self.url = f"http://{HOST}:{port}/"
 
     def run(self) -> None:
