@@ -336,9 +336,9 @@ class Explorer:
             raise UserError(f"head {head} is out of range; this model has heads 0..{self.heads - 1}")
 
     # ----------------------------------------------------------------------------------------------- the view
-    def _heat(self, item: _Open, values: torch.Tensor, scale: Scale, **kw: Any) -> str:
+    def _heat(self, item: _Open, values: torch.Tensor, scale: Scale, display: int = DISPLAY, **kw: Any) -> str:
         """A (rows, cols) map over the image the network saw, on ``scale``, as a data URI."""
-        return png_uri(heat_overlay(item.prep.image, values, scale, **kw))
+        return png_uri(heat_overlay(item.prep.image, values, scale, **kw), display=display)
 
     def _mask_picture(self, item: _Open, mask: torch.Tensor) -> Image.Image:
         m = upsample(mask.float(), item.prep.input_size).numpy() > 0.5
@@ -641,8 +641,9 @@ class Explorer:
         for (later_layer, s0, s1), d in zip(pairs, diffs, strict=True):
             sc = Scale.from_zero(every) if scale == "shared" else Scale.from_zero([s0, s1])
             dsc = Scale.symmetric(diffs) if scale == "shared" else Scale.symmetric([d])
-            later.append({"layer": later_layer, "before": self._heat(item, s0, sc), "after": self._heat(item, s1, sc),
-                          "difference": self._heat(item, d, dsc, alpha=0.75), "scale": sc.to_json(),
+            later.append({"layer": later_layer, "before": self._heat(item, s0, sc, 128),
+                          "after": self._heat(item, s1, sc, 128), "difference": self._heat(item, d, dsc, 128, alpha=0.75),
+                          "scale": sc.to_json(),
                           "difference_scale": dsc.to_json(),
                           "change": float((s1 - s0).abs().sum() / s0.abs().sum().clamp_min(1e-12))})  # fmt: skip
         before, after = item.ins.logits, result.logits
