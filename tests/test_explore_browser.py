@@ -338,6 +338,20 @@ def test_researcher_views_permalink_and_export(browser, server, tmp_path) -> Non
     if os.environ.get("CRATEVIT_ARTIFACTS"):
         shutil.copy(files[".png"], Path(os.environ["CRATEVIT_ARTIFACTS"]) / "explore-export.png")
 
+    # keys step through layers and heads (outside the inputs)
+    from selenium.webdriver.common.keys import Keys
+
+    d.find_element("tag name", "h1").click()  # the focus leaves the selects
+    n = _renders(d)
+    ActionChains(d).send_keys(Keys.ARROW_RIGHT).perform()
+    _wait(d, lambda d: _renders(d) > n, "the next layer")
+    n = _renders(d)
+    ActionChains(d).send_keys(Keys.ARROW_DOWN).perform()
+    _wait(d, lambda d: _renders(d) > n, "the next head")
+    assert Select(d.find_element("id", "layer")).first_selected_option.text == "3"
+    assert Select(d.find_element("id", "head")).first_selected_option.text == "0"
+    assert "layer 3, head 0" in d.find_element("id", "cap-attention").text
+
 
 def test_a_cross_origin_post_is_refused(browser, server, caplog) -> None:
     """A page of another origin (a plain page on another local port) posts to the explorer: the server refuses it
