@@ -501,3 +501,18 @@ def test_difference_maps_and_the_clamp_sweep(client) -> None:
     info = client.get("/api/info").json
     assert "eps = 0.01" in info["definitions"]["rc"] and info["limits"]["clamp"] == [-1000, 1000]
     assert len(info["colormaps"]["inferno"]) == 11
+
+
+def test_open_images_are_bounded_in_memory(explorer, client, monkeypatch) -> None:
+    """Eight opens at the largest size used to hold ~6 GB: the open images' traces now share one budget."""
+    import cratevit.explore.session as session
+
+    first = _open(client, sample="noise 0", size="64")["image_id"]
+    one = explorer.open[first].nbytes
+    assert one > explorer.depth * explorer.heads * 257**2 * 4  # 16x16 patches + the class token: the attention alone
+    monkeypatch.setattr(session, "OPEN_BUDGET", int(2.5 * one))
+    ids = [_open(client, sample="noise 0", size="64")["image_id"] for _ in range(4)]
+    assert sum(o.nbytes for o in explorer.open.values()) <= 2.5 * one
+    assert ids[-1] in explorer.open and first not in explorer.open
+    r = client.get(f"/api/view?image_id={first}&layer=0")
+    assert r.status_code == 404 and "open it again" in r.json["error"]

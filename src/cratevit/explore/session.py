@@ -48,6 +48,7 @@ KEEP_JOBS = 16  # finished jobs kept for the page to poll; older ones are droppe
 OPEN_IMAGES = 8  # images kept in memory (the page's recent uploads and samples)
 INDEX_BUDGET = 256 * 2**20  # bytes of codes indexed for all layers at once; above it, one layer at a time
 TRACE_BUDGET = 768 * 2**20  # bytes of attention matrices one opened image may hold (every layer and head)
+OPEN_BUDGET = 2 * TRACE_BUDGET  # bytes of traces all open images may hold; the oldest are dropped beyond it
 SCALES = ("own", "shared")  # each map on its own colour scale, or one scale for the heads and before/after
 SWEEP = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # clamp values of the sweep, in units of the atom's max here
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "clock")
@@ -200,6 +201,15 @@ class _Open:
     src: str  # the input picture
     curves: dict[str, list[float]]  # this image's per-layer R^c and sparsity
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the trace: every layer's attention and facets."""
+        total = 0
+        for r in self.ins.layers:
+            for t in (r.attn, r.heads_key, r.z_in, r.z_half, *r.facets.values()):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
 
 class Explorer:
     """One model and what the page has opened. Requests run in threads: opening images and interventions are
@@ -305,8 +315,10 @@ class Explorer:
             image_id = uuid.uuid4().hex[:12]
             curves = {k: [round(float(v), 4) for v in values[0]] for k, values in insp.image_curves(ins).items()}
             self.open[image_id] = item = _Open(name, prep, ins, png_uri(prep.image, smooth=True), curves)
-            while len(self.open) > OPEN_IMAGES:
-                self.open.popitem(last=False)
+            while len(self.open) > OPEN_IMAGES or (
+                len(self.open) > 1 and sum(o.nbytes for o in self.open.values()) > OPEN_BUDGET
+            ):
+                self.open.popitem(last=False)  # the oldest image: the page asks to open it again
         return {"image_id": image_id, "name": name, "how": prep.how, "input_size": list(prep.input_size),
                 "grid": list(ins.grid), "src": item.src}  # fmt: skip
 
