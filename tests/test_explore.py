@@ -292,6 +292,10 @@ def test_a_foreign_host_or_site_is_refused(explorer) -> None:
     assert c.get("/", headers={"Host": "rebind.attacker.example"}).status_code == 403
     r = c.get("/api/info", headers={"Host": "127.0.0.1:8123", "Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403 and "another site (cross-site)" in r.json["error"]
+    link = {"Host": "127.0.0.1:8123", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}
+    assert c.get("/", headers=link).status_code == 200  # a link from a notebook on another local port opens the page
+    assert c.get("/api/info", headers=link).status_code == 403  # but nothing else
+    assert c.get("/", headers=link).headers["X-Frame-Options"] == "DENY"
 
 
 def test_a_post_needs_the_page_origin_or_its_token(explorer) -> None:

@@ -9,7 +9,8 @@ the user's browser. So every request is checked before it reaches a route (:func
 - ``Host`` must be ``127.0.0.1:PORT`` or ``localhost:PORT``, PORT the one the server printed: a DNS-rebinding page
   (``Host: rebind.attacker.example``) reads nothing;
 - a request a browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` (another page, another local port) is
-  refused;
+  refused, except following a link to the page itself (a top-level navigation to ``/``, which the other page cannot
+  read, and the page cannot be framed);
 - a POST (opening a file or sample, indexing) needs ``Origin`` equal to the page's own origin, or the header
   ``X-Cratevit-Token`` with the per-run token written into the page (a random 128-bit value, new each run).
 
@@ -50,13 +51,14 @@ def allowed_hosts(port: int) -> set[str]:
     return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
 
 
-def refusal(method: str, headers: Any, port: int, token: str) -> str | None:
+def refusal(method: str, headers: Any, port: int, token: str, path: str = "/api") -> str | None:
     """Why a request must be refused (one line), or None: the checks of the module's security model."""
     host = headers.get("Host", "")
     if host not in allowed_hosts(port):
         return f"Host {host[:80]!r} is not this page's address; open http://{HOST}:{port}/ (DNS rebinding refused)"
     site = headers.get("Sec-Fetch-Site", "")
-    if site in ("cross-site", "same-site"):
+    navigation = method == "GET" and path == "/" and headers.get("Sec-Fetch-Mode") == "navigate"  # a followed link
+    if site in ("cross-site", "same-site") and not navigation:
         return f"a request from another site ({site}) is refused; use the page at http://{HOST}:{port}/"
     if method == "POST":
         origin = headers.get("Origin")
@@ -87,7 +89,7 @@ def create_app(explorer: Explorer, port: int = 80, token: str | None = None) -> 
 
     @app.before_request
     def check_request() -> Any:
-        reason = refusal(req.method, req.headers, port, token)
+        reason = refusal(req.method, req.headers, port, token, req.path)
         if reason is not None:
             log.warning("explore: refused %s %s: %s", req.method, req.path, reason)
             return flask.jsonify(error=reason), 403
