@@ -456,10 +456,10 @@ def test_a_busy_port_is_one_line(capsys) -> None:
 
 def test_help_states_the_limits() -> None:
     from cratevit.cli.explore import EPILOG
-    from cratevit.explore import session
+    from cratevit.explore import session, uploads
 
-    assert f"{', '.join(session.UPLOAD_FORMATS)} only, at most {session.MAX_SIDE} pixels" in EPILOG
-    assert f"{session.MAX_PIXELS // 1_000_000} megapixels" in EPILOG and f"{session.MAX_ASPECT:.0f}:1" in EPILOG
+    assert f"{', '.join(uploads.UPLOAD_FORMATS)} only, at most {uploads.MAX_SIDE} pixels" in EPILOG
+    assert f"{uploads.MAX_PIXELS // 1_000_000} megapixels" in EPILOG and f"{uploads.MAX_ASPECT:.0f}:1" in EPILOG
     assert f"{session.TRACE_BUDGET // 2**20} MB" in EPILOG and "Host is 127.0.0.1:PORT" in EPILOG
 
 

@@ -9,7 +9,7 @@ HELP = "look inside a model in the browser: attention, masks, PCA, per-layer cur
 DEFAULT_MODEL = "crate_nano"
 
 
-# The page's limits (cratevit.explore.session's constants; a test keeps the two equal) and its security model,
+# The page's limits (cratevit.explore.uploads' and .session's constants; a test keeps them equal) and its security model,
 # written out so that --help needs no torch import.
 EPILOG = (
     "Uploads: PNG, JPEG, GIF, BMP, TIFF, WEBP only, at most 8192 pixels on the long side, 40 megapixels and an "
