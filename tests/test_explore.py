@@ -520,3 +520,18 @@ def test_open_images_are_bounded_in_memory(explorer, client, monkeypatch) -> Non
     assert ids[-1] in explorer.open and first not in explorer.open
     r = client.get(f"/api/view?image_id={first}&layer=0")
     assert r.status_code == 404 and "open it again" in r.json["error"]
+
+
+def test_the_atoms_dictionary_column(explorer, client) -> None:
+    """The atom's column of blocks.l.ista.dictionary and its energy in each head's subspace (a projection oracle)."""
+    image_id = _open(client, sample="noise 0")["image_id"]
+    _wait_job(client, client.post("/api/index").json)
+    a = client.get(f"/api/atom?image_id={image_id}&layer=1&coord=5").json["dictionary"]
+    d = explorer.model.blocks[1].ista.dictionary.detach().double()[:, 5]
+    assert a["name"] == "blocks.1.ista.dictionary[:, 5]" and np.allclose(a["values"], d.numpy(), atol=1e-5)
+    assert a["norm"] == pytest.approx(float(d.norm()))
+    u = explorer.model.blocks[1].mssa.subspace_proj.weight.detach().double().reshape(2, -1, d.numel())
+    for k in range(2):
+        projected = u[k].T @ torch.linalg.solve(u[k] @ u[k].T, u[k] @ d)  # U^T (U U^T)^-1 U d
+        assert a["head_energy"][k] == pytest.approx(float(projected.pow(2).sum() / d.pow(2).sum()), rel=1e-9)
+    assert a["chance"] == u.shape[1] / d.numel()

@@ -288,6 +288,8 @@ def test_researcher_views_permalink_and_export(browser, server, tmp_path) -> Non
     d.find_elements("css selector", "#atoms button")[0].click()
     _wait(d, lambda d: _body(d, "atom") is not None, "the atom view")
     assert d.find_elements("css selector", "#hist rect")
+    assert len(d.find_elements("css selector", "#dict rect.entry")) == 96  # crate_nano's width: the column
+    assert len(d.find_elements("css selector", "#dict rect.head-energy")) == 3
     d.find_element("id", "btn-clamp").click()
     _wait(d, lambda d: _body(d, "sweep") is not None, "the clamp sweep")
     assert len(d.find_elements("css selector", "#later img.difference")) == 3  # layers 3..5

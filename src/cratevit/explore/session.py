@@ -73,6 +73,9 @@ DEFINITIONS = {
     "patch_frequency": "fraction of the image set's patch tokens where the coordinate is non-zero",
     "image_frequency": "fraction of the image set's images where it is non-zero on at least one patch",
     "usage_rank": "rank by patch frequency among the layer's code coordinates (0: the most used)",
+    "dictionary": "the coordinate's column d of the layer's dictionary parameter (the direction it stands for) and the "
+    "fraction of its energy in each head's subspace of the same layer, ||Q_k^T d||^2 / ||d||^2 with Q_k an "
+    "orthonormal basis of head k's U_k (chance: p / dim)",
 }
 
 
@@ -554,6 +557,7 @@ class Explorer:
         return {
             "layer": layer,
             "coord": coord,
+            "dictionary": self._dictionary_column(layer, coord),
             "stats": insp.atom_stats(index, coord),
             "patches": patches,
             "histogram": {
@@ -569,6 +573,29 @@ class Explorer:
             },
             "ms": round(1000 * (time.perf_counter() - t0), 1),
         }
+
+    def _dictionary_column(self, layer: int, coord: int) -> dict[str, Any] | None:
+        """Column ``coord`` of the layer's dictionary parameter (``blocks.{layer}.*dictionary``, its second axis the
+        code's), its norm, and the fraction of its energy in each head's subspace of the same layer,
+        ``||Q_k^T d||^2 / ||d||^2`` with ``Q_k`` an orthonormal basis of the rows of head k's ``subspace_proj``
+        (chance: ``p / dim``). None for a model without one (a timm ViT)."""
+        params = dict(self.model.named_parameters())
+        prefix = f"blocks.{layer}."
+        names = [n for n in params if n.startswith(prefix) and n.endswith("dictionary")]
+        if len(names) != 1 or params[names[0]].ndim != 2 or not coord < params[names[0]].shape[1]:
+            return None
+        col = params[names[0]].detach()[:, coord].double()
+        out: dict[str, Any] = {"name": f"{names[0]}[:, {coord}]", "values": [round(float(v), 5) for v in col],
+                               "norm": float(col.norm())}  # fmt: skip
+        proj = [n for n in params if n.startswith(prefix) and n.endswith("subspace_proj.weight")]
+        if len(proj) == 1 and params[proj[0]].shape[1] == col.numel():
+            u = params[proj[0]].detach().double().reshape(self.heads, -1, col.numel())  # heads p dim
+            energy = col.pow(2).sum().clamp_min(1e-300)
+            bases = [torch.linalg.qr(u[k].T).Q for k in range(self.heads)]  # dim p, orthonormal columns
+            out["head_energy"] = [float((q.T @ col).pow(2).sum() / energy) for q in bases]
+            out["chance"] = u.shape[1] / col.numel()
+            out["subspaces"] = proj[0]
+        return out
 
     def _check_clamp(self, layer: int, head: int | None, value: float) -> None:
         self._check_layer_head(layer, head)
