@@ -21,7 +21,7 @@ from ..checkpoint import load_model as load_any_model
 from ..data import DataInfo, EpochSampler, SeededDataset, build_datasets, build_eval_dataset, collate_skip
 from ..errors import UserError
 from ..presets import get_config, list_models, resolve_name
-from ..registry import families, family_for, get_family, is_family_model
+from ..registry import families, get_family, is_family_model
 from .config import TrainConfig
 from .distributed import DistInfo
 from .objectives import Objective, make_objective
@@ -172,10 +172,6 @@ def checkpoint_payload(model: nn.Module, arch: str, **extra: Any) -> dict[str, A
     if is_family_model(model):
         return checkpoint_dict(model, arch=arch, **extra)
     return {"format": "timm", "arch": arch, "model": model.state_dict(), **extra}
-
-
-def family_name(model: nn.Module) -> str | None:
-    return family_for(model).name if is_family_model(model) else None
 
 
 # --------------------------------------------------------------------------------------------------- data

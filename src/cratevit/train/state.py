@@ -14,7 +14,7 @@ and how to pass them), and options that fix the architecture cannot change.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +154,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def config_record(cfg: TrainConfig) -> dict[str, Any]:
-    """What ``config.json`` and the checkpoint's ``train_config`` hold."""
-    return asdict(cfg)
