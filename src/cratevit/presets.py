@@ -156,7 +156,7 @@ _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
 _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
 # The emergence paper's ablations (Yu et al. 2023, arXiv 2308.16271, Table 2) and attention-only stacks: the same
-# backbone with the attention (MSSA | MHSA) and the second half (ISTA | MLP | none) chosen. Each at the digits scale
+# backbone with the attention (attn_kind: MSSA | MHSA) and the second half (ISTA | MLP | none) chosen. Each at the digits scale
 # (crate_digits' sizes; `cratevit train --arch NAME`) and at the paper's base size with 8x8 patches.
 ABLATIONS: dict[str, tuple[str, str]] = {
     "crate_mlp": ("mssa", "mlp"),  # CRATE-MLP: ISTA replaced by the ViT's MLP
@@ -166,9 +166,9 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "crate_mhsa_only": ("mhsa", "none"),  # MHSA layers alone
 }
 for _stem, (_attention, _feedforward) in ABLATIONS.items():
-    _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attention=_attention,
+    _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attn_kind=_attention,
          feedforward=_feedforward)  # fmt: skip
-    _vit(f"{_stem}_base_patch8", 768, 12, 12, patch=8, attention=_attention, feedforward=_feedforward)
+    _vit(f"{_stem}_base_patch8", 768, 12, 12, patch=8, attn_kind=_attention, feedforward=_feedforward)
 
 
 # CRATE-alpha (Yang et al., 2024): the sizes of the paper at 224 px, 1000 classes; "_in21k": the ImageNet-21K
@@ -258,6 +258,9 @@ def resolve_name(name: str) -> str:
     key = _ALIASES.get(key, key)
     if key in PRESETS:
         return key
+    by_timm_name = {timm_name(p): p for p in PRESETS}  # a timm name, as timm's train.py records ("arch")
+    if key in by_timm_name:
+        return by_timm_name[key]
     raise UserError(f"unknown CRATE preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
 
 
