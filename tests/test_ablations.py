@@ -81,3 +81,35 @@ def test_bad_choices_are_one_line():
         CRATEConfig(attn_kind="linear")
     with pytest.raises(UserError, match="feedforward must be 'ista', 'mlp' or 'none'"):
         create_model("crate_debug", feedforward="moe")
+
+
+def test_an_ablation_trains_and_is_analysed_by_every_command(tmp_path, capsys):
+    """`cratevit train --arch crate_vit_digits`, then analyze, attention, pca, segeval and maskcut on the file, and
+    the inspection behind explore (no sparse code: no atoms, and the code facet says why)."""
+    import numpy as np
+    from PIL import Image
+
+    from cratevit import load_checkpoint
+    from cratevit.analysis.facets import facet_features
+    from cratevit.analysis.inspection import family_of, inspect_model
+    from cratevit.cli import main
+
+    run = tmp_path / "run"
+    quick = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
+    assert main(["train", "--arch", "crate_vit_digits", "--epochs", "1", "--batch-size", "16", "--output", str(run),
+                 *quick]) == 0  # fmt: skip
+    ckpt = str(run / "last.pt")
+    model = load_checkpoint(ckpt)
+    assert model.config.variant == "ViT" and model.config.name == "crate_vit_digits"
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    assert main(["analyze", ckpt, "--num-images", "8", "-o", str(tmp_path / "an")]) == 0
+    assert main(["attention", ckpt, str(image), "-o", str(tmp_path / "att"), "--size", "64"]) == 0
+    assert main(["pca", ckpt, str(image), "-o", str(tmp_path / "pca"), "--size", "64"]) == 0
+    assert main(["segeval", ckpt, "--num-images", "4", "-o", str(tmp_path / "seg")]) == 0
+    assert main(["maskcut", ckpt, str(image), "-o", str(tmp_path / "mc")]) == 0
+    assert (tmp_path / "mc" / "results.json").is_file()
+    x = torch.randn(1, 3, 32, 32)
+    assert not family_of(model).has_code and "code" not in inspect_model(model, x).layers[0].facets
+    with pytest.raises(UserError, match="this ViT model has no sparse code"):
+        facet_features(model, x, 0, "code")
