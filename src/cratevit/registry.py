@@ -77,7 +77,7 @@ def trace_method(model: nn.Module) -> Any:
 
 def family_for(obj: Any) -> Family:
     """The family of a model or a configuration (by its class; the most derived one when a family's classes
-    subclass another's, as CRATE-alpha's subclass CRATE's)."""
+    subclass another's, as a test family may subclass CRATE's)."""
     for cls in type(obj).__mro__:
         for family in _FAMILIES.values():
             if cls in (family.model_cls, family.config_cls):
