@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import argparse
 
-from .attention import add_model_and_image_arguments
+from ._args import positive_int, probability
+from ._images import (
+    add_model_and_image_arguments,
+    fail_if_skipped,
+    load_for_images,
+    normalization,
+    read_images,
+    unique_stem,
+)
 
 HELP = "PCA of a layer's patch-token features across images: RGB maps of the first components and a foreground mask"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_and_image_arguments(p)
-    p.add_argument("--components", type=int, default=3, help="principal components to compute (the first 3 are shown)")
+    p.add_argument(
+        "--components", type=positive_int, default=3, help="principal components to compute (the first 3 are shown)"
+    )
     p.add_argument(
         "--method",
         choices=("paper", "whole"),
@@ -32,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fg-threshold",
-        type=float,
+        type=probability,
         default=0.4,
         help="paper: foreground where the first component, min-max scaled per image, exceeds this",
     )
@@ -49,18 +59,14 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.images import prepare
     from ..analysis.segmentation import model_geometry
     from ..analysis.visualize import first_component_foreground, pca_figure, pca_maps, save_figure, upsample
-    from ..errors import UserError
-    from .attention import fail_if_skipped, load_for_images, normalization, read_images, unique_stem
 
-    if args.components < 1:
-        raise UserError(f"--components must be at least 1, got {args.components}")
     facet = args.facet or ("key" if args.method == "paper" else "token")
-    model, spec, files = load_for_images(args)
+    model, spec, files, layer = load_for_images(args)
     mean, std = normalization(args, spec)
     size, patch = model_geometry(model)
     readable, images, skipped = read_images(args, files)
     if not readable:
-        fail_if_skipped(skipped, len(files), args.out)
+        fail_if_skipped(skipped, len(files), args.output)
     preps, feats = [], []
     for image in images:
         prep = prepare(image, size, patch, args.resize, args.size, mean, std)
@@ -75,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
         rgbs, scores_list = result.rgb, result.scores
         fgs = [first_component_foreground(s[..., 0]) for s in result.scores]
         ratios = result.explained_variance_ratio
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     records, used, shown = [], set(), []
     for path, image, prep, rgb, scores, fg in zip(readable, images, preps, rgbs, scores_list, fgs, strict=True):
         rgb_up = upsample(torch.from_numpy(rgb).float().permute(2, 0, 1), prep.original_size).permute(1, 2, 0).numpy()
         fg_up = upsample(torch.from_numpy(fg).float(), prep.original_size).numpy() > 0.5
-        folder = args.out / unique_stem(path, used)
+        folder = args.output / unique_stem(path, used)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / "image.png")
         Image.fromarray((rgb_up * 255).round().astype(np.uint8), mode="RGB").save(folder / "pca.png")
@@ -99,12 +105,13 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{path}: {prep.how} -> {folder}")
     save_figure(
-        pca_figure(shown, f"PCA ({args.method}) of layer {args.layer % len(model.blocks)} {facet} features"),
-        args.out / "pca-grid",
+        pca_figure(shown, f"PCA ({args.method}) of layer {layer} (0-based) {facet} features"),
+        args.output / "pca-grid",
     )
     info = {
         "checkpoint": spec,
-        "layer": args.layer,
+        "layer": layer,
+        "layer_numbering": "block index, 0-based (blocks.0 .. blocks.L-1)",
         "method": args.method,
         "facet": facet,
         "explained_variance_ratio": [float(v) for v in ratios],
@@ -120,6 +127,6 @@ def run(args: argparse.Namespace) -> int:
         "images": records,
         "skipped": skipped,
     }
-    (args.out / "pca.json").write_text(json.dumps(info, indent=2))
-    fail_if_skipped(skipped, len(files), args.out / "pca.json")
+    (args.output / "pca.json").write_text(json.dumps(info, indent=2))
+    fail_if_skipped(skipped, len(files), args.output / "pca.json")
     return 0

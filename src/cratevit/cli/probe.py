@@ -13,6 +13,18 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import (
+    add_batch_size_argument,
+    add_device_argument,
+    add_layer_argument,
+    add_output_argument,
+    add_seed_argument,
+    add_workers_argument,
+    positive_float,
+    positive_int,
+    say_random_weights,
+)
+
 HELP = "linear-probe and k-NN accuracy of a model's frozen features (built-in data or an image folder)"
 
 
@@ -24,35 +36,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="digits, shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/",
     )
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="folder of the torchvision sets")
-    p.add_argument("--layer", type=int, default=None, help="probe the mean patch token of this layer (-1: last)")
+    add_layer_argument(p, default=None, extra="; default: the model's final features")
     p.add_argument(
         "--pool",
         choices=("cls", "mean"),
         default="mean",
         help="CRATE-MAE final features: class token or mean patch token",
     )
-    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(cos / T) (DINO: 0.07)")
+    p.add_argument("--k", type=positive_int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
+    p.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=0.07,
+        help="k-NN vote weight exp(cos / T), T above 0 (DINO: 0.07)",
+    )
     p.add_argument(
         "--l2",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=None,
         metavar="L2",
-        help="L2 strengths the linear probe chooses from (default 1e-6 ... 1e-1, six values)",
+        help="L2 strengths (above 0) the linear probe chooses from (default 1e-6 ... 1e-1, six values)",
     )
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", "-j", type=int, default=0, help="data loading processes")
-    p.add_argument("--seed", type=int, default=0, help="weights of a preset or timm name (random init)")
+    add_batch_size_argument(p, 128)
+    add_workers_argument(p)
+    add_seed_argument(p, "weights of a preset or timm name (random init)")
     p.add_argument("--timm-pretrained", action="store_true", help="download timm's pretrained weights")
-    p.add_argument(
-        "--output",
-        "-o",
-        default=None,
-        help="folder for probe.jsonl and the feature cache (default: next to the checkpoint, else runs/probe-MODEL)",
+    add_output_argument(
+        p,
+        "folder for probe.jsonl and the feature cache (default: next to the checkpoint, else runs/probe-MODEL)",
+        type=str,
     )
     p.add_argument("--no-cache", dest="cache", action="store_false", help="always recompute the features")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    add_device_argument(p)
 
 
 def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
@@ -73,8 +89,12 @@ def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
     except UserError:
         is_preset = False
     if Path(spec).exists() or is_preset or not timm.is_model(spec):
-        return load_model(spec).eval()  # its errors name what is wrong
-    return timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
+        model = load_model(spec).eval()  # its errors name what is wrong
+    else:
+        model = timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
+    if not timm_pretrained:
+        say_random_weights(spec, seed)
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
