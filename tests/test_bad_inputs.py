@@ -80,18 +80,39 @@ def _options() -> list[tuple[str, argparse.Action]]:
     return [(name, a) for name, p in _subparsers().items() for a in p._actions if a.option_strings and _numeric(a)]
 
 
+# The training commands' numbers are TrainConfig fields, checked in one place, cratevit.train.check_config (which
+# also checks --config files and resumed runs); the matrix probes that check for them.
+TRAINING = ("train", "finetune", "pretrain")
+
+
 def test_every_numeric_option_is_checked_by_a_shared_validator():
-    """One validation place per kind of option: no bare int/float reaches a command."""
-    bare = [f"{name} {a.option_strings[0]}" for name, a in _options() if a.type in (int, float)]
+    """One validation place per kind of option: no bare int/float reaches a command (but the training options)."""
+    bare = [
+        f"{name} {a.option_strings[0]}" for name, a in _options() if a.type in (int, float) and name not in TRAINING
+    ]
     assert bare == [], f"options parsed with a bare int/float (use cratevit.cli._args): {bare}"
     assert len(_options()) > 80  # the matrix really covers every command's numbers
 
 
 def _parse(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of parsing ``argv``; for the training commands, also of their configuration check."""
     try:
-        build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code), capsys.readouterr().err
+    if argv[0] in TRAINING:  # as run_command builds it, without running anything
+        from dataclasses import fields, replace
+
+        from cratevit.data import data_info
+        from cratevit.errors import UserError
+        from cratevit.train import base_config, resolve_config
+
+        base = base_config(argv[0])
+        given = {f.name: getattr(args, f.name) for f in fields(base) if hasattr(args, f.name)}
+        try:  # the recipe filled in, then check_config: what train() does before building anything
+            resolve_config(replace(base, **given), data_info("digits"))
+        except UserError as e:
+            return 2, f"cratevit {argv[0]}: error: {e}"
     return 0, capsys.readouterr().err
 
 
@@ -115,8 +136,11 @@ def test_bad_number_matrix(command, capsys):
             rejected += 1
             lines = err.strip().splitlines()
             assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-            assert lines[-1].startswith(f"cratevit {command}: error: argument "), lines[-1]
-            assert opt in lines[-1] and repr(value) in lines[-1], lines[-1]  # names the option and the value
+            if lines[-1].startswith(f"cratevit {command}: error: argument "):  # argparse, with an _args check
+                assert opt in lines[-1] and repr(value) in lines[-1], lines[-1]  # names the option and the value
+            else:  # the training configuration's check: names the option (its first spelling) and the value
+                assert command in TRAINING and f"--{a.dest.replace('_', '-')}" in lines[-1].replace("_", "-"), lines
+                assert f"got {float(value):g}" in lines[-1].replace(".0", "") or value in lines[-1], lines[-1]
     assert accepted == [], f"{command} silently accepts: {accepted}"
     assert rejected >= len(numeric)  # every numeric option refuses at least one probe
 

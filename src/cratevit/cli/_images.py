@@ -149,12 +149,3 @@ def fail_if_skipped(skipped: list[dict[str, str]], total: int, summary: Path) ->
             f"{len(skipped)} of {total} images could not be read ({names}); the other {total - len(skipped)} "
             f"are done and listed in {summary}"
         )
-
-
-def unique_stem(path: Path, used: set[str]) -> str:
-    stem, k = path.stem, 1
-    while stem in used:
-        k += 1
-        stem = f"{path.stem}-{k}"
-    used.add(stem)
-    return stem

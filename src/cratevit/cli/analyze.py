@@ -131,15 +131,12 @@ def default_output(first: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import csv
-    import json
-
     import torch
 
     from ..analysis import layerwise_stats, load_model
     from ..analysis.layerwise import MAE_DECODER_DEFINITIONS
+    from ..analysis.layerwise_report import write_layerwise_report
     from ..analysis.segmentation import random_copy
-    from ..analysis.visualize import layerwise_figure, save_figure
 
     torch.manual_seed(args.seed)
     models = [(spec, load_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
@@ -170,36 +167,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
                 f"non-zeros {last['sparsity_mean']:.3f}{code}"
             )
-    rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
-    with (args.output / "layerwise.csv").open("w", newline="") as f:
-        fields = list(dict.fromkeys(k for row in rows for k in row))  # CRATE-alpha's rows add code_sparsity
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.output / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
-    series = {label: stats.rows() for label, stats in results.items()}
-    where = "Z^l (MSSA input)" if args.plot_rc == "rc_in" else "Z^{l+1/2} (after MSSA)"
-    save_figure(
-        layerwise_figure(
-            series, args.plot_rc, f"compression R^c of {where}", "coding rate per layer (lower: more compressed)"
-        ),
-        args.output / "compression",
-    )
-    save_figure(
-        layerwise_figure(
-            series, "sparsity", "fraction of non-zeros of Z^{l+1}", "sparsity of the ISTA output (lower: sparser)"
-        ),
-        args.output / "sparsity",
-    )
-    written = "compression.png/pdf, sparsity.png/pdf"
-    coded = {label: rows for label, rows in series.items() if "code_sparsity_mean" in rows[0]}
-    if coded:  # CRATE-alpha: the sparse code A_2 is what its ISTA steps make sparse
-        save_figure(
-            layerwise_figure(
-                coded, "code_sparsity", "fraction of non-zeros of A_2", "sparsity of the sparse code (lower: sparser)"
-            ),
-            args.output / "code_sparsity",
-        )
-        written += ", code_sparsity.png/pdf"
-    print(f"wrote {args.output}/layerwise.csv, layerwise.json, {written}")
+    written = write_layerwise_report(results, args.output, args.plot_rc)
+    print(f"wrote {args.output}/{', '.join(written)}")
     return 0

@@ -11,7 +11,6 @@ from ._images import (
     load_for_images,
     normalization,
     read_images,
-    unique_stem,
 )
 
 __all__ = ["HELP", "MAX_PIXELS", "add_arguments", "run"]
@@ -29,47 +28,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-    from PIL import Image
-
-    from ..analysis.images import prepare
-    from ..analysis.segmentation import attention_maps, model_geometry
-    from ..analysis.visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
+    from ..analysis.head_maps import write_head_maps
 
     model, spec, files, layer = load_for_images(args)
     mean, std = normalization(args, spec)
-    size, patch = model_geometry(model)
     args.output.mkdir(parents=True, exist_ok=True)
-    records, used = [], set()
     readable, images, skipped = read_images(args, files)
-    for path, image in zip(readable, images, strict=True):
-        prep = prepare(image, size, patch, args.resize, args.size, mean, std)
-        maps = attention_maps(model, prep.tensor[None], args.layer, args.decoder)[0]  # heads rows cols
-        masks = mass_mask(maps, args.threshold)
-        heat = upsample(maps, prep.original_size).numpy()  # heads H W
-        mask_up = upsample(masks.float(), prep.original_size).numpy() > 0.5
-        folder = args.output / unique_stem(path, used)
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / "image.png")
-        np.save(folder / "attention.npy", maps.numpy())
-        for k in range(heat.shape[0]):
-            Image.fromarray(to_uint8(heat[k]), mode="L").save(folder / f"attn-head{k}.png")
-            Image.fromarray((mask_up[k] * 255).astype(np.uint8), mode="L").save(folder / f"mask-head{k}.png")
-            overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
-        part = "decoder layer" if args.decoder else "layer"
-        title = f"{path.name}: {part} {layer} (0-based), top {args.threshold:.0%} of attention mass"
-        save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
-        records.append(
-            {
-                "image": str(path),
-                "folder": str(folder),
-                "preprocessing": prep.how,
-                "input_size": list(prep.input_size),
-                "grid": list(maps.shape[1:]),
-                "heads": int(maps.shape[0]),
-            }
-        )
-        print(f"{path}: {maps.shape[0]} heads, {prep.how} -> {folder}")
+    records = write_head_maps(
+        model,
+        readable,
+        images,
+        args.output,
+        layer,
+        args.threshold,
+        args.resize,
+        args.size,
+        mean,
+        std,
+        args.decoder,
+        log=lambda line: print(line, flush=True),
+    )
     info = {
         "checkpoint": spec,
         "layer": layer,

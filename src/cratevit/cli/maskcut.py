@@ -99,21 +99,37 @@ def _images(args: argparse.Namespace, spec_given: bool) -> tuple[list[Any], Path
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import statistics
-    import time
-
-    import torch
-
-    from ..analysis import input_normalization
-    from ..analysis.detection import coco_ap
-    from ..analysis.images import load_image
-    from ..analysis.maskcut import maskcut_image, overlay_masks, results_for_image, set_input_size
-    from ..analysis.segmentation import load_vision_model, random_copy
-    from ..data.coco import load_annotations, mask_api
-    from ..errors import UserError
+    from ..analysis.discovery import DiscoveryConfig, discover_objects
+    from ..analysis.maskcut import set_input_size
+    from ..data.coco import mask_api
+    from ._images import normalization
 
     mask_api()  # a one-line error naming the extra when pycocotools is missing
+    model, spec = _load(args)
+    mean, std = normalization(args, spec)
+    set_input_size(model, (args.size, args.size))
+    images, ann_path = _images(args, True)
+    cfg = DiscoveryConfig(
+        args.size, args.layer, args.facet, args.tau, args.rounds, args.solver, mean, std, not args.no_overlays
+    )
+    provenance = {"checkpoint": spec, "random_init": args.random_init, "data": args.data}
+    summary = discover_objects(
+        model, images, args.output, cfg, ann_path, provenance, lambda xs: progress(xs, len(xs), "maskcut images")
+    )
+    for kind, ap in summary.get("ap", {}).items():
+        print(f"{kind}: AP {100 * ap['AP']:.1f}  AP50 {100 * ap['AP50']:.1f}  AP75 {100 * ap['AP75']:.1f}")
+    print(
+        f"{summary['masks']} masks on {summary['images']} images, {summary['seconds_per_image']['median']:.2f} s per "
+        f"image (median, {args.size} px, {summary['torch_threads']} threads) -> {args.output / 'results.json'}"
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model (``--random-init``: its architecture re-initialised), its name; checks --layer and --size."""
+    from ..analysis.segmentation import load_vision_model, random_copy
+    from ..errors import UserError
+
     if not args.inputs:
         raise UserError("give a checkpoint (or preset): cratevit maskcut CKPT IMAGE... or CKPT --data DIR")
     spec = args.inputs[0]
@@ -130,61 +146,4 @@ def run(args: argparse.Namespace) -> int:
     patch = model.config.patch_size if hasattr(model, "config") else tuple(model.patch_embed.patch_size)
     if args.size % patch[0] or args.size % patch[1]:
         raise UserError(f"--size {args.size} is not a multiple of the patch size {patch[0]}x{patch[1]}")
-    set_input_size(model, (args.size, args.size))
-    mean, std = input_normalization(spec)
-    mean, std = tuple(args.mean or mean), tuple(args.std or std)
-    args.output.mkdir(parents=True, exist_ok=True)
-    images, ann_path = _images(args, True)
-    if not args.no_overlays:
-        (args.output / "overlays").mkdir(exist_ok=True)
-    results, seconds, per_image = [], [], []
-    threads = torch.get_num_threads()
-    for im in progress(images, len(images), "maskcut images"):
-        image = load_image(im.path)
-        start = time.perf_counter()
-        masks = maskcut_image(
-            model, image, args.size, args.layer, args.facet, args.tau, args.rounds, mean, std, args.solver
-        )
-        seconds.append(time.perf_counter() - start)
-        results += results_for_image(masks, im.id)
-        per_image.append({"image_id": im.id, "file": str(im.path), "masks": len(masks), "seconds": seconds[-1]})
-        if not args.no_overlays:
-            overlay_masks(image, [m.mask for m in masks]).save(
-                args.output / "overlays" / f"{im.id:06d}-{im.path.stem}.png"
-            )
-    (args.output / "results.json").write_text(json.dumps(results))
-    summary: dict[str, Any] = {
-        "checkpoint": spec,
-        "random_init": args.random_init,
-        "data": args.data,
-        "annotations": str(ann_path) if ann_path else None,
-        "images": len(images),
-        "masks": len(results),
-        "input_size": args.size,
-        "layer": args.layer,
-        "facet": args.facet,
-        "tau": args.tau,
-        "rounds": args.rounds,
-        "solver": args.solver,
-        "crf": False,
-        "mean": mean,
-        "std": std,
-        "torch_threads": threads,
-        "seconds_per_image": {"mean": statistics.fmean(seconds), "median": statistics.median(seconds)},
-        "score": "(N - round) / N: the first cut scores highest",
-    }
-    if ann_path is not None:
-        gt = load_annotations(ann_path)
-        gt["images"] = [g for g in gt["images"] if int(g["id"]) in {im.id for im in images}]
-        kept = {int(g["id"]) for g in gt["images"]}
-        gt["annotations"] = [a for a in gt["annotations"] if int(a["image_id"]) in kept]
-        summary["ap"] = coco_ap(gt, results)
-        for kind in ("bbox", "segm"):
-            ap = summary["ap"][kind]
-            print(f"{kind}: AP {100 * ap['AP']:.1f}  AP50 {100 * ap['AP50']:.1f}  AP75 {100 * ap['AP75']:.1f}")
-    (args.output / "maskcut.json").write_text(json.dumps({**summary, "per_image": per_image}, indent=2))
-    print(
-        f"{len(results)} masks on {len(images)} images, {summary['seconds_per_image']['median']:.2f} s per image "
-        f"(median, {args.size} px, {threads} threads) -> {args.output / 'results.json'}"
-    )
-    return 0
+    return model, spec

@@ -92,13 +92,12 @@ def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
         model = load_model(spec).eval()  # its errors name what is wrong
     else:
         model = timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
-    if not timm_pretrained:
-        say_random_weights(spec, seed)
     return model
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     import time
     from pathlib import Path
 
@@ -116,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(args.device)
     try:
         model = load_probe_model(args.model, args.seed, args.timm_pretrained).to(dist.device)
+        if dist.is_main and not args.timm_pretrained:
+            say_random_weights(args.model, args.seed)
         pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         size = int(pcfg.get("input_size", (3, 224, 224))[-1])
         mean, std = pcfg.get("mean", (0.485, 0.456, 0.406)), pcfg.get("std", (0.229, 0.224, 0.225))
@@ -128,12 +129,15 @@ def run(args: argparse.Namespace) -> int:
                 source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
             )
         )
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if dist.is_main else None
         t0 = time.perf_counter()
         feats = {}
         for split, ds in (("train", train_ds), ("val", val_ds)):
 
             def compute(ds=ds):
-                return extract_features(model, ds, args.layer, args.pool, args.batch_size, dist.device, args.workers)
+                return extract_features(
+                    model, ds, args.layer, args.pool, args.batch_size, dist.device, args.workers, log=log
+                )
 
             if args.cache:
                 f, y, hit = cached_features(
@@ -167,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         with (out / "probe.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        where = "final features" if args.layer is None else f"layer {args.layer} (mean patch token)"
+        where = (
+            "final features" if args.layer is None else f"layer {args.layer} (block index, 0-based; mean patch token)"
+        )
         print(f"{args.model} on {args.data} ({where}, {xf.shape[1]}-d, {len(xy)} train / {len(vy)} val images):")
         print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {knn[1]:.2f}%")
         print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")

@@ -14,6 +14,7 @@ from ._args import (
     add_seed_argument,
     positive_int,
     probability,
+    progress,
     say_random_weights,
 )
 from ._images import check_layer
@@ -90,6 +91,11 @@ def _samples(args: argparse.Namespace, image_size: int) -> Any:
 MULTISHAPES_SIZE = 48
 
 
+def _progress_over(samples: Any, limit: int, spec: str) -> Any:
+    total = len(samples) if hasattr(samples, "__len__") else limit
+    return progress(samples, total, f"{spec}: images")
+
+
 def _flat(spec: str, args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
     """One model's summary: the cratevit protocol's figures at the top level (as the first segeval wrote them),
     the paper's and DINO's in their own entries."""
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         mean, std = input_normalization(spec.removesuffix(" (random init)"))
         result = evaluate_protocols(
             model.eval(),
-            _samples(args, size[0]),
+            _progress_over(_samples(args, size[0]), args.num_images, spec),
             size,
             patch,
             args.layer,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._args import nonneg_float, nonneg_int, positive_float, positive_int, probability, unit_float
+from ._args import nonneg_int
 
 HELP = "train a model (default: a small CRATE on the built-in digits data, ~30 s on 2 quiet CPU cores)"
 
@@ -82,8 +82,8 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> 
         default=S,
         help="checkpoint to start from (cratevit or reference CRATE); the head is replaced; None: random init",
     )
-    m.add_argument("--image-size", "--image_size", "--imsize", dest="image_size", type=positive_int, default=S)
-    m.add_argument("--patch-size", "--patch_size", "--patch", dest="patch_size", type=positive_int, default=S)
+    m.add_argument("--image-size", "--image_size", "--imsize", dest="image_size", type=int, default=S)
+    m.add_argument("--patch-size", "--patch_size", "--patch", dest="patch_size", type=int, default=S)
     m.add_argument(
         "--model-kwargs",
         dest="model_kwargs",
@@ -111,82 +111,64 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> 
         "--num-classes",
         "--classes",
         dest="num_classes",
-        type=positive_int,
+        type=int,
         default=S,
         help="class count: of --dummy data; for other data (the original finetune.py's --classes, the new head's "
         "size) it must match the data's",
     )
     d.add_argument("--randomaug", "--randaug", dest="randaug", type=_bool01, default=S, help="RandAugment: 1 or 0")
     d.add_argument(
-        "--rand_aug_n",
-        "--randaug-n",
-        dest="randaug_n",
-        type=nonneg_int,
-        default=S,
-        help="RandAugment operations (default 2)",
+        "--rand_aug_n", "--randaug-n", dest="randaug_n", type=int, default=S, help="RandAugment operations (default 2)"
     )
     d.add_argument(
-        "--rand_aug_m",
-        "--randaug-m",
-        dest="randaug_m",
-        type=nonneg_int,
-        default=S,
-        help="RandAugment magnitude (default 14)",
+        "--rand_aug_m", "--randaug-m", dest="randaug_m", type=int, default=S, help="RandAugment magnitude (default 14)"
     )
     d.add_argument(
         "--erase_prob",
         "--erase-prob",
         dest="erase_prob",
-        type=probability,
+        type=float,
         default=S,
         help="RandomErasing probability after normalisation (default 0)",
     )
     d.add_argument("--no-download", dest="download", action="store_false", default=S, help="never download datasets")
-    d.add_argument("--workers", "-j", dest="workers", type=nonneg_int, default=S, help="data loading processes")
+    d.add_argument("--workers", "-j", dest="workers", type=int, default=S, help="data loading processes")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", "--n_epochs", dest="epochs", type=positive_int, default=S)
+    o.add_argument("--epochs", "--n_epochs", dest="epochs", type=int, default=S)
     o.add_argument(
         "--batch-size",
         "-b",
         "--bs",
         dest="batch_size",
-        type=positive_int,
+        type=int,
         default=S,
         help="global batch size (divided among torchrun processes)",
     )
     o.add_argument("--optimizer", "--opt", dest="optimizer", default=S, help="timm optimizer: lion, adamw, sgd, ...")
-    o.add_argument("--lr", "--learning-rate", dest="lr", type=positive_float, default=S)
-    o.add_argument(
-        "--weight-decay", "--wd", dest="weight_decay", type=nonneg_float, default=S, help=_default("weight_decay")
-    )
-    o.add_argument("--momentum", type=probability, default=S, help=f"for SGD-type optimizers, {_default('momentum')}")
+    o.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=S)
+    o.add_argument("--weight-decay", "--wd", dest="weight_decay", type=float, default=S, help=_default("weight_decay"))
+    o.add_argument("--momentum", type=float, default=S, help=f"for SGD-type optimizers, {_default('momentum')}")
     o.add_argument(
         "--warmup-epochs",
         "--warmup",
         dest="warmup_epochs",
-        type=nonneg_float,
+        type=float,
         default=S,
         help="linear warmup epochs before the cosine decay",
     )
     o.add_argument(
-        "--min-lr", dest="min_lr", type=nonneg_float, default=S, help=f"end of the cosine decay, {_default('min_lr')}"
+        "--min-lr", dest="min_lr", type=float, default=S, help=f"end of the cosine decay, {_default('min_lr')}"
     )
     o.add_argument(
         "--clip-grad",
         dest="clip_grad",
-        type=nonneg_float,
+        type=float,
         default=S,
         help=f"max gradient norm, {_default('clip_grad')}; 0: off",
     )
-    o.add_argument(
-        "--label-smoothing", dest="label_smoothing", type=unit_float, default=S, help=_default("label_smoothing")
-    )
-    o.add_argument(
-        "--mixup", type=nonneg_float, default=S, help=f"mixup alpha (timm Mixup), {_default('mixup')} (0: off)"
-    )
-    o.add_argument(
-        "--cutmix", type=nonneg_float, default=S, help=f"cutmix alpha (timm Mixup), {_default('cutmix')} (0: off)"
-    )
+    o.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S, help=_default("label_smoothing"))
+    o.add_argument("--mixup", type=float, default=S, help=f"mixup alpha (timm Mixup), {_default('mixup')} (0: off)")
+    o.add_argument("--cutmix", type=float, default=S, help=f"cutmix alpha (timm Mixup), {_default('cutmix')} (0: off)")
     o.add_argument(
         "--amp",
         nargs="?",
@@ -207,19 +189,19 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> 
     r.add_argument(
         "--output", "-o", "--out", dest="output", default=S, help="run directory (default runs/DATA-ARCH-TIME)"
     )
-    r.add_argument("--seed", type=nonneg_int, default=S)
-    r.add_argument("--print-freq", "-p", dest="print_freq", type=positive_int, default=S, help="log every N steps")
+    r.add_argument("--seed", type=nonneg_int, default=S, help="seed of the weights, data order and augmentation")
+    r.add_argument("--print-freq", "-p", dest="print_freq", type=int, default=S, help="log every N steps")
     r.add_argument(
         "--steps-per-epoch",
         dest="steps_per_epoch",
-        type=positive_int,
+        type=int,
         default=S,
         help="stop each epoch after N steps (quick runs)",
     )
     r.add_argument(
         "--save-every",
         dest="save_every",
-        type=nonneg_int,
+        type=int,
         default=S,
         help=f"also write last.pt every N steps (default: every {_save_minutes()} minutes; 0: at epoch ends only)",
     )
@@ -229,9 +211,7 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> 
         default=S,
         help="where to train: auto (default: this process's GPU if there is one, else cpu), cpu, cuda, cuda:1",
     )
-    r.add_argument(
-        "--threads", type=positive_int, default=S, help="CPU threads per process (default: torch's; 1 on digits)"
-    )
+    r.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's; 1 on digits)")
     r.add_argument("--resume", default=None, metavar="PATH", help="continue a run: its directory or last.pt")
     r.add_argument("--evaluate", "-e", action="store_true", help="only evaluate (--resume or --pretrained weights)")
     r.add_argument("--config", default=None, metavar="FILE", help="start from a run's config.json")
