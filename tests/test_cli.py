@@ -145,7 +145,7 @@ def test_one_spelling_of_the_output_option_with_the_old_one_kept():
 
 def test_arch_and_heads_share_one_help_text():
     helps = {}
-    for name in ("analyze", "attention", "pca", "segeval", "maskcut", "export", "predict", "info"):
+    for name in ("analyze", "attention", "pca", "segeval", "maskcut", "export", "predict", "info", "explore"):
         actions = {s: a for a in _sub(name)._actions for s in a.option_strings}
         helps.setdefault("arch", set()).add(actions["--arch"].help)
         helps.setdefault("heads", set()).add(actions["--heads"].help)
