@@ -45,6 +45,7 @@ ACCEPTED: dict[tuple[str, str], tuple[set[str], str]] = {
     ("*", "atol"): ({"0", "2.5"}, "an exact, or a loose, ONNX comparison"),
     ("*", "mean"): ({"0", "-1", "2.5"}, "any finite normalisation mean"),
     ("explore", "port"): ({"0"}, "port 0: any free port (documented)"),
+    ("sae", "l1"): ({"0", "2.5"}, "no L1 penalty; an L1 coefficient"),
     ("info", "num_classes"): ({"0"}, "no classifier head: a feature extractor"),
     ("*", "lr"): ({"2.5"}, "a positive learning rate"),
     ("*", "blr"): ({"2.5"}, "a positive base learning rate"),

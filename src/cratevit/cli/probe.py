@@ -99,17 +99,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
     import time
-    from pathlib import Path
 
-    from ..analysis.probe import (
-        L2_GRID,
-        cached_features,
-        extract_features,
-        knn_classifier,
-        linear_probe,
-        probe_datasets,
-        topk_accuracy,
-    )
+    from ..analysis.probe import L2_GRID, embed_splits, probe_datasets, score_probes
     from ..train.distributed import cleanup, init_distributed
 
     dist = init_distributed(args.device)
@@ -121,41 +112,18 @@ def run(args: argparse.Namespace) -> int:
         size = int(pcfg.get("input_size", (3, 224, 224))[-1])
         mean, std = pcfg.get("mean", (0.485, 0.456, 0.406)), pcfg.get("std", (0.229, 0.224, 0.225))
         train_ds, val_ds, data_key = probe_datasets(args.data, size, mean, std, args.data_dir, args.seed)
-        source = Path(args.model)
-        out = (
-            Path(args.output)
-            if args.output
-            else (
-                source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
-            )
-        )
+        out = _output_folder(args)
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if dist.is_main else None
         t0 = time.perf_counter()
-        feats = {}
-        for split, ds in (("train", train_ds), ("val", val_ds)):
-
-            def compute(ds=ds):
-                return extract_features(
-                    model, ds, args.layer, args.pool, args.batch_size, dist.device, args.workers, log=log
-                )
-
-            if args.cache:
-                f, y, hit = cached_features(
-                    out / "features", model, f"{data_key}:{split}", args.layer, args.pool, compute
-                )
-            else:
-                (f, y), hit = compute(), False
-            feats[split] = (f, y, hit)
+        feats = embed_splits(
+            model, {"train": train_ds, "val": val_ds}, data_key, args.layer, args.pool, args.batch_size,
+            dist.device, args.workers, out / "features" if args.cache else None, log,
+        )  # fmt: skip
         t_features = time.perf_counter() - t0
         if not dist.is_main:
             return 0
         (xf, xy, hit_train), (vf, vy, hit_val) = feats["train"], feats["val"]
-        t1 = time.perf_counter()
-        num_classes = int(max(xy.max(), vy.max())) + 1
-        knn = topk_accuracy(knn_classifier(xf, xy, vf, args.k, args.temperature, num_classes), vy)
-        t_knn = time.perf_counter() - t1
-        lin = linear_probe(xf, xy, vf, vy, l2_grid=tuple(args.l2 or L2_GRID), num_classes=num_classes)
-        t_lin = time.perf_counter() - t1 - t_knn
+        scores, lin = score_probes(xf, xy, vf, vy, args.k, args.temperature, args.l2 or L2_GRID)
         record = {
             "model": args.model,
             "data": args.data,
@@ -164,23 +132,35 @@ def run(args: argparse.Namespace) -> int:
             "features": list(xf.shape),
             "val_images": len(vy),
             "cached": hit_train and hit_val,
-            "knn": {"k": args.k, "temperature": args.temperature, "top1": knn[1], "top5": knn[5]},
-            "linear": lin.to_dict(),
-            "seconds": {"features": t_features, "knn": t_knn, "linear": t_lin},
+            **scores,
+            "seconds": {"features": t_features, **scores["seconds"]},
         }
         out.mkdir(parents=True, exist_ok=True)
         with (out / "probe.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        where = (
-            "final features" if args.layer is None else f"layer {args.layer} (block index, 0-based; mean patch token)"
-        )
-        print(f"{args.model} on {args.data} ({where}, {xf.shape[1]}-d, {len(xy)} train / {len(vy)} val images):")
-        print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {knn[1]:.2f}%")
-        print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")
-        print(
-            f"  features {t_features:.1f} s{' (cached)' if record['cached'] else ''}, k-NN {t_knn:.1f} s, "
-            f"linear {t_lin:.1f} s; results appended to {out / 'probe.jsonl'}"
-        )
+        _print_record(args, record, lin, out)
         return 0
     finally:
         cleanup(dist)
+
+
+def _output_folder(args: argparse.Namespace):
+    """``-o``, else ``probe/`` next to a checkpoint file, else ``runs/probe-MODEL``."""
+    from pathlib import Path
+
+    source = Path(args.model)
+    if args.output:
+        return Path(args.output)
+    return source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
+
+
+def _print_record(args: argparse.Namespace, record: dict, lin, out) -> None:
+    where = "final features" if args.layer is None else f"layer {args.layer} (block index, 0-based; mean patch token)"
+    (n_train, dim), seconds = record["features"], record["seconds"]
+    print(f"{args.model} on {args.data} ({where}, {dim}-d, {n_train} train / {record['val_images']} val images):")
+    print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {record['knn']['top1']:.2f}%")
+    print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")
+    print(
+        f"  features {seconds['features']:.1f} s{' (cached)' if record['cached'] else ''}, k-NN {seconds['knn']:.1f} s, "
+        f"linear {seconds['linear']:.1f} s; results appended to {out / 'probe.jsonl'}"
+    )
