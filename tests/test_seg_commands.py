@@ -25,9 +25,13 @@ def test_segeval_protocols(tmp_path, ckpt, capsys) -> None:
     assert s["threshold_kind"] == "entries" and 0 <= s["dino"]["jaccard_best_head"] <= 1
     assert 0 <= s["miou_attention"] <= 1  # the cratevit protocol, where the first segeval put it
     table = (out / "segeval.md").read_text()
-    assert "paper mIoU (best head per class)" in table and "DINO J (best head)" in table and "mIoU PCA" in table
+    assert (
+        "paper mIoU (best head per class)" in table and "DINO J (best head per object)" in table and "mIoU PCA" in table
+    )
     header = (out / "per_image.csv").read_text().splitlines()[0]
-    assert header.endswith("paper_iou_best_head,paper_iou_head_mean,dino_j_mean_map,dino_j_best_head")
+    assert header.endswith(
+        "paper_iou_best_head,paper_iou_head_mean,dino_j_mean_map,dino_j_best_head,dino_j_best_head_foreground"
+    )
 
     out2 = tmp_path / "seg-paper"
     args = [
