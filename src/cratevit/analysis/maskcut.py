@@ -40,6 +40,7 @@ from ..presets import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "MaskCutMask",
+    "display_factor",
     "foreground_side",
     "maskcut",
     "maskcut_image",
@@ -228,20 +229,61 @@ def results_for_image(masks: list[MaskCutMask], image_id: int) -> list[dict[str,
     return [mask_annotation(m.mask, image_id, FOREGROUND["id"], score=m.score) for m in masks]
 
 
-def overlay_masks(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> Image.Image:
-    """The image with each mask (bool, H x W) blended in its own colour and its box drawn."""
-    from matplotlib import colormaps
-    from PIL import ImageDraw
+def display_factor(size: tuple[int, int], min_side: int = 256) -> int:
+    """The integer factor that brings an image's shorter side to at least ``min_side`` pixels (1 if it is)."""
+    return max(1, -(-min_side // max(1, min(size))))
 
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+
+def overlay_masks(
+    image: Image.Image,
+    masks: Sequence[np.ndarray],
+    alpha: float = 0.5,
+    labels: Sequence[str] | None = None,
+    min_side: int = 256,
+) -> Image.Image:
+    """The image with each mask (bool, H x W) blended in its own colour, its box drawn, and a legend strip
+    below naming each colour (``labels``, default "mask 1", "mask 2", ...).
+
+    An image smaller than ``min_side`` pixels (the 48-px built-in scenes) is enlarged by an integer factor with
+    nearest-neighbour sampling, masks alike, so that every token stays a crisp block at a readable size."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    k = display_factor(image.size, min_side)
+    rgb = image.convert("RGB")
+    if k > 1:
+        rgb = rgb.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+        masks = [np.kron(np.asarray(m, bool), np.ones((k, k), bool)) for m in masks]
+    base = np.asarray(rgb, dtype=np.float64)
     colours = colormaps["tab10"].colors
-    for k, m in enumerate(masks):
-        base[m] = (1 - alpha) * base[m] + alpha * 255 * np.asarray(colours[k % 10])
-    out = Image.fromarray(base.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for k, m in enumerate(masks):
+    for i, m in enumerate(masks):
+        base[m] = (1 - alpha) * base[m] + alpha * 255 * np.asarray(colours[i % 10])
+    picture = Image.fromarray(base.round().astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for i, m in enumerate(masks):
         ys, xs = np.nonzero(m)
         if len(xs):
-            colour = tuple(int(255 * c) for c in colours[k % 10])
-            draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=colour)
+            colour = tuple(int(255 * c) for c in colours[i % 10])
+            draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=colour, width=2)
+    names = list(labels) if labels is not None else [f"mask {i + 1}" for i in range(len(masks))]
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    places, x, y = [], 6, 4  # a legend strip below the picture: entries flow left to right, then wrap
+    for name in names:
+        step = 19 + int(draw.textlength(name, font=font)) + 14
+        if x > 6 and x + step > picture.width:
+            x, y = 6, y + 22
+        places.append((x, y))
+        x += step
+    out = Image.new("RGB", (picture.width, picture.height + y + 22), "white")
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    if not names:
+        draw.text((6, picture.height + 4), "no mask kept", fill="black", font=font)
+    for i, (name, (x, y)) in enumerate(zip(names, places, strict=True)):
+        colour = tuple(int(255 * c) for c in colours[i % 10])
+        draw.rectangle([x, picture.height + y + 1, x + 13, picture.height + y + 14], fill=colour, outline="black")
+        draw.text((x + 19, picture.height + y), name, fill="black", font=font)
     return out
