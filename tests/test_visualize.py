@@ -293,6 +293,10 @@ def test_head_grid_has_one_shared_colour_bar_and_a_mask_legend(tmp_path) -> None
     assert len(bars) == 1 and "one scale, all heads" in next(iter(bars)).ax.get_ylabel()
     legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     assert legends and "top 60% of mass" in legends[0].get_texts()[0].get_text()
+    assert all(ax.images[0].get_interpolation() == "nearest" for ax in fig.axes if ax.images)  # small: crisp blocks
+    photo = Image.new("RGB", (512, 384))
+    shrunk = head_grid_figure(photo, np.zeros((1, 384, 512)))
+    assert shrunk.axes[0].images[0].get_interpolation() == "antialiased"  # a photo shrunk to a panel: filtered
     assert fig._suptitle.get_text().endswith("(random weights)")
     assert "random weights" not in head_grid_figure(image, heat, masks, "photo")._suptitle.get_text()
     (png,) = save_figure(fig, tmp_path / "heads", formats=("png",))

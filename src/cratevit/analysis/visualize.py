@@ -181,6 +181,13 @@ def _image_panels(axes: np.ndarray) -> None:
             spine.set_visible(False)
 
 
+def _photo_interpolation(image: Image.Image | np.ndarray) -> str:
+    """Small images and maps (the 32-48 px built-in data) are enlarged on screen as crisp pixel blocks
+    (``nearest``); photographs, shrunk to a panel, are filtered (matplotlib's ``antialiased``) against aliasing."""
+    size = image.size if isinstance(image, Image.Image) else np.asarray(image).shape[:2]
+    return "nearest" if min(size) <= 256 else "antialiased"
+
+
 def _legend_handles(entries: Sequence[tuple[str, object]]) -> list[object]:
     from matplotlib.patches import Patch
 
@@ -203,12 +210,14 @@ def head_grid_figure(
     rows = 1 if masks is None else 2
     fig = Figure(figsize=(2.0 * (heads + 1) + 1.2, 2.2 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, heads + 1, squeeze=False)
-    axes[0, 0].imshow(image, interpolation="nearest")
+    axes[0, 0].imshow(image, interpolation=_photo_interpolation(image))
     axes[0, 0].set_title("image", fontsize=9)
     vmax = float(np.max(heat)) if np.max(heat) > 0 else 1.0
     shown = None
     for k in range(heads):
-        shown = axes[0, k + 1].imshow(heat[k], cmap="inferno", vmin=0.0, vmax=vmax, interpolation="nearest")
+        shown = axes[0, k + 1].imshow(
+            heat[k], cmap="inferno", vmin=0.0, vmax=vmax, interpolation=_photo_interpolation(heat[k])
+        )
         axes[0, k + 1].set_title(f"head {k}", fontsize=9)
     bar = fig.colorbar(shown, ax=axes[0, :].tolist(), shrink=0.9, pad=0.02)
     bar.set_label("[CLS] attention\n(one scale, all heads)", fontsize=8)
@@ -218,8 +227,8 @@ def head_grid_figure(
         for k in range(heads):
             dimmed = np.asarray(image.convert("RGB")).copy()
             dimmed[~masks[k]] = (dimmed[~masks[k]] * 0.25).astype(np.uint8)
-            axes[1, k + 1].imshow(dimmed, interpolation="nearest")
-        axes[1, 0].imshow(masks.any(0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axes[1, k + 1].imshow(dimmed, interpolation=_photo_interpolation(dimmed))
+        axes[1, 0].imshow(masks.any(0), cmap="gray", vmin=0, vmax=1, interpolation=_photo_interpolation(masks[0]))
         axes[1, 0].set_title("union of masks", fontsize=9)
         handles = _legend_handles([(kept, "white"), ("outside (darkened / black)", "0.2")])
         axes[1, 0].legend(
@@ -241,11 +250,11 @@ def pca_figure(
     fig = Figure(figsize=(7.6, 2.3 * len(rows) + 0.7), layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for (name, image, rgb, fg), ax in zip(rows, axes, strict=True):
-        ax[0].imshow(image, interpolation="nearest")
+        ax[0].imshow(image, interpolation=_photo_interpolation(image))
         ax[0].set_title(name, fontsize=9)
-        ax[1].imshow(rgb, interpolation="nearest")
+        ax[1].imshow(rgb, interpolation=_photo_interpolation(rgb))
         ax[1].set_title("PCA components 1-3 (RGB)", fontsize=9)
-        ax[2].imshow(fg, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax[2].imshow(fg, cmap="gray", vmin=0, vmax=1, interpolation=_photo_interpolation(fg))
         ax[2].set_title("foreground (component 1)", fontsize=9)
         ax[2].legend(
             handles=_legend_handles([("foreground", "white"), ("background", "black")]),
