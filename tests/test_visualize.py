@@ -336,3 +336,11 @@ def test_maskcut_overlay_of_a_scene_is_enlarged_with_a_legend() -> None:
         assert (np.abs(strip.astype(int) - np.round(255 * np.asarray(colour))).sum(-1) == 0).any()
     big = Image.new("RGB", (640, 480))
     assert overlay_masks(big, []).width == 640  # a photo keeps its size
+
+
+def test_figures_of_presets_say_random_weights(tmp_path) -> None:
+    from cratevit.cli.attention import has_random_weights
+
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("crate_debug"))
+    assert has_random_weights("crate_debug") and has_random_weights("vit_small_patch16_224")
+    assert not has_random_weights(str(ckpt)) and not has_random_weights("hf-hub:owner/repo/model.pt")
