@@ -278,3 +278,23 @@ def test_bad_configs_get_one_line(changes, match):
         ToSTConfig.from_dict({"dim": 32, "mlp_dim": 4})
     cfg = tost_preset("tost_digits")
     assert ToSTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_memory_lean_backward_equals_autograd_of_the_equations():
+    from cratevit.models.tost import tssa_output
+
+    torch.manual_seed(4)
+    w = torch.randn(2, 7, 3, 4, dtype=torch.float64, requires_grad=True)
+    tau = (torch.rand(3, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(tssa_output, (w, tau))
+    fast, plain = tssa_output(w, tau), token_statistics_attention(w, tau)[0]
+    torch.testing.assert_close(fast, plain)
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (w, tau), g), torch.autograd.grad(plain, (w, tau), g), strict=True):
+        torch.testing.assert_close(a, b)
+    # a column that is zero over all tokens (the clamp of the normalisation) gives finite gradients
+    w0 = w.detach().clone()
+    w0[:, :, :, 1] = 0
+    w0.requires_grad_()
+    (gw,) = torch.autograd.grad(tssa_output(w0, tau).sum(), (w0,))
+    assert torch.isfinite(gw).all()

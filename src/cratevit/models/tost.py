@@ -69,6 +69,7 @@ __all__ = [
     "to_official_keys",
     "token_statistics_attention",
     "tost_preset",
+    "tssa_output",
 ]
 
 NORM_EPS = 1e-6  # every LayerNorm of the official vision models
@@ -194,6 +195,59 @@ def token_statistics_attention(w: Tensor, temperature: Tensor, dropout_p: float 
         gain = F.dropout(gain, p=dropout_p, training=True)
     out = -(w * pi.unsqueeze(-1)) * gain.unsqueeze(1)  # b n h p
     return out, pi, s
+
+
+class _TSSAFunction(torch.autograd.Function):
+    """:func:`token_statistics_attention`'s output with a hand-written backward that keeps only ``w``, ``Pi``, the
+    energies and the ``(h, p)`` statistics: the autograd graph of the plain formulation stores five more
+    ``(n, dim)`` tensors per block. Gradients (derived from the equations, tested against autograd)::
+
+        dPi_i  = -sum_j G_ij w_ij g_j + sum_j dA_j w_ij^2 + dm           (g = 1 / (1 + s), A = s m, m = sum Pi + eps)
+        dg_j   = -sum_i G_ij w_ij Pi_i;   ds = -g^2 dg;   dA = ds / m;   dm = -sum_j ds_j s_j / m
+        dlogit = Pi (dPi - sum_k Pi_k dPi_k)   (softmax over heads);   de = tau dlogit;   dtau = sum e dlogit
+        dq_ij  = Pi_i dA_j + de_i / c_j - sum_u de_u q_uj / c_j^2      (q = w^2, c_j = sum_i q_ij, e_i = sum_j q_ij / c_j)
+        dw     = -G Pi g + 2 w dq
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, temperature: Tensor) -> Tensor:
+        tau = temperature.to(w.dtype).view(1, 1, -1)
+        q = w * w  # b n h p
+        c = q.sum(dim=1, keepdim=True).clamp_min(1e-24)  # b 1 h p
+        e = (q / c).sum(dim=-1)  # b n h
+        pi = torch.softmax(e * tau, dim=2)
+        m = pi.sum(dim=1) + PI_EPS  # b h
+        s = torch.einsum("bnh,bnhp->bhp", pi, q) / m.unsqueeze(-1)  # b h p
+        out = -(w * pi.unsqueeze(-1)) * (1.0 / (1.0 + s)).unsqueeze(1)
+        ctx.save_for_backward(w, temperature, pi, e, s, c)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        w, temperature, pi, e, s, c = ctx.saved_tensors
+        tau = temperature.to(w.dtype).view(1, 1, -1)
+        g = 1.0 / (1.0 + s)  # b h p
+        m = pi.sum(dim=1) + PI_EPS  # b h
+        q = w * w
+        gw = grad * w
+        dpi = -torch.einsum("bnhp,bhp->bnh", gw, g)
+        ds = torch.einsum("bnhp,bnh->bhp", gw, pi) * g * g  # -g^2 * dg, dg = -sum_i G w Pi
+        da = ds / m.unsqueeze(-1)
+        dm = -(ds * s).sum(dim=-1) / m  # b h
+        dpi = dpi + torch.einsum("bhp,bnhp->bnh", da, q) + dm.unsqueeze(1)
+        dlogit = pi * (dpi - (pi * dpi).sum(dim=2, keepdim=True))
+        dtau = (dlogit * e).sum(dim=(0, 1)).view_as(temperature).to(temperature.dtype)
+        de = dlogit * tau  # b n h
+        dc = -torch.einsum("bnh,bnhp->bhp", de, q).unsqueeze(1) / (c * c)  # b 1 h p
+        dc = dc.masked_fill(c <= 1e-24, 0.0)  # the clamp passes no gradient
+        dq = pi.unsqueeze(-1) * da.unsqueeze(1) + de.unsqueeze(-1) / c + dc
+        dw = -(grad * pi.unsqueeze(-1)) * g.unsqueeze(1) + 2.0 * w * dq
+        return dw, dtau
+
+
+def tssa_output(w: Tensor, temperature: Tensor) -> Tensor:
+    """``-(Pi w) / (1 + s)`` for ``w`` (b, n, h, p), with the memory-lean backward of :class:`_TSSAFunction`."""
+    return _TSSAFunction.apply(w, temperature)
 
 
 def causal_token_statistics_attention(w: Tensor, temperature: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
