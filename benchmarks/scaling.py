@@ -4,6 +4,7 @@ Usage (from a source checkout)::
 
     OMP_NUM_THREADS=1 python benchmarks/scaling.py --out runs/scaling            # 196 .. 16,384 tokens, minutes
     python benchmarks/scaling.py --quick --out /tmp/scaling                       # CI size, seconds
+    python benchmarks/scaling.py --device cuda --max-mem-gb 100 --out runs/scaling_gpu   # the GPU variant
 
 Every model has the same width (``--dim``, ``--heads``), depth (``--depth`` token-mixing blocks; ToST adds its two
 class-attention blocks, as the official models) and patch 16; the token count ``n = (S / 16)^2`` grows with the
@@ -120,7 +121,7 @@ def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    target = torch.zeros(x.shape[0], dtype=torch.long)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
     def run() -> None:
         model.train()
@@ -142,18 +143,31 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def peak_memory_mib(fn: Callable[[], None]) -> float:
-    """Peak resident memory of one call of ``fn`` above the resident memory before it, in MiB (Linux)."""
+def peak_memory_mib(fn: Callable[[], None], device: str = "cpu") -> float:
+    """Peak memory of one call of ``fn`` above the memory in use before it, in MiB: resident memory on the CPU
+    (Linux), allocated device memory on CUDA."""
     _release()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     before = _status_mib("VmRSS")
     fn()
     return max(_status_mib("VmHWM") - before, 0.0)
 
 
-def seconds(fn: Callable[[], None]) -> float:
+def seconds(fn: Callable[[], None], device: str = "cpu") -> float:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -184,7 +198,7 @@ def run(args: argparse.Namespace) -> Result:
     stopped: dict[str, str] = {}
     for side in sides:
         n = (side // 16) ** 2
-        x = torch.randn(1, 3, side, side)
+        x = torch.randn(1, 3, side, side, device=args.device)
         live: dict[str, dict[str, Callable[[], None]]] = {}
         for name in args.models:
             if name in stopped:
@@ -204,13 +218,13 @@ def run(args: argparse.Namespace) -> Result:
                     result.points.append(Point(name, n, stopped=why))
                     print(f"{name}: {why}", flush=True)
                     continue
-            model = build(name, side, args.dim, args.heads, args.depth)
+            model = build(name, side, args.dim, args.heads, args.depth).to(args.device)
             live[name] = {"infer": inference_step(model, x), "train": training_step(model, x)}
         memory: dict[tuple[str, str], float | None] = {}
         for name, fns in live.items():  # the first call of each step: warm-up, and the memory measurement
             for mode, fn in fns.items():
                 if args.memory:
-                    memory[(name, mode)] = peak_memory_mib(fn)
+                    memory[(name, mode)] = peak_memory_mib(fn, args.device)
                 else:
                     fn()
                     memory[(name, mode)] = None
@@ -221,7 +235,7 @@ def run(args: argparse.Namespace) -> Result:
                 if rep and spent > args.max_rep_seconds:  # slow points: fewer repetitions (at least one)
                     continue
                 for mode, fn in fns.items():
-                    times.setdefault((name, mode), []).append(seconds(fn))
+                    times.setdefault((name, mode), []).append(seconds(fn, args.device))
         for name in live:
             p = Point(
                 name,
@@ -288,7 +302,7 @@ def markdown(result: Result) -> str:
     s = result.settings
     models = [m for m in MODELS if m in s["models"]]
     out = [
-        f"Batch 1, float32, {s['threads']} thread(s); width {s['dim']}, {s['heads']} heads, {s['depth']} "
+        f"Batch 1, float32, {s['device']}, {s['threads']} thread(s); width {s['dim']}, {s['heads']} heads, {s['depth']} "
         f"token-mixing blocks, patch 16; medians of {s['reps']} interleaved repetitions.",
         "",
         "| tokens | " + " | ".join(f"{LABELS[m]}: inference ms / training ms / training MiB" for m in models) + " |",
@@ -345,9 +359,11 @@ def plot(result: Result, path: Path) -> None:
         ax.set_xlabel("tokens n")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(
-        f"Scaling with the number of tokens (batch 1, float32, CPU, {result.settings['threads']} thread(s), "
+        f"Scaling with the number of tokens (batch 1, float32, {result.settings['device']}, "
+        f"{result.settings['threads']} thread(s), "
         f"width {result.settings['dim']}, random weights)"
     )
     fig.tight_layout()
@@ -366,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant (device memory measured)")
     p.add_argument("--max-mem-gb", type=float, default=4.0, help="stop a model before a step would exceed this")
     p.add_argument("--max-seconds", type=float, default=150.0, help="stop a model before a step would exceed this")
     p.add_argument(
