@@ -298,3 +298,25 @@ def test_memory_lean_backward_equals_autograd_of_the_equations():
     w0.requires_grad_()
     (gw,) = torch.autograd.grad(tssa_output(w0, tau).sum(), (w0,))
     assert torch.isfinite(gw).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_fx_feature_extraction_and_torchscript():
+    """timm's contract checks, ahead of registration: the torch.fx feature extractor (eval output identical; the
+    training graph gives every parameter a gradient) and torch.jit.script (TorchScript runs the plain TSSA)."""
+    import timm
+
+    from test_timm_contract import create_fx_model
+
+    model = small().eval()
+    x = torch.randn(2, 3, 32, 48)
+    out = model(x)
+    assert torch.equal(torch.cat(tuple(create_fx_model(model)(x).values())), out)
+    fx_train = create_fx_model(small().train(), train=True)
+    torch.cat(tuple(fx_train(x).values())).sum().backward()
+    assert all(p.grad is not None for p in fx_train.parameters())
+    with timm.layers.set_scriptable(True):
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="not a multiple of 8"):
+        scripted(torch.randn(1, 3, 30, 32))

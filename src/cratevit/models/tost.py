@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
@@ -65,6 +66,7 @@ __all__ = [
     "ToSTLayerTrace",
     "ToSTTrace",
     "causal_token_statistics_attention",
+    "fourier_features",
     "from_official_keys",
     "to_official_keys",
     "token_statistics_attention",
@@ -188,7 +190,7 @@ def token_statistics_attention(w: Tensor, temperature: Tensor, dropout_p: float 
     col = w2.sum(dim=1, keepdim=True).clamp_min(1e-24)  # b 1 h p
     logits = (w2 / col).sum(dim=-1) * temperature.view(1, 1, -1)  # b n h
     pi = torch.softmax(logits, dim=2)  # over heads
-    mass = pi.sum(dim=1).unsqueeze(-1) + PI_EPS  # b h 1
+    mass = pi.sum(dim=1).unsqueeze(-1) + 1e-8  # b h 1 (PI_EPS; TorchScript reads no float globals)
     s = torch.einsum("bnh,bnhp->bhp", pi, w2) / mass  # b h p
     gain = 1.0 / (1.0 + s)
     if dropout_p > 0.0:
@@ -199,7 +201,7 @@ def token_statistics_attention(w: Tensor, temperature: Tensor, dropout_p: float 
 
 class _TSSAFunction(torch.autograd.Function):
     """:func:`token_statistics_attention`'s output with a hand-written backward that keeps only ``w``, ``Pi``, the
-    energies and the ``(h, p)`` statistics: the autograd graph of the plain formulation stores five more
+    energies and the ``(h, p)`` statistics: the autograd graph of the plain formulation stores about three more
     ``(n, dim)`` tensors per block. Gradients (derived from the equations, tested against autograd)::
 
         dPi_i  = -sum_j G_ij w_ij g_j + sum_j dA_j w_ij^2 + dm           (g = 1 / (1 + s), A = s m, m = sum Pi + eps)
@@ -285,10 +287,17 @@ class TSSA(nn.Module):
         return self.subspace_proj(x).view(b, n, self.heads, -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out, _, _ = token_statistics_attention(
-            self.project(x), self.temperature, self.attn_drop if self.training else 0.0
-        )
+        w = self.project(x)
+        # dropout on 1 / (1 + s), and TorchScript (no custom autograd Functions): the plain autograd formulation
+        if torch.jit.is_scripting() or (self.training and self.attn_drop > 0.0):
+            out = token_statistics_attention(w, self.temperature, self.attn_drop if self.training else 0.0)[0]
+        else:
+            out = self._lean(w)
         return self.proj_drop(self.out_proj(out.flatten(2)))
+
+    @torch.jit.unused
+    def _lean(self, w: Tensor) -> Tensor:
+        return tssa_output(w, self.temperature)
 
     def trace(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(output, w (b, h, n, p), Pi (b, h, n), s (b, h, p))``."""
@@ -393,25 +402,28 @@ class FourierPositionalEncoding(nn.Module):
         self.pos_dim, self.temperature = pos_dim, temperature
         self.proj = nn.Conv2d(2 * pos_dim, dim, kernel_size=1)
 
-    def features(self, gh: int, gw: int, device: torch.device) -> Tensor:
-        """The fixed sine/cosine features, (gh * gw, 2 * pos_dim), rows first."""
-        scale, eps = 2 * math.pi, 1e-6
-        y = torch.arange(1, gh + 1, dtype=torch.float32, device=device) / (gh + eps) * scale
-        x = torch.arange(1, gw + 1, dtype=torch.float32, device=device) / (gw + eps) * scale
-        k = torch.arange(self.pos_dim, dtype=torch.float32, device=device)
-        freq = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.pos_dim)
-
-        def encode(v: Tensor) -> Tensor:  # (m,) -> (m, pos_dim): sin on even, cos on odd frequencies, interleaved
-            a = v[:, None] / freq
-            return torch.stack((a[:, 0::2].sin(), a[:, 1::2].cos()), dim=2).flatten(1)
-
-        fy = encode(y)[:, None, :].expand(gh, gw, self.pos_dim)
-        fx = encode(x)[None, :, :].expand(gh, gw, self.pos_dim)
-        return torch.cat((fy, fx), dim=2).reshape(gh * gw, 2 * self.pos_dim)
-
     def forward(self, gh: int, gw: int) -> Tensor:
-        feats = self.features(gh, gw, self.proj.weight.device).to(self.proj.weight.dtype)
+        feats = fourier_features(gh, gw, self.pos_dim, self.temperature, self.proj.weight)
         return F.linear(feats, self.proj.weight.flatten(1), self.proj.bias).unsqueeze(0)
+
+
+def _sin_cos(v: Tensor, freq: Tensor) -> Tensor:
+    """(m,) positions -> (m, F): ``sin`` of the even, ``cos`` of the odd frequencies, interleaved."""
+    a = v[:, None] / freq
+    return torch.stack((a[:, 0::2].sin(), a[:, 1::2].cos()), dim=2).flatten(1)
+
+
+def fourier_features(gh: int, gw: int, pos_dim: int, temperature: float, like: Tensor) -> Tensor:
+    """The fixed sine/cosine features of a ``gh x gw`` grid, (gh * gw, 2 * pos_dim), rows first, computed in
+    float32 (as the official code) and returned in ``like``'s dtype and device."""
+    scale, eps = 2 * math.pi, 1e-6
+    y = torch.arange(1, gh + 1, dtype=torch.float32, device=like.device) / (gh + eps) * scale
+    x = torch.arange(1, gw + 1, dtype=torch.float32, device=like.device) / (gw + eps) * scale
+    k = torch.arange(pos_dim, dtype=torch.float32, device=like.device)
+    freq = torch.pow(temperature, 2 * torch.div(k, 2, rounding_mode="floor") / pos_dim)
+    fy = _sin_cos(y, freq)[:, None, :].expand(gh, gw, pos_dim)
+    fx = _sin_cos(x, freq)[None, :, :].expand(gh, gw, pos_dim)
+    return torch.cat((fy, fx), dim=2).reshape(gh * gw, 2 * pos_dim).to(like.dtype)
 
 
 class ToSTBlock(nn.Module):
@@ -457,10 +469,13 @@ class ClassAttention(nn.Module):
     def attend(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(attended class token (b, 1, dim) before the output projection, weights (b, h, n))."""
         b, n, c = x.shape
-        wq, wkv = self.qkv.weight[:c], self.qkv.weight[c:]
-        bq, bkv = (None, None) if self.qkv.bias is None else (self.qkv.bias[:c], self.qkv.bias[c:])
-        q = F.linear(x[:, :1], wq, bq).view(b, 1, self.heads, -1).transpose(1, 2)  # b h 1 p: the class token only
-        k, v = F.linear(x, wkv, bkv).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 b h n p
+        weight, bias = self.qkv.weight, self.qkv.bias
+        if bias is None:
+            q, kv = F.linear(x[:, :1], weight[:c]), F.linear(x, weight[c:])
+        else:
+            q, kv = F.linear(x[:, :1], weight[:c], bias[:c]), F.linear(x, weight[c:], bias[c:])
+        q = q.view(b, 1, self.heads, -1).transpose(1, 2)  # b h 1 p: the class token's query only
+        k, v = kv.view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # b h n p each
         attn = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # b h 1 n
         weights = F.dropout(attn, self.attn_drop, training=True) if self.training and self.attn_drop > 0 else attn
         return (weights @ v).transpose(1, 2).reshape(b, 1, c), attn.squeeze(2)
@@ -543,6 +558,12 @@ def _check_images(x: Tensor, channels: int, patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+# Shape-dependent Python stays out of torch.fx graphs (timm's feature extraction): each is one opaque call.
+torch.fx.wrap("_check_images")
+torch.fx.wrap("fourier_features")
+torch.fx.wrap("tssa_output")
+
+
 class ToST(nn.Module):
     """The ToST vision classifier with timm's model contract (``forward_features`` / ``forward_head`` /
     ``forward_intermediates`` / ``reset_classifier`` ...). ``ToST(config=tost_preset("tost_cab_small_12_p16"))``,
@@ -559,8 +580,10 @@ class ToST(nn.Module):
         cfg = self.config = config
         self.num_classes = cfg.num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.dim
-        self.global_pool = cfg.pool
-        self.patch = cfg.patch_size[0]
+        self.global_pool: str = cfg.pool
+        self.patch: int = cfg.patch_size[0]
+        self.in_chans: int = cfg.channels
+        self.use_pos: bool = cfg.use_pos  # forward reads plain attributes (TorchScript cannot read the dataclass)
         self.grad_checkpointing = False
         self.pretrained_cfg = self.default_cfg = {
             "input_size": (cfg.channels, *cfg.image_size),
@@ -599,15 +622,15 @@ class ToST(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images (b, c, H, W) -> tokens Z^0 (b, n, dim) (no class token) and the patch grid."""
-        _check_images(x, self.config.channels, self.patch)
+        _check_images(x, self.in_chans, self.patch)
         z, grid = self.patch_embed(x)
-        if self.config.use_pos:
+        if self.use_pos:
             z = z + self.pos_embed(grid[0], grid[1])
         return self.pos_drop(z), grid
 
     def _run_blocks(self, z: Tensor) -> Tensor:
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
                 z = torch.utils.checkpoint.checkpoint(block, z, use_reentrant=False)
             else:
                 z = block(z)
