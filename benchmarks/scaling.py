@@ -303,7 +303,7 @@ def markdown(result: Result) -> str:
     models = [m for m in MODELS if m in s["models"]]
     out = [
         f"Batch 1, float32, {s['device']}, {s['threads']} thread(s); width {s['dim']}, {s['heads']} heads, {s['depth']} "
-        f"token-mixing blocks, patch 16; medians of {s['reps']} interleaved repetitions.",
+        f"token-mixing blocks, patch 16, random weights; medians of {s['reps']} interleaved repetitions.",
         "",
         "| tokens | " + " | ".join(f"{LABELS[m]}: inference ms / training ms / training MiB" for m in models) + " |",
         "|---:|" + "---:|" * len(models),
