@@ -45,11 +45,12 @@ def write_head_maps(
     mean: Sequence[float],
     std: Sequence[float],
     decoder: bool = False,
+    random_weights: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> list[dict[str, Any]]:
     """Write the files above for each image under ``out``; one record per image (its folder, preprocessing,
     input size, token grid, head count). ``layer`` is a 0-based block index (of the decoder with ``decoder``);
-    ``log`` receives one line per image."""
+    ``random_weights`` says so in the figures' titles; ``log`` receives one line per image."""
     grid_size, patch = model_geometry(model)
     records, used = [], set()
     for path, image in zip(paths, images, strict=True):
@@ -68,7 +69,7 @@ def write_head_maps(
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
         part = "decoder layer" if decoder else "layer"
         title = f"{path.name}: {part} {layer} (0-based), top {threshold:.0%} of attention mass"
-        save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
+        save_figure(head_grid_figure(image, heat, mask_up, title, random_weights, threshold), folder / "heads")
         records.append(
             {
                 "image": str(path),

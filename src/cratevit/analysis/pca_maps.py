@@ -55,9 +55,11 @@ def write_pca_maps(
     mean: Sequence[float],
     std: Sequence[float],
     decoder: bool = False,
+    random_weights: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> PCAMapsResult:
-    """Write the files above for ``images``; ``layer`` is a 0-based block index; ``log`` gets a line per image."""
+    """Write the files above for ``images``; ``layer`` is a 0-based block index; ``random_weights`` says so in the
+    figure's title; ``log`` gets a line per image."""
     grid_size, patch = model_geometry(model)
     preps, feats = [], []
     for image in images:
@@ -108,5 +110,6 @@ def write_pca_maps(
             }
         )
         log(f"{path}: {prep.how} -> {folder}")
-    save_figure(pca_figure(shown, f"PCA ({method}) of layer {layer} (0-based) {facet} features"), out / "pca-grid")
+    title = f"PCA ({method}) of layer {layer} (0-based) {facet} features"
+    save_figure(pca_figure(shown, title, random_weights), out / "pca-grid")
     return PCAMapsResult(records, [float(v) for v in ratios], rgb_words, fg_words)

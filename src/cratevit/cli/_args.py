@@ -29,6 +29,7 @@ __all__ = [
     "add_seed_argument",
     "add_workers_argument",
     "finite_float",
+    "has_random_weights",
     "in_range_float",
     "int_range",
     "nonneg_float",
@@ -188,14 +189,14 @@ def add_normalization_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- shared messages
-def is_random_preset(spec: str) -> bool:
-    """True when ``spec`` names a preset or a timm model (no file, folder or Hub address): random weights."""
+def has_random_weights(spec: str) -> bool:
+    """A preset or timm model name (not a file, folder or hf-hub address) is built with random weights."""
     return not (spec.startswith("hf-hub:") or Path(spec).exists())
 
 
 def say_random_weights(spec: str, seed: int | None = None) -> bool:
     """Print ``SPEC: random weights (...)`` once when ``spec`` is a preset or timm name rather than a file."""
-    if not is_random_preset(spec):
+    if not has_random_weights(spec):
         return False
     how = f" seeded with {seed}" if seed is not None else ""
     print(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import MAX_PIXELS, probability
+from ._args import MAX_PIXELS, has_random_weights, probability
 from ._images import (
     add_model_and_image_arguments,
     fail_if_skipped,
@@ -13,7 +13,7 @@ from ._images import (
     read_images,
 )
 
-__all__ = ["HELP", "MAX_PIXELS", "add_arguments", "run"]
+__all__ = ["HELP", "MAX_PIXELS", "add_arguments", "has_random_weights", "run"]
 
 HELP = "per-head [CLS] attention maps of images: heat maps, top-mass masks, overlays and a head grid (Figure 4)"
 
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         mean,
         std,
         args.decoder,
+        has_random_weights(spec),
         log=lambda line: print(line, flush=True),
     )
     info = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import positive_int, probability
+from ._args import has_random_weights, positive_int, probability
 from ._images import (
     add_model_and_image_arguments,
     fail_if_skipped,
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         mean,
         std,
         args.decoder,
+        has_random_weights(spec),
         log=lambda line: print(line, flush=True),
     )
     info = {
