@@ -4,6 +4,7 @@ CRATE emergence paper's, DINO's, and cratevit's first one with its PCA masks); s
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ._args import (
@@ -120,14 +121,11 @@ def _table(summaries: dict[str, dict[str, Any]], protocols: list[str]) -> list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    import csv
     import json
 
     from ..analysis import input_normalization
-    from ..analysis.segmentation import load_vision_model, model_geometry, random_copy
+    from ..analysis.segmentation import load_vision_model, random_copy
     from ..analysis.segprotocols import PROTOCOLS, evaluate_protocols
-    from ..errors import UserError
-    from ..registry import is_family_model
 
     protocols = [p for p in PROTOCOLS if p in (args.protocol or PROTOCOLS)]
     models = [(spec, load_vision_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
@@ -138,56 +136,68 @@ def run(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     summaries, per_image = {}, []
     for spec, model in models:
-        size, patch = model_geometry(model)
-        layer = check_layer(args.layer, len(model.blocks))
-        if args.image_size is not None and args.data not in ("shapes", "multishapes"):
-            if not is_family_model(model):
-                raise UserError("--image-size works for CRATE models only (timm ViTs are evaluated at their size)")
-            model.dynamic_img_size = True
-            size = (args.image_size, args.image_size)
-        if args.data == "multishapes" and tuple(size) != (MULTISHAPES_SIZE, MULTISHAPES_SIZE):
-            from ..analysis.maskcut import set_input_size
-
-            set_input_size(model, (MULTISHAPES_SIZE, MULTISHAPES_SIZE))  # the scenes' own size, same object scale
-            size = (MULTISHAPES_SIZE, MULTISHAPES_SIZE)
+        size, patch, layer = _evaluation_geometry(model, args)
         mean, std = input_normalization(spec.removesuffix(" (random init)"))
+        samples = _progress_over(_samples(args, size[0]), args.num_images, spec)
         result = evaluate_protocols(
-            model.eval(),
-            _progress_over(_samples(args, size[0]), args.num_images, spec),
-            size,
-            patch,
-            args.layer,
-            args.threshold,
-            args.threshold_kind,
-            mean,
-            std,
-            protocols,
-            args.batch_size,
-        )
-        summary = _flat(spec, args, result.summary())
-        summaries[spec] = summary
+            model.eval(), samples, size, patch, args.layer, args.threshold, args.threshold_kind, mean, std,
+            protocols, args.batch_size,
+        )  # fmt: skip
+        summaries[spec] = summary = _flat(spec, args, result.summary())
         per_image += [{"model": spec, **row} for row in result.per_image()]
-        parts = []
-        if "paper" in protocols:
-            parts.append(f"paper mIoU {summary['paper']['miou']:.3f}")
-        if "dino" in protocols:
-            parts.append(
-                f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
-                f"(best head per object {summary['dino']['jaccard_best_head']:.3f})"
-            )
-        if "cratevit" in protocols:
-            parts.append(
-                f"attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
-                f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f}"
-            )
-        where = f"layer {layer} (block index, 0-based)"
-        print(f"{spec}: " + "; ".join(parts) + f" over {summary['num_images']} images, {where}")
+        print(f"{spec}: {_line(summary, protocols)} over {summary['num_images']} images, layer {layer} (0-based)")
     (args.output / "segeval.json").write_text(json.dumps(summaries, indent=2))
-    with (args.output / "per_image.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(per_image[0]))
-        writer.writeheader()
-        writer.writerows(per_image)
+    _write_csv(args.output / "per_image.csv", per_image)
     table = _table(summaries, protocols)
     (args.output / "segeval.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0
+
+
+def _evaluation_geometry(model: Any, args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """(input size, patch size, 0-based layer) the model is evaluated at: VOC at ``--image-size`` (CRATE only),
+    the multi-shapes scenes at their own 48 px; checks ``--layer``."""
+    from ..analysis.segmentation import model_geometry
+    from ..errors import UserError
+    from ..registry import is_family_model
+
+    size, patch = model_geometry(model)
+    layer = check_layer(args.layer, len(model.blocks))
+    if args.image_size is not None and args.data not in ("shapes", "multishapes"):
+        if not is_family_model(model):
+            raise UserError("--image-size works for CRATE models only (timm ViTs are evaluated at their size)")
+        model.dynamic_img_size = True
+        size = (args.image_size, args.image_size)
+    if args.data == "multishapes" and tuple(size) != (MULTISHAPES_SIZE, MULTISHAPES_SIZE):
+        from ..analysis.maskcut import set_input_size
+
+        set_input_size(model, (MULTISHAPES_SIZE, MULTISHAPES_SIZE))  # the scenes' own size, same object scale
+        size = (MULTISHAPES_SIZE, MULTISHAPES_SIZE)
+    return size, patch, layer
+
+
+def _line(summary: dict[str, Any], protocols: list[str]) -> str:
+    """One model's figures under each protocol, for the terminal."""
+    parts = []
+    if "paper" in protocols:
+        parts.append(f"paper mIoU {summary['paper']['miou']:.3f}")
+    if "dino" in protocols:
+        parts.append(
+            f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
+            f"(best head per object {summary['dino']['jaccard_best_head']:.3f})"
+        )
+    if "cratevit" in protocols:
+        parts.append(
+            f"attention {summary['miou_attention']:.3f}, best head {summary['miou_best_head']:.3f} "
+            f"(head {summary['best_head']}), PCA {summary['miou_pca']:.3f}"
+        )
+    return "; ".join(parts)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
