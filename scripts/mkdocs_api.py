@@ -80,7 +80,7 @@ def definition(module_name: str, name: str) -> str:
         return obj.__name__
     if inspect.isclass(obj) or inspect.isfunction(obj):
         return f"{obj.__module__}.{obj.__qualname__}"
-    candidates = [module_name] + sorted(m for m in sys.modules if m.startswith("cratevit."))
+    candidates = [module_name, *sorted(m for m in sys.modules if m.startswith("cratevit."))]
     assignment = re.compile(rf"^{re.escape(name)}\s*[:=]", re.M)
     for candidate in candidates:
         mod = sys.modules.get(candidate)
@@ -114,5 +114,5 @@ def api_markdown(layer: str) -> str:
     return "\n".join(lines)
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs' hook signature)
+def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs calls it with these four arguments
     return MARKER.sub(lambda m: api_markdown(m.group("module")), markdown)
