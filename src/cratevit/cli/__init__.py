@@ -39,9 +39,11 @@ COMMANDS: dict[str, str] = {
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",
 }
+"""Sub-command name -> its module; the order of ``cratevit --help``."""
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)
 EXPECTED_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""Errors printed as one line (what the user can fix); anything else is a bug and keeps its traceback."""
 
 
 # A full or read-only disk while writing outputs: one line too (PermissionError covers EACCES and EPERM).
@@ -60,6 +62,7 @@ _show_warning = warnings.showwarning
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cratevit`` argument parser with every sub-command (imports each command module, not torch)."""
     from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="cratevit", description="CRATE white-box vision transformers.")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cratevit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
