@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 import sys
 import types
@@ -91,14 +92,53 @@ def definition(module_name: str, name: str) -> str:
 
 
 def public_names(layer: str) -> list[PublicName]:
-    """Every name of ``layer.__all__``, resolved to its definition."""
+    """Every name of ``layer.__all__`` (of any module), resolved to its definition. Names that timm's
+    ``register_model`` appends to a module's ``__all__`` at run time (its model entry points) are left out."""
     _ensure_src_on_path()
     module = importlib.import_module(layer)
-    return [PublicName(layer, name, definition(layer, name)) for name in module.__all__]
+    return [PublicName(layer, name, definition(layer, name)) for name in module.__all__ if hasattr(module, name)]
+
+
+def submodules(layer: str) -> list[str]:
+    """The public modules inside a layer package that declare ``__all__`` (``cratevit.analysis.inspection``)."""
+    _ensure_src_on_path()
+    package = importlib.import_module(layer)
+    found = []
+    for info in pkgutil.iter_modules(getattr(package, "__path__", []), layer + "."):
+        if info.name.rsplit(".", 1)[1].startswith("_") or info.name in LAYERS:  # a layer has its own page
+            continue
+        if hasattr(importlib.import_module(info.name), "__all__"):
+            found.append(info.name)
+            found += submodules(info.name) if info.ispkg else []
+    return found
+
+
+def module_names(layer: str) -> dict[str, list[PublicName]]:
+    """For each public module of a layer: the names of its ``__all__`` it defines itself and that the layer's own
+    ``__all__`` does not already show (each name is documented once, where it is defined)."""
+    shown = {n.target for n in public_names(layer)}
+    out = {}
+    for module in submodules(layer):
+        names = [n for n in public_names(module) if n.target.rsplit(".", 1)[0] == module and n.target not in shown]
+        shown |= {n.target for n in names}
+        if names:
+            out[module] = names
+    return out
+
+
+def summary(module_name: str, name: str) -> str:
+    """The first line of a class's or function's docstring, for a table cell (empty for other objects)."""
+    obj = getattr(importlib.import_module(module_name), name)
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        return ""
+    first = " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
+    first = re.split(r"(?<=[.;:])\s", first, maxsplit=1)[0]  # its first sentence
+    return first.replace("|", "\\|")
 
 
 def api_markdown(layer: str) -> str:
-    """The reference of one layer: its module docstring, its own names, then its re-exports as links."""
+    """The reference of one layer: its module docstring, its own names, its re-exports as links, then the
+    public names of its modules."""
     names = public_names(layer)
     own = [n for n in names if n.home == layer]
     reexported = [n for n in names if n.home != layer]
@@ -106,11 +146,15 @@ def api_markdown(layer: str) -> str:
     for n in own:
         lines += [f"::: {n.target}", ""]
     if reexported:
-        lines += ["## Re-exported here", "", "| name | defined in |", "|---|---|"]
+        lines += ["## Re-exported from lower layers", "", "| name | what it is | documented in |", "|---|---|---|"]
         for n in reexported:
             page = LAYERS[n.home]
-            lines.append(f"| [`{n.name}`][{n.target}] | [`{n.home}`]({page}.md) |")
+            lines.append(f"| [`{n.name}`][{n.target}] | {summary(layer, n.name)} | [`{n.home}`]({page}.md) |")
         lines.append("")
+    for module, names in module_names(layer).items():
+        members = ", ".join(n.name for n in names)
+        lines += [f"::: {module}", "    options:", "      show_root_heading: true", "      show_root_full_path: true"]
+        lines += [f"      members: [{members}]", "      heading_level: 2", ""]
     return "\n".join(lines)
 
 

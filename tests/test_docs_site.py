@@ -78,14 +78,71 @@ def static_package() -> griffe.Module:
     return griffe.load("cratevit", search_paths=[str(ROOT / "src")], resolve_aliases=False)
 
 
+# Public names of the layers' modules that had no docstring when this test was written. The list may only shrink:
+# a new public name without a docstring fails, and so does a name of this list once it has one (remove it here).
+DOCSTRING_DEBT = {
+    "cratevit.analysis.facets.FACETS",
+    "cratevit.analysis.images.IMAGE_SUFFIXES",
+    "cratevit.analysis.inspection.FACETS",
+    "cratevit.analysis.inspection.MASK_PROTOCOLS",
+    "cratevit.analysis.inspection.family_of",
+    "cratevit.analysis.layerwise.MAE_DECODER_DEFINITIONS",
+    "cratevit.analysis.maskcut.MaskCutMask",
+    "cratevit.analysis.probe.KNN_K",
+    "cratevit.analysis.probe.KNN_TEMPERATURE",
+    "cratevit.analysis.probe.L2_GRID",
+    "cratevit.analysis.probe.LinearProbeResult",
+    "cratevit.analysis.segprotocols.PROTOCOLS",
+    "cratevit.checkpoint.hubfile.HUB_PREFIX",
+    "cratevit.checkpoint.read.CONFIG_NAME",
+    "cratevit.checkpoint.read.WEIGHTS_NAME",
+    "cratevit.data.coco.CocoImage",
+    "cratevit.data.coco.FOREGROUND",
+    "cratevit.data.decode.MAX_PIXELS",
+    "cratevit.data.digits.CLASSES",
+    "cratevit.data.shapes.CLASSES",
+    "cratevit.data.shapes.NUM_CLASSES",
+    "cratevit.data.shapes.SPLITS",
+    "cratevit.data.transfer.TRANSFER",
+    "cratevit.data.transforms.digits_eval",
+    "cratevit.data.transforms.transfer_eval",
+    "cratevit.explore.app.HOST",
+    "cratevit.explore.session.ImageItem",
+    "cratevit.interop.export.FORMATS",
+    "cratevit.models.crate_mae.MAEOutput",
+    "cratevit.models.reference.Attention",
+    "cratevit.models.reference.FeedForward",
+    "cratevit.models.reference.PreNorm",
+    "cratevit.models.reference.Transformer",
+    "cratevit.train.config.MAE_RECIPE",
+    "cratevit.train.config.OBJECTIVES",
+    "cratevit.train.config.PRETRAIN_RECIPES",
+    "cratevit.train.config.SAVE_EVERY_MINUTES",
+    "cratevit.train.distributed.DistInfo",
+    "cratevit.train.distributed.barrier",
+    "cratevit.train.distributed.cleanup",
+    "cratevit.train.objectives.Classification",
+    "cratevit.train.objectives.MaskedAutoencoding",
+}
+
+
+def _documented_names(layer: str):
+    """Every name the layer's API page documents: its ``__all__``'s own names and its modules' names."""
+    hook = _hook()
+    own = [n for n in hook.public_names(layer) if n.home == layer]
+    return own + [n for names in hook.module_names(layer).values() for n in names]
+
+
 @pytest.mark.parametrize("layer", list(_hook().LAYERS))
 def test_every_public_name_has_a_docstring(layer: str, static_package: griffe.Module) -> None:
-    """Each name of a layer's ``__all__`` (resolved to where it is defined, constants included) has a docstring,
-    so the API reference shows every public name; the layer's module has one too."""
-    names = _hook().public_names(layer)
-    assert names, f"{layer} has an empty __all__"
-    undocumented = [f"{n.layer}.{n.name} ({n.target})" for n in names if not _docstring(static_package, n.target)]
-    assert not undocumented, f"public names without a docstring: {undocumented}"
+    """Each name of a layer's ``__all__``, and of the ``__all__`` of its modules (resolved to where it is defined,
+    constants included), has a docstring, so the API reference shows it; so does the layer's module."""
+    assert _hook().public_names(layer), f"{layer} has an empty __all__"
+    names = {n.target for n in _documented_names(layer)}
+    missing = {t for t in names if not _docstring(static_package, t)}
+    debt = DOCSTRING_DEBT & names
+    assert not missing - debt, f"public names without a docstring: {sorted(missing - debt)}"
+    assert not debt - missing, f"now documented, remove from DOCSTRING_DEBT: {sorted(debt - missing)}"
     assert _docstring(static_package, layer), f"{layer} has no module docstring"
 
 
@@ -96,18 +153,16 @@ def test_every_layer_has_an_api_page() -> None:
         assert f"<!-- public-api {layer} -->" in text, page
 
 
-def test_every_public_name_is_on_one_page() -> None:
-    """A re-exported name is documented where it is defined and only linked elsewhere."""
+def test_every_public_name_is_on_exactly_one_page() -> None:
+    """A re-exported name is documented where it is defined and only linked elsewhere; every name of a layer's
+    ``__all__`` is documented on some page."""
     hook = _hook()
-    homes: dict[str, str] = {}
-    for layer in hook.LAYERS:
-        for n in hook.public_names(layer):
-            homes.setdefault(n.target, n.home)
-            assert homes[n.target] == n.home
-            assert n.home in hook.LAYERS
-    rendered = [line for layer in hook.LAYERS for line in hook.api_markdown(layer).splitlines() if line[:4] == "::: "]
-    targets = [line[4:] for line in rendered if line[4:] not in hook.LAYERS]
-    assert len(targets) == len(set(targets)) == len(homes)
+    documented = [n.target for layer in hook.LAYERS for n in _documented_names(layer)]
+    assert len(documented) == len(set(documented))
+    exported = {n.target for layer in hook.LAYERS for n in hook.public_names(layer)}
+    assert exported <= set(documented)
+    assert len(documented) >= 250
+    assert set(DOCSTRING_DEBT) <= set(documented), "DOCSTRING_DEBT names a name that is gone: remove it"
 
 
 def _slug(heading: str) -> str:
