@@ -189,6 +189,28 @@ def test_readme_is_short_and_its_links_resolve() -> None:
         assert f"docs/quickstart.md#{anchor}" in readme
 
 
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+
+
+def test_python_snippets_compile() -> None:
+    """Every Python block of the README and the docs is valid Python (names like ``images`` are the reader's)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    blocks = [(page, block) for page in pages for block in _python_blocks(page.read_text())]
+    assert len(blocks) >= 8
+    for page, block in blocks:
+        compile(block, str(page), "exec")
+
+
+def test_readme_python_snippet_runs() -> None:
+    """The README's first Python block runs as written (CI also runs it from the installed wheel)."""
+    [first, *_] = _python_blocks((ROOT / "README.md").read_text())
+    namespace: dict = {}
+    exec(compile(first, "README.md", "exec"), namespace)
+    assert tuple(namespace["logits"].shape) == (2, 10)
+    assert tuple(namespace["attn"].shape) == (1, 6, 197, 197)
+
+
 def test_every_readme_section_has_a_home_in_the_docs() -> None:
     """The topics the README once held in full (before it shrank) each live on a page of the site."""
     nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
