@@ -56,7 +56,9 @@ __all__ = [
 FORMAT = "cratevit"
 """The format tag of cratevit's own checkpoint files (``obj["format"]``)."""
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
+"""The configuration file of a ``save_pretrained`` folder."""
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
+"""The weights file of a ``save_pretrained`` folder."""
 
 FAMILIES: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 FOREGROUND = {"id": 1, "name": "foreground", "supercategory": "foreground"}
+"""The one category of class-agnostic results and ground truth."""
 
 
 def mask_api() -> Any:
@@ -106,6 +107,8 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class CocoImage:
+    """One image of a COCO-format folder: its id, file and size."""
+
     id: int
     path: Path
     width: int
