@@ -103,6 +103,10 @@ DOCSTRING_DEBT = {
     "cratevit.models.reference.FeedForward",
     "cratevit.models.reference.PreNorm",
     "cratevit.models.reference.Transformer",
+    "cratevit.train.build.DUMMY_VAL_STEPS_PER_BATCH",
+    "cratevit.train.build.build_loaders",
+    "cratevit.train.build.is_crate_arch",
+    "cratevit.train.build.model_image_size",
     "cratevit.train.config.MAE_RECIPE",
     "cratevit.train.config.OBJECTIVES",
     "cratevit.train.config.PRETRAIN_RECIPES",
@@ -110,8 +114,15 @@ DOCSTRING_DEBT = {
     "cratevit.train.distributed.DistInfo",
     "cratevit.train.distributed.barrier",
     "cratevit.train.distributed.cleanup",
+    "cratevit.train.logs.PROGRESS_EVERY_S",
     "cratevit.train.objectives.Classification",
     "cratevit.train.objectives.MaskedAutoencoding",
+    "cratevit.train.rundir.LOCK_NAME",
+    "cratevit.train.rundir.SIGNALS",
+    "cratevit.train.rundir.signal_name",
+    "cratevit.train.state.MODEL_OPTIONS",
+    "cratevit.train.state.rng_state",
+    "cratevit.train.state.set_rng_state",
 }
 
 
