@@ -132,7 +132,8 @@ def summary(module_name: str, name: str) -> str:
     if not (inspect.isclass(obj) or inspect.isfunction(obj)):
         return ""
     first = " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
-    first = re.split(r"(?<=[.;:])\s", first, maxsplit=1)[0]  # its first sentence
+    first = re.split(r"(?<=[.;:])\s", first, maxsplit=1)[0].rstrip(";:")  # its first sentence
+    first = re.sub(r":\w+:`~?([\w.]+)`", r"`\1`", first).replace("``", "`")  # Sphinx roles, RST literals
     return first.replace("|", "\\|")
 
 
@@ -156,6 +157,18 @@ def api_markdown(layer: str) -> str:
         lines += [f"::: {module}", "    options:", "      show_root_heading: true", "      show_root_full_path: true"]
         lines += [f"      members: [{members}]", "      heading_level: 2", ""]
     return "\n".join(lines)
+
+
+ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):<code>(~?)([\w.]+)(\(\))?</code>")
+
+
+def plain_roles(html: str) -> str:
+    """Sphinx roles in docstrings (``:class:`~cratevit.errors.UserError```) as code: ``UserError``."""
+    return ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)
+
+
+def on_page_content(html: str, page, config, files) -> str:  # MkDocs calls it with these four arguments
+    return plain_roles(html)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs calls it with these four arguments
