@@ -15,6 +15,7 @@ from ..errors import CheckpointError, UserError
 __all__ = ["HUB_PREFIX", "hub_file", "is_hub_file", "parse_hub_file"]
 
 HUB_PREFIX = "hf-hub:"
+"""The prefix of a Hub file address, ``hf-hub:OWNER/REPO[@REVISION]/PATH``."""
 
 
 def is_hub_file(spec: object) -> bool:

@@ -42,9 +42,11 @@ COMMANDS: dict[str, str] = {
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",
 }
+"""Sub-command name -> its module; the order of ``cratevit --help``."""
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)
 EXPECTED_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""Errors printed as one line (what the user can fix); anything else is a bug and keeps its traceback."""
 
 
 # A full or read-only disk while writing outputs: one line too (PermissionError covers EACCES and EPERM).
@@ -90,6 +92,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cratevit`` argument parser with every sub-command (imports each command module, not torch)."""
     from ..version import __version__
 
     parser = _Parser(prog="cratevit", description="CRATE white-box vision transformers.")
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cratevit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 FOREGROUND = {"id": 1, "name": "foreground", "supercategory": "foreground"}
+"""The one category of class-agnostic results and ground truth."""
 
 
 def mask_api() -> Any:
@@ -216,6 +217,8 @@ def check_results(results: Any, path: str | Path = "the results") -> None:
 
 @dataclass
 class CocoImage:
+    """One image of a COCO-format folder: its id, file and size."""
+
     id: int
     path: Path
     width: int
