@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "predict": "cratevit.cli.predict",
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",
+    "sae": "cratevit.cli.sae",
 }
 
 # Printed as one line: what the user can fix. (CheckpointError and ExportError are UserErrors.)
