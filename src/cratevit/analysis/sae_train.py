@@ -261,7 +261,7 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     generator = torch.Generator().manual_seed(cfg.seed)
-    step, keep = 0, 0
+    step, keep, resampled = 0, 0, 0  # resampled: features resampled since the last logged record
     if resume:
         ckpt = run / CHECKPOINT_NAME
         if not ckpt.is_file():
@@ -272,7 +272,7 @@ def train_sae(
         sae.load_state_dict(loaded.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        step, keep = int(state["step"]), int(state["metrics_lines"])
+        step, keep, resampled = int(state["step"]), int(state["metrics_lines"]), int(state["resampled"])
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
     records = _metrics_log(run, keep)
@@ -292,6 +292,7 @@ def train_sae(
                 step=step,
                 generator=generator.get_state(),
                 metrics_lines=len(records),
+                resampled=resampled,
                 meta=meta or {},
             )
 
@@ -315,9 +316,8 @@ def train_sae(
         sae.normalize_dictionary()
         step += 1
         tokens += len(x)
-        resampled = 0
         if cfg.resample_every and step % cfg.resample_every == 0 and step < cfg.resample_until * cfg.steps:
-            resampled = sae.resample(x, sae.dead_mask(), optimizer, generator)
+            resampled += sae.resample(x, sae.dead_mask(), optimizer, generator)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {
                 "kind": "train",
@@ -330,13 +330,14 @@ def train_sae(
                 "l0": out.l0,
                 "fve": out.fve,
                 "dead_fraction": float(sae.dead_mask().float().mean()),
-                "resampled": resampled,
+                "resampled": resampled,  # since the previous record
                 "lr": lr,
                 "tokens_s": tokens / max(time.perf_counter() - t0, 1e-9),
             }
             if not all(math.isfinite(record[k]) for k in ("loss", "mse")):
                 raise UserError(f"SAE loss is not finite at step {step}; lower --lr or check the activations")
             records.append(record)
+            resampled = 0
             if run is not None:
                 with (run / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
