@@ -39,9 +39,7 @@ def mean_max_cosine(learned: torch.Tensor, true: torch.Tensor) -> float:
     return float(cos.max(0).values.mean())
 
 
-@pytest.mark.parametrize(
-    ("arch", "steps", "extra"), [("relu", 800, {"l1_coeff": 1.0}), ("topk", 600, {"k": 3})]
-)
+@pytest.mark.parametrize(("arch", "steps", "extra"), [("relu", 800, {"l1_coeff": 1.0}), ("topk", 600, {"k": 3})])
 def test_sae_recovers_a_planted_sparse_dictionary(arch, steps, extra, torch_threads):
     torch_threads(1)  # tiny matrices: one thread is fastest, and steady on busy cores
     x, atoms = planted()
@@ -159,7 +157,7 @@ def _run(folder, steps=40, stop_at=None):
 
 def test_resumed_training_equals_an_uninterrupted_run_bit_for_bit(tmp_path, torch_threads):
     torch_threads(1)
-    sae, cache, cfg, progress = _run(tmp_path / "a")
+    sae, cache, cfg, _ = _run(tmp_path / "a")
     train_sae(sae, cache.batches(128, 0), cfg, tmp_path / "a")
     sae_b, cache_b, cfg_b, stop = _run(tmp_path / "b", stop_at=25)
     with pytest.raises(KeyboardInterrupt):
@@ -224,7 +222,7 @@ def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threa
     assert ev["sae"]["features"] == 64 and ev["ista"]["features"] == 32
     assert ev["sae"]["tokens"] == 48 * 16  # patch tokens of the held-out images
     assert 0 <= ev["sae"]["l0"] <= 16  # TopK, k = 16
-    sae, meta = load_sae(out / "sae.pt")
+    _, meta = load_sae(out / "sae.pt")
     assert meta["step"] == 12 and meta["meta"]["layer"] == 1
     assert main([*argv, "--steps", "16", "--expansion", "2", "-o", str(out), "--resume"]) == 0
     assert load_sae(out / "sae.pt")[1]["step"] == 16
