@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cratevit import create_model
-from cratevit.analysis.activations import ista_dictionary, layer_activations
+from cratevit.analysis.activations import ista_dictionary, layer_activations, logits_with_replaced
 from cratevit.analysis.codes import (
     code_metrics,
     code_probe,
@@ -145,3 +145,20 @@ def test_layer_activations_are_the_trace_tensors_and_the_ista_code_is_the_layer_
         layer_activations(model, x, 2)
     with pytest.raises(UserError, match="unknown activation site"):
         layer_activations(model, x, 0, ("mlp",))
+
+
+def test_replacing_a_site_by_itself_keeps_the_logits_and_zeroing_the_code_changes_them():
+    torch.manual_seed(0)
+    model = create_model("crate_debug").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        clean = model(x)
+    for site in ("z_in", "z_half", "ista_in", "code"):
+        same = logits_with_replaced(model, x, 1, site, lambda t: t)
+        torch.testing.assert_close(same, clean, rtol=1e-4, atol=1e-5)
+    zeroed = logits_with_replaced(model, x, 0, "code", torch.zeros_like)
+    with torch.no_grad():
+        z = model.blocks[0](model.embed(x)[0])
+        z[:, 1:] = 0.0  # the patch tokens' code; the class token keeps its own
+        torch.testing.assert_close(zeroed, model.forward_head(model.blocks[1](z)))
+    assert not torch.allclose(zeroed, clean)

@@ -212,18 +212,19 @@ def test_bad_configurations_are_one_line_errors():
 def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threads):
     torch_threads(1)
     out = tmp_path / "run"
-    argv = ["sae", "train", "crate_debug", "--layer", "1", "--images", "48", "--steps", "12", "-b", "64"]
+    argv = ["sae", "train", "crate_debug", "--layer", "0", "--images", "48", "--steps", "12", "-b", "64"]
     assert main([*argv, "--expansion", "2", "--threads", "1", "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "layer 1 (0-based)" in text and "random weights" in text and "ISTA code" in text
+    assert "layer 0 (0-based)" in text and "random weights" in text and "ISTA code" in text
     assert {"sae.pt", "metrics.jsonl", "curves.png", "eval.json"} <= {p.name for p in out.iterdir()}
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["layer"] == 1 and ev["site"] == "ista_in" and ev["random_weights"] is True
+    assert ev["layer"] == 0 and ev["site"] == "ista_in" and ev["random_weights"] is True
     assert ev["sae"]["features"] == 64 and ev["ista"]["features"] == 32
     assert ev["sae"]["tokens"] == 48 * 16  # patch tokens of the held-out images
     assert 0 <= ev["sae"]["l0"] <= 16  # TopK, k = 16
+    assert ev["loss_zero"] != ev["loss_clean"] and "loss_recovered" in ev["sae"] and "loss_recovered" in ev["ista"]
     _, meta = load_sae(out / "sae.pt")
-    assert meta["step"] == 12 and meta["meta"]["layer"] == 1
+    assert meta["step"] == 12 and meta["meta"]["layer"] == 0
     assert main([*argv, "--steps", "16", "--expansion", "2", "-o", str(out), "--resume"]) == 0
     assert load_sae(out / "sae.pt")[1]["step"] == 16
     assert main(["sae", "train", "crate_debug", "--layer", "7", "-o", str(tmp_path / "x")]) == 2

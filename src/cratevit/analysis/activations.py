@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import MappingProxyType
 
 import torch
@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import UserError
 from ..registry import trace_method
 
-__all__ = ["SITES", "dataset_activations", "ista_dictionary", "layer_activations", "prefix_tokens"]
+__all__ = [
+    "SITES",
+    "dataset_activations",
+    "ista_dictionary",
+    "layer_activations",
+    "logits_with_replaced",
+    "prefix_tokens",
+]
 
 SITES = MappingProxyType(
     {
@@ -64,6 +71,36 @@ def layer_activations(
         "code": lambda: getattr(t, "code", t.z_out),
     }
     return {s: read[s]() for s in sites}
+
+
+@torch.no_grad()
+def logits_with_replaced(
+    model: nn.Module, images: Tensor, layer: int, site: str, replace: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """The logits (b, classes) when layer ``layer``'s activation at ``site`` is replaced on the PATCH tokens by
+    ``replace(patch_activations)`` (b, n_patches, d) -> same shape (the class token keeps its own); the rest of the
+    network runs on. A CRATE block ``z_half = z + MSSA(LN1(z))``, ``z_next = ISTA(LN2(z_half))`` is spelled out
+    here (eval mode: no stochastic depth); the hook API will do this for every family."""
+    if site not in SITES:
+        raise UserError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
+    layer = _check_layer(model, layer)
+    p = prefix_tokens(model)
+
+    def swap(t: Tensor) -> Tensor:
+        return torch.cat([t[:, :p], replace(t[:, p:])], dim=1)
+
+    z, _ = model.embed(images)
+    for i, block in enumerate(model.blocks):
+        if i != layer:
+            z = block(z)
+            continue
+        z = swap(z) if site == "z_in" else z
+        z_half = z + block.mssa(block.norm1(z))
+        z_half = swap(z_half) if site == "z_half" else z_half
+        x = block.norm2(z_half)
+        z = block.ista(swap(x) if site == "ista_in" else x)
+        z = swap(z) if site == "code" else z
+    return model.forward_head(z)
 
 
 def ista_dictionary(model: nn.Module, layer: int) -> Tensor:

@@ -23,8 +23,16 @@ from torch import Tensor
 
 from ..checkpoint import atomic_path, load_model
 from ..errors import UserError
-from .activations import SITES, dataset_activations, ista_dictionary, prefix_tokens
-from .codes import DEFINITIONS, code_metrics, code_probe, ista_reconstruction, monosemanticity, shapes_token_attributes
+from .activations import SITES, dataset_activations, ista_dictionary, logits_with_replaced, prefix_tokens
+from .codes import (
+    DEFINITIONS,
+    code_metrics,
+    code_probe,
+    ista_reconstruction,
+    loss_recovered,
+    monosemanticity,
+    shapes_token_attributes,
+)
 from .probe import probe_datasets
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_train import CHECKPOINT_NAME, ActivationCache, SAETrainConfig, train_sae
@@ -106,6 +114,15 @@ def _evaluate(
         result["sae"] = code_metrics(x, val["sae"], sae.decode(val["sae"])).to_dict()
     if with_ista:
         result["ista"] = code_metrics(x, val["ista"], ista_reconstruction(val["ista"], dictionary)).to_dict()
+    result.update(_spliced_losses(model, sae, val_ds, layer, site, dictionary, images, batch_size))
+    for name in ("sae", "ista"):
+        if name in result and f"loss_{name}" in result:
+            # None when zeroing the site leaves the loss unchanged (the last layer's patch tokens under
+            # class-token pooling never reach the logits)
+            same = result["loss_zero"] == result["loss_clean"]
+            result[name]["loss_recovered"] = (
+                None if same else loss_recovered(result["loss_clean"], result["loss_zero"], result[f"loss_{name}"])
+            )
     if data == "shapes":
         grid = tuple(model.grid_size)  # the patch grid (rows, cols) at the model's own input size
         attrs = shapes_token_attributes(val_ds, range(len(val_y)), grid)
@@ -116,6 +133,43 @@ def _evaluate(
         for name in ("sae", "ista") if with_ista else ("sae",):
             result[name]["probe_top1"] = code_probe(train[name], train_y, val[name], val_y).top1
     return result
+
+
+@torch.no_grad()
+def _spliced_losses(
+    model: torch.nn.Module,
+    sae: SparseAutoencoder,
+    dataset: Any,
+    layer: int,
+    site: str,
+    dictionary: Tensor | None,
+    limit: int | None,
+    batch_size: int,
+) -> dict[str, float]:
+    """Mean cross-entropy of the model's classifier: clean, with the site's patch activations zeroed, replaced by
+    the SAE's reconstruction and (``ista_in``) by the ISTA code's ``code D^T``. Empty without a classifier whose
+    classes cover the labels."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    variants = {"clean": None, "zero": torch.zeros_like, "sae": sae}
+    if dictionary is not None:
+        variants["ista"] = lambda x: ista_reconstruction(model.blocks[layer].ista(x), dictionary)
+    totals = dict.fromkeys(variants, 0.0)
+    count = 0
+    model.eval()
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        labels = torch.as_tensor(labels)
+        clean = model(images)
+        if clean.ndim != 2 or int(labels.max()) >= clean.shape[1]:
+            return {}
+        for name, fn in variants.items():
+            logits = clean if fn is None else logits_with_replaced(model, images, layer, site, fn)
+            totals[name] += float(F.cross_entropy(logits, labels, reduction="sum"))
+        count += len(labels)
+    return {f"loss_{name}": total / max(count, 1) for name, total in totals.items()}
 
 
 def train_layer_sae(

@@ -63,9 +63,13 @@ def _print_record(record: dict) -> None:
 def _print_table(ev: dict) -> None:
     rows = [("SAE", ev["sae"])] + ([("ISTA code", ev["ista"])] if "ista" in ev else [])
     print(f"held-out {ev['split']} images: {ev['images']} ({ev['sae']['tokens']} patch tokens)")
+    if "loss_clean" in ev:
+        print(f"  classifier loss: clean {ev['loss_clean']:.4f}, site zeroed {ev['loss_zero']:.4f}")
     print(f"  {'code':<10} {'features':>8} {'L0':>7} {'FVE':>7} {'dead':>7} {'dense':>7}  extra")
     for name, m in rows:
         extra = []
+        if m.get("loss_recovered") is not None:
+            extra.append(f"loss recovered {m['loss_recovered']:.3f}")
         if "probe_top1" in m:
             extra.append(f"probe top-1 {m['probe_top1']:.1f}%")
         if "monosemanticity" in m:
