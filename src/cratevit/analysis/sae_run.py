@@ -28,6 +28,7 @@ from .codes import (
     DEFINITIONS,
     code_metrics,
     code_probe,
+    fraction_variance_explained,
     ista_reconstruction,
     loss_recovered,
     monosemanticity,
@@ -114,6 +115,8 @@ def _evaluate(
         result["sae"] = code_metrics(x, val["sae"], sae.decode(val["sae"])).to_dict()
     if with_ista:
         result["ista"] = code_metrics(x, val["ista"], ista_reconstruction(val["ista"], dictionary)).to_dict()
+        # one ISTA step starts from the input itself: the code as its own reconstruction (identity dictionary)
+        result["ista"]["fve_identity"] = fraction_variance_explained(x, val["ista"])
     result.update(_spliced_losses(model, sae, val_ds, layer, site, dictionary, images, batch_size))
     for name in ("sae", "ista"):
         if name in result and f"loss_{name}" in result:
