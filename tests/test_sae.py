@@ -213,7 +213,7 @@ def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threa
     torch_threads(1)
     out = tmp_path / "run"
     argv = ["sae", "train", "crate_debug", "--layer", "0", "--images", "48", "--steps", "12", "-b", "64"]
-    assert main([*argv, "--expansion", "2", "--threads", "1", "-o", str(out)]) == 0
+    assert main([*argv, "--expansion", "2", "--threads", "1", "--probe", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "layer 0 (0-based)" in text and "random weights" in text and "ISTA code" in text
     assert {"sae.pt", "metrics.jsonl", "curves.png", "eval.json"} <= {p.name for p in out.iterdir()}
@@ -222,6 +222,7 @@ def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threa
     assert ev["sae"]["features"] == 64 and ev["ista"]["features"] == 32
     assert ev["sae"]["tokens"] == 48 * 16  # patch tokens of the held-out images
     assert 0 <= ev["sae"]["l0"] <= 16  # TopK, k = 16
+    assert 0 <= ev["sae"]["probe_top1"] <= 100 and 0 <= ev["ista"]["probe_top1"] <= 100
     assert ev["loss_zero"] != ev["loss_clean"] and "loss_recovered" in ev["sae"] and "loss_recovered" in ev["ista"]
     _, meta = load_sae(out / "sae.pt")
     assert meta["step"] == 12 and meta["meta"]["layer"] == 0

@@ -76,6 +76,7 @@ def _cache(
     return ActivationCache.write(folder, chunks(), meta)
 
 
+@torch.no_grad()
 def _evaluate(
     model: torch.nn.Module,
     sae: SparseAutoencoder,
@@ -93,26 +94,23 @@ def _evaluate(
     sites = ("ista_in", "code") if with_ista else (site,)
     dictionary = ista_dictionary(model, layer) if with_ista else None
 
-    def codes_of(dataset: Any, limit: int | None) -> tuple[dict[str, Tensor], Tensor]:
-        xs, sae_codes, ista_codes, labels = [], [], [], []
+    def codes_of(dataset: Any, limit: int | None, pooled: bool = False) -> tuple[dict[str, Tensor], Tensor]:
+        """Patch tokens' activations and codes (images, tokens, .); ``pooled``: their mean over the tokens
+        (images, 1, .), so a large training split is never held token by token."""
+        keep = {"x": [], "sae": [], **({"ista": []} if with_ista else {})}
+        labels = []
         for acts, y in dataset_activations(model, dataset, layer, sites, batch_size, limit):
             x = acts[site][:, prefix:]
-            xs.append(x)
-            with torch.no_grad():
-                sae_codes.append(sae.encode(x))
-            if with_ista:
-                ista_codes.append(acts["code"][:, prefix:])
+            batch = {"x": x, "sae": sae.encode(x), **({"ista": acts["code"][:, prefix:]} if with_ista else {})}
+            for name, value in batch.items():
+                keep[name].append(value.mean(1, keepdim=True) if pooled else value)
             labels.append(y)
-        out = {"x": torch.cat(xs), "sae": torch.cat(sae_codes)}
-        if with_ista:
-            out["ista"] = torch.cat(ista_codes)
-        return out, torch.cat(labels)
+        return {name: torch.cat(values) for name, values in keep.items()}, torch.cat(labels)
 
     val, val_y = codes_of(val_ds, images)
     x = val["x"]
     result: dict[str, Any] = {"split": "val", "images": len(val_y), "definitions": dict(DEFINITIONS)}
-    with torch.no_grad():
-        result["sae"] = code_metrics(x, val["sae"], sae.decode(val["sae"])).to_dict()
+    result["sae"] = code_metrics(x, val["sae"], sae.decode(val["sae"])).to_dict()
     if with_ista:
         result["ista"] = code_metrics(x, val["ista"], ista_reconstruction(val["ista"], dictionary)).to_dict()
         # one ISTA step starts from the input itself: the code as its own reconstruction (identity dictionary)
@@ -132,7 +130,7 @@ def _evaluate(
         for name in ("sae", "ista") if with_ista else ("sae",):
             result[name]["monosemanticity"] = monosemanticity(val[name].flatten(0, 1), attrs)
     if probe:
-        train, train_y = codes_of(train_ds, images)
+        train, train_y = codes_of(train_ds, images, pooled=True)
         for name in ("sae", "ista") if with_ista else ("sae",):
             result[name]["probe_top1"] = code_probe(train[name], train_y, val[name], val_y).top1
     return result
