@@ -85,7 +85,7 @@ DEFINITIONS = MappingProxyType(
 
 
 def _flat(codes: Tensor) -> Tensor:
-    return codes.reshape(-1, codes.shape[-1])
+    return codes.detach().reshape(-1, codes.shape[-1])
 
 
 def l0(codes: Tensor) -> float:

@@ -111,6 +111,8 @@ def _evaluate(
     x = val["x"]
     result: dict[str, Any] = {"split": "val", "images": len(val_y), "definitions": dict(DEFINITIONS)}
     result["sae"] = code_metrics(x, val["sae"], sae.decode(val["sae"])).to_dict()
+    # the training-time definition: no firing on the last dead_after training tokens
+    result["sae"]["dead_fraction_training"] = float(sae.dead_mask().float().mean())
     if with_ista:
         result["ista"] = code_metrics(x, val["ista"], ista_reconstruction(val["ista"], dictionary)).to_dict()
         # one ISTA step starts from the input itself: the code as its own reconstruction (identity dictionary)
