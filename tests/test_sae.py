@@ -209,6 +209,14 @@ def test_bad_configurations_are_one_line_errors():
         SparseAutoencoder(SAEConfig(d_in=4)).initialize_from(torch.zeros(5, 4))
 
 
+def test_command_choices_are_the_library_names():
+    from cratevit.analysis.activations import SITES
+    from cratevit.analysis.sae import ARCHS
+    from cratevit.cli import sae as sae_cli
+
+    assert tuple(SITES) == sae_cli.SITES and sae_cli.ARCHS == ARCHS
+
+
 def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threads):
     torch_threads(1)
     out = tmp_path / "run"

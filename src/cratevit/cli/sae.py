@@ -13,13 +13,16 @@ import argparse
 HELP = "train a sparse autoencoder (ReLU-L1 or TopK) on a layer's activations and score it beside the ISTA code"
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from ..analysis.activations import SITES
-    from ..analysis.sae import ARCHS
+# The library's names (cratevit.analysis.activations.SITES, cratevit.analysis.sae.ARCHS), spelled here so that
+# `cratevit --help` imports no torch (tests/test_sae.py checks they agree).
+SITES = ("z_in", "z_half", "ista_in", "code")
+ARCHS = ("relu", "topk")
 
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint, save_pretrained folder or cratevit preset (random weights)")
     p.add_argument("--layer", type=int, default=-1, help="block index, 0-based (negative: from the end)")
-    p.add_argument("--site", choices=tuple(SITES), default="ista_in", help="which activation of the layer")
+    p.add_argument("--site", choices=SITES, default="ista_in", help="which activation of the layer")
     p.add_argument("--data", default="digits", help="digits, shapes, a transfer set or a folder with train/ and val/")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="folder of the torchvision sets")
     p.add_argument("--images", type=int, default=None, help="at most this many images per split (default: all)")
