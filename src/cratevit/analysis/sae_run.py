@@ -197,6 +197,8 @@ def train_layer_sae(
         raise UserError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
     say = status or (lambda _msg: None)
     out = Path(out)
+    if resume and not (out / CHECKPOINT_NAME).is_file():
+        raise UserError(f"nothing to resume: {out / CHECKPOINT_NAME} does not exist; start without --resume")
     random_weights = not Path(model_spec).exists()
     torch.manual_seed(train_cfg.seed)
     model = load_model(model_spec).eval()
