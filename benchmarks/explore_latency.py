@@ -2,9 +2,10 @@
 
     python benchmarks/explore_latency.py MODEL [MODEL ...] [--repeat 5]
 
-MODEL is a checkpoint file, a preset or a timm name (needs ``requests`` besides the explore extra). Per action: the median and the worst of ``--repeat`` calls,
-wall time from request to parsed JSON (server work + transfer of the PNG data URIs). The first call of each
-image (its forward pass and curves figure) is the "open" and "first view" rows; the image set is indexed once.
+MODEL is a checkpoint file, a preset or a timm name (needs ``requests`` besides the explore extra). Per action: the
+median and the worst of ``--repeat`` calls, wall time from request to parsed JSON (server work + transfer of the PNG
+data URIs). The first call of each image (its forward pass and curves figure) is the "open" and "first view" rows;
+the image set is indexed once. POSTs carry the page's token, as the page sends it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 import requests
 import torch
+from PIL import Image
 
 from cratevit.explore import THREADS, load_explorer
 from cratevit.explore.app import serve
@@ -29,6 +31,7 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
     times: dict[str, list[float]] = {"load model + samples (startup)": [1000 * (time.perf_counter() - t0)]}
     server = serve(ex, port=0, background=True)
     url, session = server.url, requests.Session()
+    session.headers["X-Cratevit-Token"] = server.app.config["TOKEN"]
     record = True
 
     def call(action: str, method: str, path: str, **kw: object) -> dict:
@@ -49,6 +52,9 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
             time.sleep(0.02)
             job = call("", "GET", f"api/job/{job['id']}")
         times[f"index image set (job, {ex.image_set_label})"] = [1000 * job["seconds"]]
+        buf = io.BytesIO()
+        Image.new("1", (100_000, 1)).save(buf, format="PNG")
+        long_png = buf.getvalue()
         for i in range(-1, repeat):  # round -1 warms up each code path, not recorded
             record = i >= 0
             layer, head = max(i, 0) % ex.depth, max(i, 0) % ex.heads
@@ -60,6 +66,9 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
             view = {"image_id": iid, "layer": layer}
             v = call("switch layer", "GET", "api/view", params=view)
             call("switch head", "GET", "api/view", params={**view, "head": head})
+            call("shared colour scale", "GET", "api/view", params={**view, "head": head, "scale": "shared"})
+            patches = v["grid"][0] * v["grid"][1]
+            call("attention from a clicked patch", "GET", "api/view", params={**view, "query": (7 * i) % patches})
             call("switch facet (PCA)", "GET", "api/view", params={**view, "head": head, "facet": "code"})
             params = {**view, "threshold": 0.4, "protocol": "entries"}
             call("switch threshold / mask protocol", "GET", "api/view", params=params)
@@ -67,7 +76,15 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
                 coord = v["atoms"][0]["coord"]
                 call("atom view (top patches, stats)", "GET", "api/atom", params={**view, "coord": coord})
                 params = {"image_id": iid, "layer": 0, "coord": coord, "value": 0}
-                call("intervene (clamp, rerun later layers)", "GET", "api/intervene", params=params)
+                call("intervene (clamp, rerun later layers, difference maps)", "GET", "api/intervene", params=params)
+                params.pop("value")
+                call("clamp sweep (8 clamped passes)", "GET", "api/sweep", params=params)
+            call("index again (already indexed)", "POST", "api/index")
+            t = time.perf_counter()
+            r = session.post(url + "api/open", files={"file": ("long.png", long_png)}, timeout=60)
+            if record:
+                times.setdefault("refuse a 100000x1 PNG (header only)", []).append(1000 * (time.perf_counter() - t))
+            assert r.status_code == 400 and "8192 pixels a side" in r.json()["error"]
             r = session.post(url + "api/open", files={"file": ("bad.png", b"not an image")}, timeout=60)
             assert r.status_code == 400 and "not an image" in r.json()["error"]
     finally:

@@ -99,7 +99,7 @@ def test_sigterm_to_one_rank_stops_every_rank_and_resumes_bit_equal(tmp_path):
         time.sleep(0.01)
     os.kill(_rank_pid(killed, 1), signal.SIGTERM)
     out, _ = killed.communicate(timeout=240)
-    assert "stopped by signal 15 (SIGTERM) at epoch 0 step" in out and "signal None" not in out, out
+    assert "stopped by signal 15 (SIGTERM) at epoch 1/1 step" in out and "signal None" not in out, out
     state = torch.load(killed_dir / "last.pt", map_location="cpu", weights_only=True)
     assert 3 <= state["global_step"] < 20 and len(state["rng_ranks"]) == 2
     resumed = _torchrun("--resume", str(killed_dir))

@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,14 @@ def browser():
         "--window-size=1400,1300",
     ):
         opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"profile.default_content_setting_values.automatic_downloads": 1})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
+
+
+HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'  # a file name a user's --images folder may hold
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +59,11 @@ def server():
     torch.manual_seed(0)
     model = create_model("crate_nano", num_classes=6)
     photos = builtin_samples()[:3]
-    explorer = Explorer(model, "crate_nano (random)", (0.5,) * 3, (0.5,) * 3, photos, photos,
-                        [f"shape {i}" for i in range(6)], "3 photos")  # fmt: skip
+    photos.append(ImageItem(HOSTILE + ".png", photos[2].image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    explorer = Explorer(model, "crate_nano", (0.5,) * 3, (0.5,) * 3, photos, photos,
+                        [f"shape {i}" for i in range(6)], f"4 photos, one named {HOSTILE}", trained=False)  # fmt: skip
     srv = serve(explorer, port=0, background=True)
+    srv.explorer = explorer
     yield srv
     srv.stop()
 
@@ -102,7 +109,8 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     d.get(server.url)
     _wait(d, lambda d: _renders(d) >= 1, "the first picture")
     assert (
-        "crate_nano" in d.find_element("id", "model").text and "6 layers, 3 heads" in d.find_element("id", "model").text
+        "crate_nano" in d.find_element("id", "model").text
+        and "6 layers (0..5), 3 heads" in d.find_element("id", "model").text
     )
 
     # upload a real photo (a file the browser sends, as a user would)
@@ -124,7 +132,7 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     _wait(d, lambda d: _renders(d) > n, "the layer switch")
     assert "layer 1" in d.find_element("id", "cap-attention").text
     numbers_l1 = _numbers(d)
-    assert numbers_l1["R^c layer 1"] and numbers_l1 != numbers_last
+    assert numbers_l1["R^c layer 1 (nats)"] and numbers_l1 != numbers_last
     att_mean = _picture(d, "img-attention")
     n = _renders(d)
     Select(d.find_element("id", "head")).select_by_value("2")
@@ -132,7 +140,7 @@ def test_page_upload_switch_atoms_and_bad_upload(browser, server, tmp_path) -> N
     assert "head 2" in d.find_element("id", "cap-attention").text
     assert not np.array_equal(_picture(d, "img-attention"), att_mean)
     assert d.find_element("css selector", "#heads img.chosen").get_attribute("data-head") == "2"
-    entropy = float(_numbers(d)["attention entropy"])
+    entropy = float(_numbers(d)["attention entropy"].split()[0])
     assert 0 < entropy <= np.log(12 * 8) + 1e-3  # a distribution over the 12x8 patches
     _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-index") == "done", "the image-set index")
 
@@ -193,3 +201,195 @@ def test_page_for_a_timm_vit(browser, tmp_path) -> None:
         assert [o.text for o in browser.find_elements("css selector", "#facet option")] == ["token", "key", "attn"]
     finally:
         srv.stop()
+
+
+def _body(driver, key: str) -> str | None:
+    return driver.find_element("tag name", "body").get_attribute(f"data-{key}")
+
+
+def _not_injected(driver) -> None:
+    assert _body(driver, "pwned") is None, "a file name ran as script"
+    assert not driver.find_elements("css selector", 'img[src="x"]'), "a file name became an element"
+
+
+def test_file_names_are_text_never_markup(browser, server, tmp_path) -> None:
+    """HTML in an uploaded file's name and in the image set's names is shown as text: no element, no script."""
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    d.get(server.url)
+    _wait(d, lambda d: _renders(d) >= 1, "the first picture")
+    assert "random weights" in d.find_element("id", "weights").text  # crate_nano built at random
+    assert "0-based" in d.find_element("tag name", "header").text
+    Select(d.find_element("id", "sample")).select_by_visible_text(HOSTILE + ".png")  # a sample named with HTML
+    _wait(d, lambda d: HOSTILE in d.find_element("id", "cap-input").text, "the sample with an HTML name")
+    _not_injected(d)
+    upload = tmp_path / (HOSTILE.replace("/", "") + ".png")
+    builtin_samples()[0].image.resize((64, 64)).save(upload)
+    n = _renders(d)
+    d.find_element("id", "file").send_keys(str(upload))
+    _wait(d, lambda d: _renders(d) > n and upload.name in d.find_element("id", "cap-input").text, "the upload")
+    assert f"{upload.name} (uploaded)" == Select(d.find_element("id", "sample")).first_selected_option.text
+    _not_injected(d)
+    _wait(d, lambda d: _body(d, "index") == "done", "the image-set index")
+    _wait(d, lambda d: d.find_elements("css selector", "#curves polyline.set"), "the image set's curves")
+    assert HOSTILE in d.find_element("id", "curves-legend").text  # the image set's label, as text
+    for button in range(len(d.find_elements("css selector", "#atoms button"))):  # atoms whose top patches show it
+        d.find_elements("css selector", "#atoms button")[button].click()
+        _wait(d, lambda d: _body(d, "atom") is not None, "the atom view")
+        names = [i.get_attribute("data-name") for i in d.find_elements("css selector", "#atom-patches img")]
+        if HOSTILE + ".png" in names:
+            break
+    assert HOSTILE + ".png" in names, "no atom's top patches came from the image named with HTML"
+    _not_injected(d)
+    _keep(d, tmp_path, "explore-html-names.png")
+
+
+def test_researcher_views_permalink_and_export(browser, server, tmp_path) -> None:
+    """Colour bars, a shared scale, attention from a clicked patch, the intervention's difference map and clamp
+    sweep, a permalink that reopens the same view, and the export's PNG and JSON."""
+    import json
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    d.get(server.url)
+    _wait(d, lambda d: _renders(d) >= 1, "the first picture")
+    bar = d.find_element("css selector", "#bar-attention .cbar")
+    assert float(bar.get_attribute("data-lo")) == 0 < float(bar.get_attribute("data-hi")) <= 1
+    assert "layer (block index, 0-based)" in d.find_element("id", "layer-label").text
+    titles = {td.text: td.get_attribute("title") for td in d.find_elements("css selector", "#numbers td[title]")}
+    rc = next(t for name, t in titles.items() if name.startswith("R^c layer"))
+    assert "logdet(I + p/(n eps) Z_k^T Z_k)" in rc and "eps = 0.01" in rc  # the definition on hover
+    assert "sparsity = 1 - density" in next(t for name, t in titles.items() if name.startswith("code density"))
+    n = _renders(d)
+    Select(d.find_element("id", "layer")).select_by_value("2")
+    _wait(d, lambda d: _renders(d) > n, "layer 2")
+    n = _renders(d)
+    Select(d.find_element("id", "scale")).select_by_value("shared")
+    _wait(d, lambda d: _renders(d) > n and d.find_elements("css selector", "#bar-heads .cbar"), "the shared scale")
+    shared = d.find_element("css selector", "#bar-heads .cbar").get_attribute("data-hi")
+    assert d.find_element("css selector", "#bar-attention .cbar").get_attribute("data-hi") == shared
+
+    # click a patch: the map becomes that patch's attention, outlined
+    before = _picture(d, "img-attention")
+    img = d.find_element("id", "img-attention")
+    n = _renders(d)
+    ActionChains(d).move_to_element_with_offset(
+        img, -img.size["width"] // 4, -img.size["height"] // 4
+    ).click().perform()
+    _wait(d, lambda d: _renders(d) > n and "patch (" in d.find_element("id", "query-text").text, "the patch query")
+    assert "from patch (" in d.find_element("id", "cap-attention").text
+    assert not np.array_equal(_picture(d, "img-attention"), before)
+    assert _picture(d, "img-pattern").std() > 1
+
+    # an atom, the intervention's difference maps and the clamp sweep
+    d.find_elements("css selector", "#atoms button")[0].click()
+    _wait(d, lambda d: _body(d, "atom") is not None, "the atom view")
+    assert d.find_elements("css selector", "#hist rect")
+    assert len(d.find_elements("css selector", "#dict rect.entry")) == 96  # crate_nano's width: the column
+    assert len(d.find_elements("css selector", "#dict rect.head-energy")) == 3
+    d.find_element("id", "btn-clamp").click()
+    _wait(d, lambda d: _body(d, "sweep") is not None, "the clamp sweep")
+    assert len(d.find_elements("css selector", "#later img.difference")) == 3  # layers 3..5
+    bars = d.find_elements("css selector", "#later .cbar[data-cmap=RdBu_r]")
+    assert bars and float(bars[0].get_attribute("data-lo")) == -float(bars[0].get_attribute("data-hi"))
+    assert len(d.find_elements("css selector", "#sweep circle.point")) == 8
+    assert d.find_elements("css selector", "#sweep line.unedited")
+    _keep(d, tmp_path, "explore-researcher.png")
+
+    # the permalink reopens the same view
+    url, shown = d.current_url, _picture(d, "img-attention")
+    for key in ("layer=2", "scale=shared", "query=", "atom=", "image="):
+        assert key in url, (key, url)
+    d.get("about:blank")
+    d.get(url)
+    _wait(
+        d,
+        lambda d: _renders(d) >= 1 and _body(d, "atom") is not None,
+        f"the permalink's view ({url}; {d.find_element('id', 'error').text})",
+    )
+    assert Select(d.find_element("id", "layer")).first_selected_option.text == "2"
+    assert "patch (" in d.find_element("id", "query-text").text
+    assert np.array_equal(_picture(d, "img-attention"), shown)
+
+    # two images side by side
+    n = _renders(d)
+    Select(d.find_element("id", "sample2")).select_by_visible_text("coffee")
+    _wait(d, lambda d: _renders(d) > n and d.find_element("id", "compare-row").is_displayed(), "the second image")
+    assert _picture(d, "img2-attention").std() > 1 and "compare=coffee" in d.current_url
+
+    # export: the current view's picture and numbers
+    out = tmp_path / "downloads"
+    out.mkdir()
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(out)})
+    d.find_element("id", "btn-export").click()
+    deadline = time.time() + 30
+    while time.time() < deadline and len([p for p in out.iterdir() if p.suffix in (".png", ".json")]) < 2:
+        time.sleep(0.2)
+    files = {p.suffix: p for p in out.iterdir()}
+    assert set(files) >= {".png", ".json"}, sorted(out.iterdir())
+    numbers = json.loads(files[".json"].read_text())
+    assert numbers["view"]["layer"] == 2 and numbers["weights"] == "random weights"
+    assert numbers["view"]["query"] is not None and numbers["atom"]["coord"] >= 0  # as the permalink restored them
+    assert numbers["second_image"]["name"] == "coffee" and numbers["layer_numbering"] == "block index, 0-based"
+    assert "src" not in numbers["view"]["attention"]  # numbers only: the pictures are in the PNG
+    picture = Image.open(files[".png"])
+    assert picture.width > 1000 and np.asarray(picture.convert("L")).std() > 10
+    if os.environ.get("CRATEVIT_ARTIFACTS"):
+        shutil.copy(files[".png"], Path(os.environ["CRATEVIT_ARTIFACTS"]) / "explore-export.png")
+
+    # keys step through layers and heads (outside the inputs)
+    from selenium.webdriver.common.keys import Keys
+
+    d.find_element("tag name", "h1").click()  # the focus leaves the selects
+    n = _renders(d)
+    ActionChains(d).send_keys(Keys.ARROW_RIGHT).perform()
+    _wait(d, lambda d: _renders(d) > n, "the next layer")
+    n = _renders(d)
+    ActionChains(d).send_keys(Keys.ARROW_DOWN).perform()
+    _wait(d, lambda d: _renders(d) > n, "the next head")
+    assert Select(d.find_element("id", "layer")).first_selected_option.text == "3"
+    assert Select(d.find_element("id", "head")).first_selected_option.text == "0"
+    assert "layer 3, head 0" in d.find_element("id", "cap-attention").text
+
+
+def test_a_cross_origin_post_is_refused(browser, server, caplog) -> None:
+    """A page of another origin (a plain page on another local port) posts to the explorer: the server refuses it
+    and opens nothing. (The explorer's own page could not even send it: its CSP allows fetches to itself only.)"""
+    import logging
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Blank(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!doctype html><title>another page</title>")
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{other.server_address[1]}/")
+        opened = len(server.explorer.open)
+        with caplog.at_level(logging.WARNING, logger="cratevit.explore"):
+            status = browser.execute_async_script(
+                """const done = arguments[arguments.length - 1];
+                const body = new FormData(); body.append("sample", "astronaut");
+                fetch(arguments[0] + "api/open", {method: "POST", body, mode: "no-cors"})
+                  .then((r) => done(r.type), (e) => done("blocked: " + e));""",
+                server.url,
+            )
+            deadline = time.time() + 10
+            while "refused POST /api/open" not in caplog.text and time.time() < deadline:
+                time.sleep(0.1)
+        assert status == "opaque"  # sent; the answer is unreadable to that page anyway
+        assert "refused POST /api/open" in caplog.text and "same-site" in caplog.text
+        assert len(server.explorer.open) == opened
+    finally:
+        other.shutdown()

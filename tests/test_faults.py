@@ -137,7 +137,7 @@ def _poison_gradients_at(monkeypatch, bad_step: int) -> None:
 @pytest.mark.parametrize("clip", ["0", "1"])
 @pytest.mark.parametrize(
     ("bad_step", "where", "saved"),
-    [(4, "epoch 1 step 2 (global step 4)", 2), (6, "epoch 2 step 2 (global step 6)", 4)],  # an epoch's / the run's end
+    [(4, "epoch 2 step 2 (global step 4)", 2), (6, "epoch 3 step 2 (global step 6)", 4)],  # an epoch's / the run's end
 )
 def test_nan_gradients_with_a_finite_loss_never_reach_a_checkpoint(
     tmp_path, monkeypatch, capsys, clip, bad_step, where, saved
@@ -183,7 +183,7 @@ def test_nan_gradients_before_any_checkpoint_say_so(tmp_path, monkeypatch, capsy
     assert main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2",
                  "--output", str(run), *QUICK]) == 2  # fmt: skip
     err = one_line_error(capsys)
-    assert "at epoch 0 step 1 (global step 1)" in err and f"no checkpoint was written yet in {run}" in err
+    assert "at epoch 1 step 1 (global step 1)" in err and f"no checkpoint was written yet in {run}" in err
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
 
@@ -209,7 +209,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     assert main(["train", "--arch", "crate_debug", "--batch-size", "16", "--epochs", "3", "--steps-per-epoch", "2",
                  "--output", str(run), *QUICK]) == 2  # fmt: skip
     err = one_line_error(capsys)
-    assert "weights (1 tensors, e.g. head.weight) became non-finite at epoch 2 step 0 (global step 4)" in err
+    assert "weights (1 tensors, e.g. head.weight) became non-finite at the end of epoch 2 (global step 4)" in err
     assert weights(run / "last.pt")["head.weight"].isfinite().all()
     assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 2
 
@@ -234,7 +234,7 @@ def test_a_nan_checkpoint_is_warned_about(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- the run directory
 def test_a_second_run_on_a_locked_directory_is_refused(tmp_path, capsys):
-    from cratevit.train.engine import RunLock
+    from cratevit.train.rundir import RunLock
 
     run = tmp_path / "run"
     run.mkdir()

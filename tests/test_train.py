@@ -170,12 +170,16 @@ def test_shapes_data_trains_with_its_class_count(tmp_path):
     assert records(run, "val")[0]["images"] == 1200
 
 
-def test_dummy_data_benchmarks_the_loop(tmp_path):
+def test_dummy_data_benchmarks_the_loop(tmp_path, capsys):
+    """A loop benchmark: validation sized to the run (one batch per 10 steps, not 1,000 synthetic images), no
+    warmup warning for the recipe's one epoch, and progress from the first step."""
     run = tmp_path / "bench"
     assert main(["train", "--dummy", "--arch", "crate_debug", "--num-classes", "5", "--batch-size", "8",
-                 "--epochs", "1", "--output", str(run), *QUICK]) == 0  # fmt: skip
+                 "--epochs", "1", "--output", str(run), *QUICK[:2], "--workers", "0", "--threads", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
     (train,) = [r for r in records(run, "train") if r["step"] == 2]
-    assert train["img_s"] > 0 and records(run, "val")[0]["images"] == 1000
+    assert train["img_s"] > 0 and records(run, "val")[0]["images"] == 8
+    assert "warning" not in out and "epoch 1/1 [1/2]" in out  # --print-freq 10 (default): the first step shows
     assert weights(run / "last.pt")["head.weight"].shape == (5, 32)
 
 
@@ -222,7 +226,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert code == 2
     err = capsys.readouterr().err
     assert "the loss became nan" in err.lower() or "the loss became inf" in err.lower()
-    assert "epoch 1 step 1" in err and str(run / "last.pt") in err
+    assert "epoch 2 step 1" in err and str(run / "last.pt") in err  # epochs 1-based: epoch 1 was saved
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 

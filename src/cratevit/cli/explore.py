@@ -9,7 +9,19 @@ HELP = "look inside a model in the browser: attention, masks, PCA, per-layer cur
 DEFAULT_MODEL = "crate_nano"
 
 
+# The page's limits (cratevit.explore.uploads' and .session's constants; a test keeps them equal) and its security model,
+# written out so that --help needs no torch import.
+EPILOG = (
+    "Uploads: PNG, JPEG, GIF, BMP, TIFF, WEBP only, at most 8192 pixels on the long side, 40 megapixels and an "
+    "aspect ratio of 10:1, checked in the file's header before anything is decoded; an input's attention maps "
+    "(layers x heads x tokens^2) must fit 768 MB. Security: only requests whose Host is 127.0.0.1:PORT or "
+    "localhost:PORT are answered, and a POST needs the page's own Origin or its per-run token (403 otherwise), so "
+    "other web pages cannot read or drive the page. Layers are numbered from 0 (block indices)."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="a checkpoint file, a preset name (random weights) or a timm ViT name")  # fmt: skip
     p.add_argument("--images", type=Path, default=None,
@@ -43,8 +55,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads {args.threads}: give a positive number of threads")
     explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads)
     torch.set_num_threads(args.threads or THREADS)
-    try:
-        serve(explorer, args.port)
-    except OSError as e:
-        raise UserError(f"cannot listen on 127.0.0.1:{args.port} ({e.strerror}); choose another --port") from None
+    serve(explorer, args.port)  # a busy port: a UserError naming --port
     return 0

@@ -221,27 +221,30 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     """Run ``command`` (train or finetune): its base configuration (:data:`cratevit.train.config.COMMAND_BASES`),
     else the ``--resume`` run's or the ``--config`` file's, with the options given on top."""
     from dataclasses import fields, replace
-    from pathlib import Path
 
     from ..errors import UserError
-    from ..train import TrainConfig, base_config, load_run_config, read_resume_checkpoint, train
-    from ..train.engine import resume_path
+    from ..train import Resume, base_config, load_run_config, train
 
-    names = {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(base_config(command))}
     given = {k: v for k, v in vars(args).items() if k in names}
-    state = read_resume_checkpoint(args.resume) if args.resume else None
-    if state is not None:  # the run's own configuration; options given now override it (e.g. more --epochs)
-        base = TrainConfig.from_dict(dict(state["train_config"]), source=f"--resume {args.resume}")
+    resume = Resume.read(args.resume) if args.resume else None
+    if resume is not None:  # the run's own configuration; options given now override it (e.g. more --epochs)
+        if args.config:
+            raise UserError(
+                f"--config {args.config} and --resume {args.resume} both give the run's configuration; a resumed run "
+                f"continues its checkpoint's: drop --config and give changed options beside --resume"
+            )
+        base = resume.config
         if "output" not in given:  # continue in the run's own directory, from whatever working directory
-            given["output"] = str(Path(resume_path(args.resume).parent).absolute())
+            given["output"] = str(resume.run_dir)
     elif args.config:
         base = load_run_config(args.config)
     else:
         base = base_config(command)
     cfg = replace(base, **given)
-    if args.evaluate and not (args.resume or cfg.pretrained):
+    if args.evaluate and not (resume or cfg.pretrained):
         raise UserError("--evaluate needs weights: pass --resume RUN_DIR or --pretrained CHECKPOINT")
-    return train(cfg, resume=args.resume, evaluate_only=args.evaluate, resume_state=state)
+    return train(cfg, resume=resume, evaluate_only=args.evaluate)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """``cratevit explore``: a local web page to look inside a model, down to single dictionary atoms.
 
 :func:`load_explorer` turns a checkpoint, preset or timm model name into an :class:`Explorer` (the page's state and
-actions, :mod:`cratevit.explore.session`); :func:`cratevit.explore.app.serve` serves it on 127.0.0.1. The
-computations are :mod:`cratevit.inspection`'s functions.
+actions, :mod:`cratevit.explore.session`); :func:`cratevit.explore.app.serve` serves it on 127.0.0.1 behind the
+checks of its security model (Host, Origin or per-run token). Uploads are read by :mod:`cratevit.explore.uploads`
+(header checks, allow-listed decoders), maps are coloured on stated scales by :mod:`cratevit.explore.colour`; the
+computations are :mod:`cratevit.analysis.inspection`'s functions. docs/explore.md describes the page.
 """
 
 from __future__ import annotations
@@ -71,4 +73,5 @@ def load_explorer(
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     names = class_names_for(num_classes, data) if num_classes > 0 else None
     samples = photos + own[:6] + folder[:24]
-    return Explorer(model, str(spec), mean, std, samples, image_set, names, label)
+    trained = Path(spec).is_file()  # a preset or a timm name is built with random weights
+    return Explorer(model, str(spec), mean, std, samples, image_set, names, label, trained=trained)

@@ -1,12 +1,28 @@
 """The explore page's web server: Flask routes over an :class:`~cratevit.explore.session.Explorer`, bound to
 127.0.0.1 only. Errors a user can cause (a file that is not an image, a layer out of range) come back as JSON
 ``{"error": ...}`` shown in the page; anything else is logged with its traceback and reported in the page as a
-bug, and the server keeps serving."""
+bug, and the server keeps serving.
+
+Security model (docs/explore.md): binding to 127.0.0.1 keeps other machines out, but not other web pages open in
+the user's browser. So every request is checked before it reaches a route (:func:`refusal`):
+
+- ``Host`` must be ``127.0.0.1:PORT`` or ``localhost:PORT``, PORT the one the server printed: a DNS-rebinding page
+  (``Host: rebind.attacker.example``) reads nothing;
+- a request a browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` (another page, another local port) is
+  refused, except following a link to the page itself (a top-level navigation to ``/``, which the other page cannot
+  read, and the page cannot be framed);
+- a POST (opening a file or sample, indexing) needs ``Origin`` equal to the page's own origin, or the header
+  ``X-Cratevit-Token`` with the per-run token written into the page (a random 128-bit value, new each run).
+
+A refused request gets 403 and one line naming the reason.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
+import socket
 import threading
 from importlib import resources
 from typing import Any
@@ -14,10 +30,11 @@ from typing import Any
 from ..errors import UserError, require
 from .session import Explorer
 
-__all__ = ["HOST", "create_app", "serve"]
+__all__ = ["HOST", "TOKEN_HEADER", "create_app", "refusal", "serve"]
 
 HOST = "127.0.0.1"
 MAX_UPLOAD = 32 * 2**20  # bytes
+TOKEN_HEADER = "X-Cratevit-Token"
 log = logging.getLogger("cratevit.explore")
 
 
@@ -28,15 +45,55 @@ def _flask() -> Any:
     return flask
 
 
-def create_app(explorer: Explorer) -> Any:
-    """The Flask application serving the page and its JSON API for ``explorer``."""
+def allowed_hosts(port: int) -> set[str]:
+    """The ``Host`` values of the page's own address (port 80 is left out of a Host header by browsers)."""
+    names = (HOST, "localhost")
+    return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
+
+
+def refusal(method: str, headers: Any, port: int, token: str, path: str = "/api") -> str | None:
+    """Why a request must be refused (one line), or None: the checks of the module's security model."""
+    host = headers.get("Host", "")
+    if host not in allowed_hosts(port):
+        return f"Host {host[:80]!r} is not this page's address; open http://{HOST}:{port}/ (DNS rebinding refused)"
+    site = headers.get("Sec-Fetch-Site", "")
+    navigation = method == "GET" and path == "/" and headers.get("Sec-Fetch-Mode") == "navigate"  # a followed link
+    if site in ("cross-site", "same-site") and not navigation:
+        return f"a request from another site ({site}) is refused; use the page at http://{HOST}:{port}/"
+    if method == "POST":
+        origin = headers.get("Origin")
+        sent = headers.get(TOKEN_HEADER, "")
+        if not (origin and origin in {f"http://{h}" for h in allowed_hosts(port)}) and not (
+            sent and secrets.compare_digest(sent, token)
+        ):
+            return (
+                f"a POST from origin {str(origin)[:80]!r} without this page's token is refused; "
+                f"use the page at http://{HOST}:{port}/"
+            )
+    return None
+
+
+def create_app(explorer: Explorer, port: int = 80, token: str | None = None) -> Any:
+    """The Flask application serving the page and its JSON API for ``explorer`` on ``port`` (the port in the Host
+    header every request must carry); ``token``: the per-run token POSTs may carry (default: a new random one,
+    in ``app.config["TOKEN"]``)."""
     flask = _flask()
     from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
     app = flask.Flask("cratevit.explore", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD
+    app.config["TOKEN"] = token = token or secrets.token_urlsafe(16)
     page = resources.files("cratevit.explore").joinpath("page.html").read_text(encoding="utf-8")
+    page = page.replace("{{TOKEN}}", token)
     req = flask.request
+
+    @app.before_request
+    def check_request() -> Any:
+        reason = refusal(req.method, req.headers, port, token, req.path)
+        if reason is not None:
+            log.warning("explore: refused %s %s: %s", req.method, req.path, reason)
+            return flask.jsonify(error=reason), 403
+        return None
 
     def arg(name: str, kind: type, default: Any = None, required: bool = False) -> Any:
         raw = req.values.get(name, "").strip()
@@ -72,7 +129,14 @@ def create_app(explorer: Explorer) -> Any:
 
     @app.get("/")
     def index() -> Any:
-        return flask.Response(page, mimetype="text/html")
+        r = flask.Response(page, mimetype="text/html")
+        r.headers["Content-Security-Policy"] = (
+            "default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+            "connect-src 'self'; frame-ancestors 'none'"
+        )
+        r.headers["X-Frame-Options"] = "DENY"
+        r.headers["Referrer-Policy"] = "no-referrer"
+        return r
 
     @app.get("/api/info")
     def info() -> Any:
@@ -99,12 +163,14 @@ def create_app(explorer: Explorer) -> Any:
                 arg("facet", str, "key"),
                 arg("threshold", float, 0.6),
                 arg("protocol", str, "mass"),
+                arg("query", int),
+                arg("scale", str, "own"),
             )
         )
 
     @app.post("/api/index")
     def index_set() -> Any:
-        return flask.jsonify(explorer.start_index(arg("layer", int)))
+        return flask.jsonify(explorer.start_index(arg("layer", int), rebuild=arg("rebuild", str, "") in ("1", "true")))
 
     @app.get("/api/job/<job_id>")
     def job(job_id: str) -> Any:
@@ -123,22 +189,43 @@ def create_app(explorer: Explorer) -> Any:
         return flask.jsonify(
             explorer.intervene(
                 arg("image_id", str, required=True), arg("layer", int, required=True), arg("coord", int, required=True), arg("value", float, 0.0),
-                arg("head", int),
+                arg("head", int), arg("scale", str, "own"),
             )
         )  # fmt: skip
+
+    @app.get("/api/sweep")
+    def sweep() -> Any:
+        return flask.jsonify(
+            explorer.sweep(
+                arg("image_id", str, required=True), arg("layer", int, required=True), arg("coord", int, required=True)
+            )
+        )
 
     return app
 
 
 class _Server(threading.Thread):
-    """The werkzeug server in a thread (for tests and notebooks): ``.url``, ``.stop()``."""
+    """The werkzeug server in a thread (for tests and notebooks): ``.url``, ``.port``, ``.app``, ``.stop()``; the
+    socket is bound here, so a busy port is a one-line :class:`UserError` (werkzeug would print and exit)."""
 
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, explorer: Explorer, port: int) -> None:
         from werkzeug.serving import make_server
 
         super().__init__(daemon=True, name="cratevit-explore")
-        self.server = make_server(HOST, port, app, threaded=True)
-        self.url = f"http://{HOST}:{self.server.server_port}/"
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug: a restart need not wait
+        try:
+            sock.bind((HOST, port))
+            sock.listen(128)
+        except OSError as e:  # werkzeug would print its own message and exit
+            sock.close()
+            raise UserError(f"cannot listen on {HOST}:{port} ({e.strerror}); choose another --port") from None
+        port = sock.getsockname()[1]
+        self.app = create_app(explorer, port)
+        self.server = make_server(HOST, port, self.app, threaded=True, fd=sock.fileno())
+        sock.close()  # werkzeug holds its own duplicate of the socket
+        self.port = port
+        self.url = f"http://{HOST}:{port}/"
 
     def run(self) -> None:
         self.server.serve_forever()
@@ -151,7 +238,7 @@ class _Server(threading.Thread):
 def serve(explorer: Explorer, port: int = 8000, background: bool = False) -> _Server:
     """Serve the page on 127.0.0.1:``port`` (0: a free port). ``background=True`` returns the running server
     thread; otherwise this blocks until Ctrl-C."""
-    server = _Server(create_app(explorer), port)
+    server = _Server(explorer, port)
     if background:
         server.start()
         return server

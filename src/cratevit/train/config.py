@@ -145,7 +145,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "transfer": {"arch": "crate_tiny", "epochs": 200, "batch_size": 256, "optimizer": "adamw", "lr": 5e-5,
                  "warmup_epochs": 5.0},
 }  # fmt: skip
-RECIPES["dummy"] = RECIPES["folder"]
+RECIPES["dummy"] = {**RECIPES["folder"], "warmup_epochs": 0.0}  # a loop benchmark: a few steps at full --lr
 
 # The MAE pre-training recipe (He et al. 2022, FAIR's main_pretrain.py and PRETRAIN.md; the CRATE-MAE README trains
 # with it): AdamW with betas (0.9, 0.95), base lr 1.5e-4 scaled by batch/256, weight decay 0.05, cosine decay after
@@ -167,7 +167,7 @@ PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "shapes": {"arch": "mae_crate_shapes", **MAE_RECIPE, "blr": 6e-3, "epochs": 5, "batch_size": 64,
                "warmup_epochs": 1.0},
 }  # fmt: skip
-PRETRAIN_RECIPES["dummy"] = PRETRAIN_RECIPES["folder"]
+PRETRAIN_RECIPES["dummy"] = {**PRETRAIN_RECIPES["folder"], "warmup_epochs": 0.0}
 OBJECTIVES = ("classification", "mae")
 
 

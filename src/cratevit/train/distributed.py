@@ -2,12 +2,20 @@
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; without them
 the run is one process and every helper here is a no-op.
+
+When a process of the group ends without a word (``kill -9``, the kernel's out-of-memory killer, a crashed node),
+the others' next collective fails; :func:`peers_watched` turns that failure into :class:`LostPeer`, one line
+naming the lost rank (read from ``/proc`` for the processes of this machine), instead of gloo's traceback.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,6 +25,7 @@ from ..errors import UserError
 
 __all__ = [
     "DistInfo",
+    "LostPeer",
     "all_gather_objects",
     "all_reduce_max",
     "all_reduce_sum",
@@ -24,6 +33,8 @@ __all__ = [
     "barrier",
     "cleanup",
     "init_distributed",
+    "lost_ranks",
+    "peers_watched",
     "pick_device",
 ]
 
@@ -34,6 +45,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable default
+    peers: tuple[tuple[str, int], ...] = ()  # (host name, process id) of every rank, in rank order
 
     @property
     def enabled(self) -> bool:
@@ -75,12 +87,73 @@ def init_distributed(device: str = "auto") -> DistInfo:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
+    peers: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    return DistInfo(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        device=dev,
+        peers=tuple((str(h), int(p)) for h, p in peers),  # type: ignore[misc]
+    )
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        with suppress(RuntimeError):  # a group that lost a process cannot always be torn down cleanly
+            dist.destroy_process_group()
+
+
+class LostPeer(UserError):
+    """Another process of the ``torchrun`` group ended (killed, out of memory, crashed) while this one needed it."""
+
+
+# What gloo and NCCL say when the other end of a collective is gone.
+PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "connection refused")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine runs (a zombie, killed but not yet reaped by torchrun, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        with suppress(OSError):
+            os.kill(pid, 0)
+            return True
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def lost_ranks(info: DistInfo) -> list[int]:
+    """The ranks whose process has ended, among those on this machine; with two processes, the other one."""
+    host = socket.gethostname()
+    gone = [r for r, (h, pid) in enumerate(info.peers) if r != info.rank and h == host and not _alive(pid)]
+    if not gone and info.world_size == 2:
+        gone = [1 - info.rank]
+    return gone
+
+
+@contextmanager
+def peers_watched(info: DistInfo, run_dir: str | None = None) -> Iterator[None]:
+    """Turn a collective's failure after another rank's death into :class:`LostPeer`, one line naming it."""
+    try:
+        yield
+    except RuntimeError as e:
+        backend_error = isinstance(e, getattr(dist, "DistError", ()))  # e.g. NCCL's watchdog timeout
+        if not info.enabled or not (backend_error or any(s in str(e).lower() for s in PEER_GONE)):
+            raise
+        gone = lost_ranks(info)
+        who = (
+            f"rank {', '.join(map(str, gone))} ({', '.join(f'pid {info.peers[r][1]}' for r in gone if r < len(info.peers))})"
+            if gone
+            else "a peer rank (none of this machine's processes has ended: one on another machine)"
+        )
+        where = f" in {run_dir}" if run_dir else ""
+        raise LostPeer(
+            f"rank {info.rank} of {info.world_size} lost {who}: that process ended (killed, out of memory or "
+            f"crashed) and the group cannot continue without it; see its own log for why, then continue from the "
+            f"last checkpoint{where} with torchrun ... --resume RUN_DIR"
+        ) from None
 
 
 def barrier(info: DistInfo) -> None:
