@@ -92,6 +92,15 @@ def test_purity_and_monosemanticity_on_hand_made_tokens():
     assert summary["score"] == pytest.approx(1.0)  # each is pure in one attribute
     assert summary["shape"]["purity"] == pytest.approx((1 + 2 / 3) / 2)
     assert summary["shape"]["base_rate"] == pytest.approx(0.5)  # value 1 on 3 of 6 tokens
+    # chance-adjusted (p - b) / (1 - b): shape b = 1/2, position b = 1/2 -> feature 0: (1, 0), feature 1: (1/3, 1)
+    assert summary["shape"]["adjusted"] == pytest.approx((1 + 1 / 3) / 2)
+    assert summary["position"]["adjusted"] == pytest.approx((0 + 1) / 2)
+    assert summary["score_adjusted"] == pytest.approx(1.0)
+    background = {"shape": torch.tensor([6, 6, 6, 0, 1, 2])}  # value 6 on half the tokens
+    chance = torch.zeros(6, 1)
+    chance[[0, 3], 0] = torch.tensor([2.0, 1.0])  # values 6 and 0: purity 1/2, the base rate: adjusted 0
+    lazy = monosemanticity(chance, background, top=2, min_active=2)
+    assert lazy["score"] == pytest.approx(0.5) and lazy["score_adjusted"] == pytest.approx(0.0)
     top1 = feature_purity(codes, attrs, top=1)
     assert float(top1["position"][0]) == 1.0  # its single top token
     with pytest.raises(UserError, match="one value per token"):

@@ -23,8 +23,10 @@ reconstruction (an SAE's decoder output; for CRATE's ISTA step, ``x = LN2(Z^{l+1
   ``min_active`` active tokens, its ``top`` most active tokens (fewer if fewer are active) are taken, and its
   **purity** for an attribute is the fraction of those tokens that share the attribute's most common value among
   them. A feature's monosemanticity is its largest purity over the attributes; the summary is the mean over
-  features that qualify, per attribute and overall, beside each attribute's *base rate* (the frequency of its most
-  common value over all tokens: what a feature firing on random tokens scores for large ``top``).
+  features that qualify, per attribute and overall, beside each attribute's *base rate* ``b`` (the frequency of its
+  most common value over all tokens: what a feature firing on random tokens scores for large ``top``). The
+  *chance-adjusted* purity ``(purity - b) / (1 - b)`` is 0 for a feature no purer than the most common value and 1
+  for a pure one; ``score_adjusted`` is the mean over features of their largest adjusted purity.
 
 The shapes attributes of a patch token (:func:`shapes_token_attributes`): ``shape``: the object's class (0..5)
 when at least half of the patch's pixels are on the object, else 6 ("background"); ``colour``: the patch's mean
@@ -226,17 +228,29 @@ def feature_purity(
 def monosemanticity(
     codes: Tensor, attributes: Mapping[str, Tensor], top: int = 20, min_active: int = 5
 ) -> dict[str, Any]:
-    """Summary of :func:`feature_purity`: per attribute the mean purity over qualifying features and the base
-    rate; ``score``: mean over those features of their largest purity; ``features`` counted."""
+    """Summary of :func:`feature_purity` over the features that qualify (``features`` counts them): per attribute
+    the mean purity, the base rate ``b`` (frequency of the attribute's most common value over all tokens) and the
+    mean chance-adjusted purity ``(purity - b) / (1 - b)`` (0: no purer than the most common value, 1: pure);
+    ``score``: mean over features of their largest purity; ``score_adjusted``: of their largest adjusted purity
+    (an attribute with a dominant value, e.g. background, cannot make a feature look monosemantic)."""
     purity = feature_purity(codes, attributes, top, min_active)
-    stacked = torch.stack(list(purity.values()))  # (attributes, F)
-    ok = ~stacked.isnan().any(0)
-    result: dict[str, Any] = {"top": top, "min_active": min_active, "features": int(ok.sum())}
-    result["score"] = float(stacked[:, ok].max(0).values.mean()) if bool(ok.any()) else float("nan")
-    for name, p in purity.items():
+    bases = {}
+    for name in purity:
         attr = attributes[name].long()
-        base = float(torch.bincount(attr).max() / len(attr)) if len(attr) else float("nan")
-        result[name] = {"purity": float(p[ok].mean()) if bool(ok.any()) else float("nan"), "base_rate": base}
+        bases[name] = float(torch.bincount(attr).max() / len(attr)) if len(attr) else float("nan")
+    stacked = torch.stack(list(purity.values()))  # (attributes, F)
+    adjusted = torch.stack([(p - bases[n]) / max(1 - bases[n], 1e-12) for n, p in purity.items()])
+    ok = ~stacked.isnan().any(0)
+    any_ok = bool(ok.any())
+    result: dict[str, Any] = {"top": top, "min_active": min_active, "features": int(ok.sum())}
+    result["score"] = float(stacked[:, ok].max(0).values.mean()) if any_ok else float("nan")
+    result["score_adjusted"] = float(adjusted[:, ok].max(0).values.mean()) if any_ok else float("nan")
+    for i, (name, p) in enumerate(purity.items()):
+        result[name] = {
+            "purity": float(p[ok].mean()) if any_ok else float("nan"),
+            "base_rate": bases[name],
+            "adjusted": float(adjusted[i, ok].mean()) if any_ok else float("nan"),
+        }
     return result
 
 
