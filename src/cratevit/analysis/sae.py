@@ -62,7 +62,7 @@ class SAEConfig:
     d_in: int
     expansion: int = 8
     arch: Arch = "relu"
-    l1_coeff: float = 5.0  # lambda of "relu" (on inputs scaled to E||x|| = sqrt(d); SAELens' default is 1..5)
+    l1_coeff: float = 1.0  # lambda of "relu", on inputs scaled to E||x|| = sqrt(d) (digits layer 3: L0 ~18 at 1)
     k: int = 16  # features kept per token by "topk"
     aux_k: int | None = None  # AuxK's k_aux ("topk"); None: d_in // 2 (Gao et al.: 512 for d = 768 ... )
     aux_coeff: float = 1.0 / 32.0  # AuxK's alpha

@@ -29,7 +29,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS, default="topk", help="relu: ReLU + L1 penalty; topk: TopK + AuxK")
     p.add_argument("--expansion", type=int, default=8, help="features = expansion x activation width")
     p.add_argument("--k", type=int, default=16, help="TopK: features kept per token")
-    p.add_argument("--l1", type=float, default=5.0, help="ReLU: L1 coefficient lambda (inputs scaled to E|x|=sqrt(d))")
+    p.add_argument("--l1", type=float, default=1.0, help="ReLU: L1 coefficient lambda (inputs scaled to E|x|=sqrt(d))")
     p.add_argument("--dead-after", dest="dead_after", type=int, default=100_000, help="tokens without firing = dead")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
     p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=1024, help="tokens per step")
