@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
+"""ImageNet's per-channel mean (RGB), timm's ``IMAGENET_DEFAULT_MEAN``."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet's per-channel standard deviation (RGB), timm's ``IMAGENET_DEFAULT_STD``."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,14 @@ class Preprocessing:
 
 
 IMAGENET = Preprocessing()
+"""The reference evaluation: ImageNet mean/std, Resize(256) + CenterCrop(224), bilinear."""
 IMAGENET_NO_CROP = Preprocessing(crop_pct=1.0)  # small images (32 px) are used without a crop
 HALF = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=1.0)  # the built-in digits and shapes data
+"""Mean and std 0.5 per channel, no crop: the built-in digits and shapes data."""
 
 # The normalisation of each kind of training data (cratevit.data.DataInfo.kind); other kinds use ImageNet's.
 DATA_PREPROCESSING: Mapping[str, Preprocessing] = {"digits": HALF, "shapes": HALF}
+"""The normalisation of each kind of training data (``DataInfo.kind``); other kinds use ImageNet's."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ class Preset:
 
 
 PRESET_INFO: dict[str, Preset] = {}
+"""Preset name -> :class:`Preset` (family, configuration, preprocessing), filled by :func:`register_preset`."""
 PRESETS: dict[str, CRATEConfig] = {}  # name -> configuration (every family's), the view most code needs
+"""Preset name -> configuration, of every family: the view most code needs."""
 _ALIASES: dict[str, str] = {}
 
 
@@ -237,6 +244,8 @@ register_preset(
 
 
 def resolve_name(name: str) -> str:
+    """The registered preset a name means: exact, else case- and dash-insensitive (``CRATE_small`` -> ``crate_small``);
+    a one-line error listing the known presets otherwise."""
     if name in PRESETS:
         return name
     key = name.lower().replace("-", "_")
@@ -254,6 +263,7 @@ def get_config(name: str, **overrides: Any) -> CRATEConfig:
 
 
 def list_models() -> list[str]:
+    """The names of every registered preset, sorted."""
     return sorted(PRESETS)
 
 

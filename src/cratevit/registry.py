@@ -46,6 +46,7 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Add an architecture family (once per name); loading, saving, timm and the CLI find it from here."""
     if family.name in _FAMILIES:
         raise ValueError(f"architecture family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
@@ -58,6 +59,7 @@ def families() -> dict[str, Family]:
 
 
 def get_family(name: str) -> Family:
+    """The registered family of that name; a one-line error listing the known ones otherwise."""
     try:
         return _FAMILIES[name]
     except KeyError:

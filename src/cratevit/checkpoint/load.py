@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")
+"""The classifier's tensors, replaced when a checkpoint is loaded for another class count."""
 
 
 def load_state_dict_strict(

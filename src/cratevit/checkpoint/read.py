@@ -56,8 +56,11 @@ __all__ = [
 ]
 
 FORMAT = "cratevit"
+"""The format tag of cratevit's own checkpoint files (``obj["format"]``)."""
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
+"""The configuration file of a ``save_pretrained`` folder."""
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
+"""The weights file of a ``save_pretrained`` folder."""
 
 FAMILIES: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",
@@ -70,6 +73,7 @@ FAMILIES: dict[str, str] = {
     "mae-state-dict": "bare state_dict in the official CRATE-MAE key layout",
     "reference-state-dict": "bare state_dict in the reference key layout (also CRATE-alpha's released .pth files)",
 }
+"""The checkpoint layouts :func:`load_checkpoint` recognises: layout name -> what such a file holds."""
 
 
 def config_from_dict(d: Mapping[str, Any], family: str = "crate") -> Any:

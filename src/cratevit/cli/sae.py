@@ -20,19 +20,23 @@ ARCHS = ("relu", "topk")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from ._args import add_layer_argument, add_output_argument, add_seed_argument, int_range
+
     p.add_argument("model", help="checkpoint, save_pretrained folder or cratevit preset (random weights)")
-    p.add_argument("--layer", type=int, default=-1, help="block index, 0-based (negative: from the end)")
+    add_layer_argument(p)
     p.add_argument("--site", choices=SITES, default="ista_in", help="which activation of the layer")
     p.add_argument("--data", default="digits", help="digits, shapes, a transfer set or a folder with train/ and val/")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="folder of the torchvision sets")
-    p.add_argument("--images", type=int, default=None, help="at most this many images per split (default: all)")
+    p.add_argument(
+        "--images", type=int_range(1), default=None, help="at most this many images per split (default: all)"
+    )
     p.add_argument("--arch", choices=ARCHS, default="topk", help="relu: ReLU + L1 penalty; topk: TopK + AuxK")
-    p.add_argument("--expansion", type=int, default=8, help="features = expansion x activation width")
-    p.add_argument("--k", type=int, default=16, help="TopK: features kept per token")
+    p.add_argument("--expansion", type=int_range(1), default=8, help="features = expansion x activation width")
+    p.add_argument("--k", type=int_range(1), default=16, help="TopK: features kept per token")
     p.add_argument("--l1", type=float, default=1.0, help="ReLU: L1 coefficient lambda (inputs scaled to E|x|=sqrt(d))")
     p.add_argument("--dead-after", dest="dead_after", type=int, default=100_000, help="tokens without firing = dead")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=1024, help="tokens per step")
+    p.add_argument("--steps", type=int_range(1), default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", "-b", dest="batch_size", type=int_range(1), default=1024, help="tokens per step")
     p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (after warm-up)")
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     p.add_argument(
@@ -40,18 +44,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="resample dead features every N steps (default: relu 500, topk never: AuxK revives them)",
     )  # fmt: skip
     p.add_argument("--probe", action="store_true", help="also the linear-probe accuracy of both codes")
-    p.add_argument("--seed", type=int, default=0, help="SAE initialisation, batch order, random preset weights")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--output", "-o", default=None, help="run folder (default runs/sae-MODEL-layerL-SITE-ARCH)")
+    add_seed_argument(p, "SAE initialisation, batch order, random preset weights")
+    p.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads (default: torch's)")
+    add_output_argument(p, "run folder (default runs/sae-MODEL-layerL-SITE-ARCH)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its sae.pt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
-    train = sub.add_parser(
-        "train", help=HELP, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    _add_train_arguments(train)
+    # the action is a plain positional (not a sub-parser): the CLI parses every command intermixed
+    p.add_argument("action", choices=("train",), help="train: " + HELP)
+    _add_train_arguments(p)
 
 
 def _print_record(record: dict) -> None:
@@ -90,17 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..analysis.sae_run import train_layer_sae
     from ..analysis.sae_train import SAETrainConfig
-    from ..errors import UserError
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--expansion", args.expansion)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.images is not None and args.images < 1:
-        raise UserError(f"--images must be >= 1, got {args.images}")
     resample = args.resample_every if args.resample_every is not None else (500 if args.arch == "relu" else 0)
     name = Path(args.model).stem if Path(args.model).exists() else args.model
     out = Path(args.output or f"runs/sae-{name}-layer{args.layer}-{args.site}-{args.arch}")
