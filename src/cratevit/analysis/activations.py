@@ -41,6 +41,7 @@ SITES = MappingProxyType(
         "code": "the sparse code of layer l (CRATE: Z^{l+1}, the ISTA output)",
     }
 )
+"""Activation site name -> what it is (see the module docstring)."""
 
 
 def _check_layer(model: nn.Module, layer: int) -> int:

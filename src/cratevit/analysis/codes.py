@@ -69,9 +69,12 @@ __all__ = [
     "shapes_token_attributes",
 ]
 
-DEAD_AT_MOST = 0.0  # frequency at or below which a feature is dead (0: never fires on the evaluation tokens)
-DENSE_ABOVE = 0.1  # frequency above which a feature is dense (fires on more than 10% of tokens)
+DEAD_AT_MOST = 0.0
+"""Firing frequency at or below which a feature is dead (0: it never fires on the evaluation tokens)."""
+DENSE_ABOVE = 0.1
+"""Firing frequency above which a feature is dense (non-zero on more than 10% of the tokens)."""
 SHAPES_ATTRIBUTES = ("shape", "colour", "position")
+"""The ground-truth attributes of a shapes patch token (:func:`shapes_token_attributes`)."""
 
 DEFINITIONS = MappingProxyType(
     {
@@ -84,6 +87,7 @@ DEFINITIONS = MappingProxyType(
         "monosemanticity": "per feature: its largest purity over the attributes; mean over qualifying features",
     }
 )
+"""Each metric's definition in one line (written into ``eval.json``)."""
 
 
 def _flat(codes: Tensor) -> Tensor:
@@ -101,10 +105,12 @@ def feature_frequency(codes: Tensor) -> Tensor:
 
 
 def dead_fraction(codes: Tensor, at_most: float = DEAD_AT_MOST) -> float:
+    """Fraction of features whose firing frequency over the tokens of ``codes`` (..., F) is at most ``at_most``."""
     return float((feature_frequency(codes) <= at_most).double().mean())
 
 
 def dense_fraction(codes: Tensor, above: float = DENSE_ABOVE) -> float:
+    """Fraction of features non-zero on more than ``above`` of the tokens of ``codes`` (..., F)."""
     return float((feature_frequency(codes) > above).double().mean())
 
 

@@ -52,6 +52,7 @@ from ..errors import UserError
 __all__ = ["ARCHS", "SAEConfig", "SAELoss", "SparseAutoencoder"]
 
 ARCHS = ("relu", "topk")
+"""The SAE architectures: ReLU with an L1 penalty, and TopK (with AuxK)."""
 Arch = Literal["relu", "topk"]
 
 

@@ -43,6 +43,9 @@ __all__ = ["LayerSAEResult", "train_layer_sae"]
 
 @dataclass
 class LayerSAEResult:
+    """What :func:`train_layer_sae` made: the run folder, whether the model had random weights, the evaluation
+    (``eval.json``'s content) and the logged training records."""
+
     out: Path
     random_weights: bool
     evaluation: dict[str, Any] = field(default_factory=dict)

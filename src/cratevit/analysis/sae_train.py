@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 SAE_FORMAT = "cratevit-sae"
+"""The format tag of an SAE checkpoint (``sae.pt``)."""
 CHECKPOINT_NAME = "sae.pt"
 
 
