@@ -69,7 +69,7 @@ def layer_activations(
         "z_in": lambda: t.z_in,
         "z_half": lambda: t.z_half,
         "ista_in": lambda: block.norm2(t.z_half),
-        "code": lambda: getattr(t, "code", t.z_out),
+        "code": lambda: t.z_out if getattr(t, "code", None) is None else t.code,
     }
     return {s: read[s]() for s in sites}
 
