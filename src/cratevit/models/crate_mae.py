@@ -565,4 +565,5 @@ FAMILY = Family(
     code_kind=lambda cfg: "output",
     pretrained_cfg=mae_geometry_cfg,
     to_classifier=crate_classifier_from_mae,
+    mask_sampler=random_masking,
 )
