@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..registry import code_kind, family_for, is_family_model, trace_method
+from ..registry import code_kind, family_for, is_autoencoder, is_family_model, trace_method
 from .facets import paper_pca
 from .layerwise import compression, sparsity
 from .segprotocols import keep_top
@@ -179,7 +179,9 @@ class WhiteBoxFamily:
         return int(model.config.heads)
 
     def resizable(self, model: nn.Module) -> bool:
-        return hasattr(model, "interpolate_pos_embed")  # the backbone's learned positions (every classifier family)
+        # the backbone's learned positions (every classifier family); an autoencoder's sine-cosine table and masks
+        # are fixed to its image size
+        return hasattr(model, "interpolate_pos_embed") and not is_autoencoder(model)
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
