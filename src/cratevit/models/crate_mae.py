@@ -532,3 +532,4 @@ FAMILY = Family(
     to_classifier=crate_classifier_from_mae,
     mask_sampler=random_masking,
 )
+"""CRATE-MAE's family record (registered by :mod:`cratevit.registry`)."""
