@@ -67,7 +67,8 @@ def _required_argv(p: argparse.ArgumentParser) -> list[str]:
     argv = []
     for a in p._actions:
         if not a.option_strings:
-            argv += ["x.png"] if a.nargs in (None, "+", "?", "*") else ["x.png"] * int(a.nargs)
+            value = str(next(iter(a.choices))) if a.choices else "x.png"  # an action word (`sae train`)
+            argv += [value] if a.nargs in (None, "+", "?", "*") else [value] * int(a.nargs)
         elif a.required:
             argv += [a.option_strings[0], "x.json"]
     return argv

@@ -20,7 +20,16 @@ ARCHS = ("relu", "topk")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from ._args import add_layer_argument, add_output_argument, add_seed_argument, int_range
+    from ._args import (
+        add_batch_size_argument,
+        add_layer_argument,
+        add_output_argument,
+        add_seed_argument,
+        nonneg_float,
+        nonneg_int,
+        positive_float,
+        positive_int,
+    )
 
     p.add_argument("model", help="checkpoint, save_pretrained folder or cratevit preset (random weights)")
     add_layer_argument(p)
@@ -28,24 +37,28 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="digits, shapes, a transfer set or a folder with train/ and val/")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="folder of the torchvision sets")
     p.add_argument(
-        "--images", type=int_range(1), default=None, help="at most this many images per split (default: all)"
+        "--images", type=positive_int, default=None, help="at most this many images per split (default: all)"
     )
     p.add_argument("--arch", choices=ARCHS, default="topk", help="relu: ReLU + L1 penalty; topk: TopK + AuxK")
-    p.add_argument("--expansion", type=int_range(1), default=8, help="features = expansion x activation width")
-    p.add_argument("--k", type=int_range(1), default=16, help="TopK: features kept per token")
-    p.add_argument("--l1", type=float, default=1.0, help="ReLU: L1 coefficient lambda (inputs scaled to E|x|=sqrt(d))")
-    p.add_argument("--dead-after", dest="dead_after", type=int, default=100_000, help="tokens without firing = dead")
-    p.add_argument("--steps", type=int_range(1), default=2000, help="optimiser steps")
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int_range(1), default=1024, help="tokens per step")
-    p.add_argument("--lr", type=float, default=4e-4, help="Adam learning rate (after warm-up)")
-    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    p.add_argument("--expansion", type=positive_int, default=8, help="features = expansion x activation width")
+    p.add_argument("--k", type=positive_int, default=16, help="TopK: features kept per token")
     p.add_argument(
-        "--resample-every", dest="resample_every", type=int, default=None,
+        "--l1", type=nonneg_float, default=1.0, help="ReLU: L1 coefficient lambda (inputs scaled to E|x|=sqrt(d))"
+    )
+    p.add_argument(
+        "--dead-after", dest="dead_after", type=positive_int, default=100_000, help="tokens without firing = dead"
+    )
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimiser steps")
+    add_batch_size_argument(p, 1024, "tokens per step")
+    p.add_argument("--lr", type=positive_float, default=4e-4, help="Adam learning rate (after warm-up)")
+    p.add_argument("--warmup", type=nonneg_int, default=100, help="learning-rate warm-up steps")
+    p.add_argument(
+        "--resample-every", dest="resample_every", type=positive_int, default=None,
         help="resample dead features every N steps (default: relu 500, topk never: AuxK revives them)",
     )  # fmt: skip
     p.add_argument("--probe", action="store_true", help="also the linear-probe accuracy of both codes")
     add_seed_argument(p, "SAE initialisation, batch order, random preset weights")
-    p.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     add_output_argument(p, "run folder (default runs/sae-MODEL-layerL-SITE-ARCH)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its sae.pt")
 
