@@ -75,7 +75,7 @@ def test_layerwise_stats_shapes_and_consistency(torch_threads) -> None:
     torch.testing.assert_close(stats.rc_in[:, 1], compression(trace.layers[1].proj))
     torch.testing.assert_close(stats.sparsity[:, 0], sparsity(trace.layers[0].z_out))
     rows = stats.rows()
-    assert [r["layer"] for r in rows] == [1, 2]
+    assert [r["layer"] for r in rows] == [0, 1]  # block indices, as blocks.0 and blocks.1
     assert rows[0]["rc_in_mean"] == pytest.approx(float(stats.rc_in[:, 0].mean()))
     assert 0 < rows[1]["sparsity_mean"] < 1
     # the upper bound of the rate: heads * 1/2 * min(n, p) * log(1 + max eigenvalue) is never exceeded

@@ -7,8 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
+from cratevit.analysis import maskcut as maskcut_module
 from cratevit.analysis.detection import coco_ap
-from cratevit.analysis.maskcut import maskcut, maskcut_image, ncut_bipartition, results_for_image, set_input_size
+from cratevit.analysis.maskcut import (
+    foreground_side,
+    maskcut,
+    maskcut_image,
+    ncut_bipartition,
+    results_for_image,
+    set_input_size,
+    upsample_mask,
+)
 from cratevit.data.coco import class_agnostic, decode_mask, encode_mask, load_annotations, read_coco_folder
 from cratevit.data.multishapes import MultiShapesDataset, export_coco, render_scene
 from cratevit.models import CRATE, CRATEConfig
@@ -70,6 +79,84 @@ def test_the_corner_rule_picks_the_object_side() -> None:
     f[2:6, 2:6] = [-1.0, 0.3]
     part, _ = ncut_bipartition(f.reshape(64, 2) + 0.01 * np.random.default_rng(0).normal(size=(64, 2)), (8, 8))
     assert part[2:6, 2:6].all() and part.sum() == 16
+
+
+def _large_object_scene(seed: int = 2, g: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A 24x24 grid (576 tokens: above 256, so the default solver is Lanczos) where one object fills all but a
+    3-token frame: the background side is the smaller, its tokens carry the largest |v|, and CutLER's rule
+    keeps the object for one sign of the eigenvector and the frame for the other. Features: one direction for
+    the frame, another for the object, noise of 0.3."""
+    rng = np.random.default_rng(seed)
+    f = np.zeros((g, g, 16))
+    f[..., 0] = 1.0
+    obj = np.zeros((g, g), bool)
+    obj[3 : g - 2, 2 : g - 3] = True
+    f[obj] = 0.0
+    f[obj, 1] = 1.0
+    return f + 0.3 * rng.normal(size=f.shape), obj
+
+
+def test_foreground_side_does_not_depend_on_the_eigenvectors_sign() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        grid = (int(rng.integers(1, 9)), int(rng.integers(2, 9)))
+        v = rng.normal(size=grid[0] * grid[1]) + (trial % 3) * rng.random(grid[0] * grid[1])
+        part, seed = foreground_side(v, grid)
+        flipped, seed_flipped = foreground_side(-v, grid)
+        assert (part == flipped).all() and seed == seed_flipped and part.reshape(-1)[seed]
+    # hand-made: a frame (the 12 border tokens of a 4x4 grid) against a 2x2 object; the frame holds the corners
+    v = np.full((4, 4), 0.5)
+    v[1:3, 1:3] = -1.0  # the object's side is v < mean; the largest |v| is in the object
+    for s in (1.0, -1.0):
+        part, seed = foreground_side(s * v.reshape(-1), (4, 4))
+        assert part[1:3, 1:3].all() and part.sum() == 4 and seed in (5, 6, 9, 10)
+    # CutLER's own case: the complement holds the corners and the largest |v| (a large object, a small frame)
+    v = np.full((4, 4), -0.2)
+    v[0], v[:, 0] = 1.0, 1.0  # a two-sided frame with 3 corners, largest |v|, above the mean
+    v[3, 3] = -0.2
+    part, _ = foreground_side(-v.reshape(-1), (4, 4))  # P = {-v > mean} is the object, the frame holds |v| max
+    assert part[1:, 1:].all() and part.sum() == 9  # the object, where CutLER would keep the frame
+
+
+def test_large_object_scene_first_mask_is_the_same_for_both_solvers(monkeypatch) -> None:
+    f, obj = _large_object_scene()
+    flat = f.reshape(576, -1)
+    dense, _ = ncut_bipartition(flat, (24, 24), solver="dense")
+    default, _ = ncut_bipartition(flat, (24, 24))  # auto: Lanczos above 256 tokens
+    assert (dense == default).all() and (dense & obj).sum() / (dense | obj).sum() > 0.85
+    first = {solver: maskcut(f, solver=solver)[0].mask for solver in ("dense", "lanczos", "auto")}
+    assert (first["dense"] == first["auto"]).all() and (first["lanczos"] == first["auto"]).all()
+    assert (first["auto"] & obj).sum() / (first["auto"] | obj).sum() > 0.85  # the object, not the frame
+    # whatever sign a solver returns, the same masks
+    flip = maskcut_module.second_eigenvector
+    monkeypatch.setattr(maskcut_module, "second_eigenvector", lambda a, solver="auto": -flip(a, solver))
+    flipped = maskcut(f, solver="dense")
+    assert (flipped[0].mask == first["dense"]).all()
+
+
+def test_random_scenes_give_the_same_masks_for_both_solvers() -> None:
+    from scipy import ndimage
+
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        blobs = ndimage.gaussian_filter(rng.normal(size=(18, 18)), 3) > 0  # 324 tokens, random shapes
+        f = 0.25 * rng.normal(size=(18, 18, 8))
+        f[..., 0] += np.where(blobs, 1.0, -1.0)
+        f[..., 1] += rng.random()
+        dense = maskcut(f, solver="dense")
+        auto = maskcut(f)
+        assert len(dense) == len(auto) >= 1  # every round, not only the first
+        assert all((d.mask == a.mask).all() for d, a in zip(dense, auto, strict=True))
+
+
+def test_masks_reach_the_image_size_as_in_cutler() -> None:
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    square = upsample_mask(mask, 64, (64, 64))  # the input's own size: nearest blocks, nothing interpolated
+    assert square.shape == (64, 64) and square[16:48, 16:48].all() and square.sum() == 32 * 32
+    wide = upsample_mask(mask, 64, (100, 50))  # (W, H): bicubic, then half of 255
+    assert wide.shape == (50, 100)
+    assert wide[25, 50] and not wide[0, 0] and abs(wide.sum() - 50 * 25) <= 2 * (50 + 25)
 
 
 def test_maskcut_image_end_to_end_writes_coco_results(coco_folder) -> None:

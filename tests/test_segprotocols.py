@@ -7,7 +7,14 @@ from PIL import Image
 
 from cratevit.analysis.facets import facet_features, paper_pca
 from cratevit.analysis.segmentation import VOCSegmentationFolder, multishapes_samples, shapes_samples
-from cratevit.analysis.segprotocols import dino_scores, evaluate_protocols, keep_top, labels_to_grid, paper_scores
+from cratevit.analysis.segprotocols import (
+    dino_object_scores,
+    dino_scores,
+    evaluate_protocols,
+    keep_top,
+    labels_to_grid,
+    paper_scores,
+)
 from cratevit.models import CRATE, CRATEConfig
 
 # A 16x16 image of 4x4-pixel tokens (a 4x4 grid), token labels:
@@ -79,6 +86,46 @@ def test_hand_made_voc_folder_gives_the_hand_computed_ious(tmp_path) -> None:
     # tokens holding all 6 fg tokens -> 6/14
     np.testing.assert_allclose(j_heads, [4 / 9, 2 / 11])
     assert j_mean == pytest.approx(6 / 14)
+
+
+def test_dino_best_head_per_object_equals_the_hand_computation(tmp_path, monkeypatch) -> None:
+    """DINO's protocol (facebookresearch/dino#54): for each ground-truth object the best head, averaged over the
+    image's objects, then over images; here on a two-object image and a one-object image of a VOC folder."""
+    b = np.zeros((4, 4), np.uint8)
+    b[0] = 1  # one object: the top row of tokens
+    _write_voc(tmp_path / "VOC2012", {"a": TOKENS_A, "b": b})
+    sa, sb = list(VOCSegmentationFolder(tmp_path))
+    objects, jac = dino_object_scores(_maps(S0, S1), sa.labels, keep=1.0)  # keep all mass: the marked tokens
+    assert objects == [3, 7]
+    # object 3 (4 tokens): head 0 marks them and 3 more valid tokens ((0,3) is void): 4/7; head 1 none of them.
+    # object 7 (2 tokens): head 1 marks both and 5 more valid tokens: 2/7; head 0 none.
+    np.testing.assert_allclose(jac, [[4 / 7, 0.0], [0.0, 2 / 7]])
+    image_a = (4 / 7 + 2 / 7) / 2  # = 3/7: the best head differs per object
+    # merging both objects into one foreground (the earlier figure) picks head 0 for the image: 4/9
+    _, j_heads = dino_scores(_maps(S0, S1), sa.foreground, sa.ignore, keep=1.0)
+    assert j_heads.max() == pytest.approx(4 / 9) and image_a == pytest.approx(3 / 7)
+    rows_01 = [(r, c) for r in (0, 1) for c in range(4)]
+    maps_b = _maps(rows_01, [(3, 0)])
+    objects_b, jac_b = dino_object_scores(maps_b, sb.labels, keep=1.0)
+    assert objects_b == [1]
+    np.testing.assert_allclose(jac_b, [[0.5, 0.0]])  # 4 object tokens of 8 marked; head 1 misses it
+    assert dino_object_scores(_maps(S0), np.zeros((16, 16), np.uint8))[0] == []  # no object: not scored
+
+    # end to end through evaluate_protocols, the model's maps replaced by the hand-made ones
+    from cratevit.analysis import segmentation
+
+    def hand_maps(model, x, layer=-1):
+        assert len(x) == 2  # one batch: image a, then image b
+        return torch.stack([_maps(S0, S1), maps_b]), torch.zeros(2, 4, 4, 8)
+
+    monkeypatch.setattr(segmentation, "maps_and_features", hand_maps)
+    model = CRATE(config=CRATEConfig(image_size=16, patch_size=4, dim=16, depth=1, heads=2, dim_head=8))
+    result = evaluate_protocols(model, [sa, sb], (16, 16), (4, 4), threshold=1.0, protocols=("dino",), batch_size=2)
+    s = result.summary()["dino"]
+    assert result.dino_best == pytest.approx([3 / 7, 0.5])
+    assert s["jaccard_best_head"] == pytest.approx((3 / 7 + 0.5) / 2) and s["images_scored"] == 2
+    assert s["jaccard_best_head_foreground"] == pytest.approx((4 / 9 + 0.5) / 2)  # the earlier figure
+    assert result.per_image()[0]["dino_j_best_head"] == pytest.approx(3 / 7)
 
 
 def test_oracle_head_never_below_head_mean_and_all_protocols_run() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,18 @@ from skimage import data
 
 from cratevit import create_model, save_checkpoint
 from cratevit.analysis.images import load_image, prepare
-from cratevit.analysis.visualize import cls_attention, first_component_foreground, mass_mask, pca_maps, upsample
+from cratevit.analysis.visualize import (
+    cls_attention,
+    first_component_foreground,
+    head_grid_figure,
+    layerwise_figure,
+    mass_mask,
+    math_label,
+    pca_figure,
+    pca_maps,
+    save_figure,
+    upsample,
+)
 from cratevit.cli import main
 
 
@@ -207,3 +219,128 @@ def test_attention_and_pca_of_a_timm_vit_checkpoint(tmp_path, photos, capsys) ->
     assert "timm model" in capsys.readouterr().out
     assert main(["pca", str(ckpt), str(photos["chelsea"]), str(photos["camera"]), "-o", str(tmp_path / "p")]) == 0
     assert Image.open(tmp_path / "p" / "camera" / "pca.png").size == (512, 512)
+
+
+# ----------------------------------------------------------------------------------- paper-ready figures
+ANALYZE_LABELS = [  # the labels `cratevit analyze` and the example notebook give layerwise_figure
+    "compression R^c of Z^l (MSSA input)",
+    "compression R^c of Z^{l+1/2} (after MSSA)",
+    "fraction of non-zeros of Z^{l+1}",
+    "fraction of non-zeros of A_2",
+]
+
+
+def _outside_math(text: str) -> str:
+    """The text of a label as it reads outside its $...$ mathtext segments."""
+    return re.sub(r"\$[^$]*\$", "", text)
+
+
+def _series(depth: int = 6) -> dict[str, list[dict[str, float]]]:
+    return {
+        "trained": [{"layer": i, "v_mean": 0.5 * i, "v_std": 0.1} for i in range(depth)],
+        "random init": [{"layer": i, "v_mean": 3.0 - 0.1 * i, "v_std": 0.2} for i in range(depth)],
+    }
+
+
+def test_math_label_turns_plain_formulas_into_mathtext() -> None:
+    assert (
+        math_label("compression R^c of Z^{l+1/2} (after MSSA)") == r"compression $R^{c}$ of $Z^{\ell+1/2}$ (after MSSA)"
+    )
+    assert math_label("U_k^T LN(Z^l)") == r"$U_{k}^{T}$ LN($Z^{\ell}$)"
+    assert math_label("fraction of non-zeros of A_2") == "fraction of non-zeros of $A_{2}$"
+    assert math_label("code_sparsity and random init") == "code_sparsity and random init"  # words stay words
+    assert math_label("$x^2$ already math") == "$x^2$ already math"
+
+
+@pytest.mark.parametrize("ylabel", ANALYZE_LABELS)
+def test_layerwise_figure_is_paper_ready(ylabel) -> None:
+    fig = layerwise_figure(_series(), "v", ylabel, "coding rate per layer")
+    fig.canvas.draw()  # renders the mathtext: an invalid expression raises here
+    ax = fig.axes[0]
+    for text in (ax.get_ylabel(), ax.get_xlabel(), ax.get_title()):
+        plain = _outside_math(text)
+        assert "\\" not in plain and "^" not in plain and "_{" not in plain and "{" not in plain
+    assert "$" in ax.get_ylabel()  # the formula is typeset, not raw TeX
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "5"]  # integer layer ticks
+    assert ax.get_xlabel() == "layer (block index, 0-based)"
+    # the legend hides no point: its box is outside the axes and contains no data point
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent())
+    for line in ax.get_lines():
+        for x, y in ax.transData.transform(line.get_xydata()):
+            assert not legend.contains(x, y)
+    assert "random weights" not in ax.get_title()
+    assert "random weights" in layerwise_figure(_series(), "v", ylabel, random_weights=True).axes[0].get_title()
+
+
+def test_layerwise_figure_of_a_deep_model_keeps_integer_ticks() -> None:
+    fig = layerwise_figure(_series(36), "v", "R^c")
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks and all(re.fullmatch(r"\d+", t) for t in ticks)
+
+
+def test_head_grid_has_one_shared_colour_bar_and_a_mask_legend(tmp_path) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    heat = np.random.default_rng(1).random((3, 48, 64)) * np.array([1.0, 0.5, 0.2])[:, None, None]
+    masks = heat > 0.3
+    fig = head_grid_figure(image, heat, masks, "photo: layer 5 (0-based)", random_weights=True, keep=0.6)
+    fig.canvas.draw()
+    head_images = [ax.images[0] for ax in fig.axes if ax.get_title().startswith("head ")]
+    assert len(head_images) == 3
+    assert {im.get_clim() for im in head_images} == {(0.0, float(heat.max()))}  # one scale for all heads
+    bars = {im.colorbar for im in head_images if im.colorbar is not None}
+    assert len(bars) == 1 and "one scale, all heads" in next(iter(bars)).ax.get_ylabel()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends and "top 60% of mass" in legends[0].get_texts()[0].get_text()
+    assert all(ax.images[0].get_interpolation() == "nearest" for ax in fig.axes if ax.images)  # small: crisp blocks
+    photo = Image.new("RGB", (512, 384))
+    shrunk = head_grid_figure(photo, np.zeros((1, 384, 512)))
+    assert shrunk.axes[0].images[0].get_interpolation() == "antialiased"  # a photo shrunk to a panel: filtered
+    assert fig._suptitle.get_text().endswith("(random weights)")
+    assert "random weights" not in head_grid_figure(image, heat, masks, "photo")._suptitle.get_text()
+    (png,) = save_figure(fig, tmp_path / "heads", formats=("png",))
+    assert min(Image.open(png).size) >= 400  # pixels enough to read the panels
+
+
+def test_pca_figure_has_a_legend_on_every_mask_panel() -> None:
+    image = Image.new("RGB", (32, 32))
+    fg = np.zeros((32, 32), bool)
+    fg[8:24, 8:24] = True
+    rows = [("a", image, np.zeros((32, 32, 3)), fg), ("b", image, np.ones((32, 32, 3)), ~fg)]
+    fig = pca_figure(rows, "PCA of layer 5 (0-based) key features", random_weights=True)
+    fig.canvas.draw()
+    mask_axes = [ax for ax in fig.axes if ax.get_title().startswith("foreground")]
+    assert len(mask_axes) == 2
+    for ax in mask_axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["foreground", "background"]
+    assert "random weights" in fig._suptitle.get_text()
+
+
+def test_maskcut_overlay_of_a_scene_is_enlarged_with_a_legend() -> None:
+    from cratevit.analysis.maskcut import overlay_masks
+    from cratevit.data.multishapes import render_scene
+
+    scene = render_scene(0, "val", 2, 48)
+    image = Image.fromarray(np.asarray(scene.image))
+    out = overlay_masks(image, scene.masks[:2])
+    assert out.width == 48 * 6 and out.height > 48 * 6  # enlarged 6x to 288 px, a legend strip below
+    picture = np.asarray(out)[: 48 * 6]
+    blocks = picture.reshape(48, 6, 48, 6, 3)
+    interior = blocks[:, 1:5, :, 1:5]  # inside each 6x6 block (box outlines aside): nearest keeps it constant
+    assert (interior.max((1, 3)) - interior.min((1, 3)) == 0).mean() > 0.8
+    strip = np.asarray(out)[48 * 6 :]
+    from matplotlib import colormaps
+
+    for colour in colormaps["tab10"].colors[:2]:  # a swatch per mask in the legend
+        assert (np.abs(strip.astype(int) - np.round(255 * np.asarray(colour))).sum(-1) == 0).any()
+    big = Image.new("RGB", (640, 480))
+    assert overlay_masks(big, []).width == 640  # a photo keeps its size
+
+
+def test_figures_of_presets_say_random_weights(tmp_path) -> None:
+    from cratevit.cli.attention import has_random_weights
+
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", create_model("crate_debug"))
+    assert has_random_weights("crate_debug") and has_random_weights("vit_small_patch16_224")
+    assert not has_random_weights(str(ckpt)) and not has_random_weights("hf-hub:owner/repo/model.pt")

@@ -118,10 +118,11 @@ class LayerwiseStats:
         return int(self.rc_in.shape[1])
 
     def rows(self) -> list[dict[str, float]]:
-        """One row per layer (1-based index as in Figure 3): means and standard deviations over images."""
+        """One row per layer, ``layer`` its block index (0-based, as ``blocks.0`` .. ``blocks.L-1``; Figure 3 of
+        the paper counts from 1): means and standard deviations over images."""
         rows = []
         for i in range(self.depth):
-            row: dict[str, float] = {"layer": i + 1}
+            row: dict[str, float] = {"layer": i}
             for name in ("rc_in", "rc_half", "sparsity", "code_sparsity"):
                 if getattr(self, name) is None:
                     continue

@@ -8,15 +8,18 @@ rounds of normalised cut:
    diagonal of its row sums;
 2. the second smallest generalised eigenvector ``v`` of ``(D - A) v = lambda D v``; the bipartition is
    ``v > mean(v)``;
-3. the foreground side: if 3 or 4 corners of the grid are in the partition, it is the background and flips;
-   otherwise it flips when the seed (the token of largest ``|v|``) is outside it. The seed is then the
-   partition's extreme token, and the mask is the seed's connected component (4-neighbour);
+3. the foreground side: a side holding 3 or 4 corners of the grid is the background; otherwise the foreground
+   is the side holding the token of largest ``|v|``. The seed is then the foreground side's extreme token, and
+   the mask is the seed's connected component (4-neighbour). This rule does not depend on the eigenvector's
+   sign, which the solvers do not fix; CutLER looks at the corners of ``v > mean(v)`` only, and where that
+   departs is stated in :func:`foreground_side`;
 4. from the second round on, a mask whose IoU with the previous round's mask exceeds 0.5, or that covers at
    most 1% of the grid, is dropped; the tokens of every earlier mask get zero features for the next rounds, and
    each mask loses the tokens of the earlier masks.
 
 The optional CRF post-processing of CutLER is not provided (no maintained package ships it with wheels; the
-paper's table does not use it). Masks are scored ``(N - round) / N`` for COCO AP (MaskCut itself has no
+paper's table does not use it). Masks reach the image's size as in CutLER: nearest to the square model input,
+then bicubic (:func:`upsample_mask`). Masks are scored ``(N - round) / N`` for COCO AP (MaskCut itself has no
 scores; the first cut is the most salient object).
 """
 
@@ -37,6 +40,8 @@ from ..presets import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "MaskCutMask",
+    "display_factor",
+    "foreground_side",
     "maskcut",
     "maskcut_image",
     "ncut_bipartition",
@@ -44,6 +49,7 @@ __all__ = [
     "results_for_image",
     "second_eigenvector",
     "set_input_size",
+    "upsample_mask",
 ]
 
 EPS = 1e-5
@@ -83,25 +89,47 @@ def second_eigenvector(a: np.ndarray, solver: str = "auto") -> np.ndarray:
     return u[:, int(np.argmin(w))] * s
 
 
+def foreground_side(v: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """The foreground side of the bipartition ``v > mean(v)`` and its seed, the same for ``v`` and ``-v``.
+
+    An eigenvector's sign is arbitrary: LAPACK's dense ``eigh`` and ARPACK's Lanczos may return opposite signs
+    of the same vector. The two sides are ``P = {v > mean(v)}`` and its complement. The rule, sign-invariant:
+
+    1. if one side holds 3 or 4 of the grid's corners, it is the background and the other side the foreground;
+    2. otherwise the foreground is the side holding the token of largest ``|v|``;
+    3. the seed is the foreground side's most extreme token (``argmax(s v)``, ``s = +1`` if the foreground is
+       ``P``, else ``-1``).
+
+    ``v`` is first scaled to a largest entry of 1 and rounded to 9 decimals: the binary affinity gives many
+    tokens identical rows, hence equal entries of ``v`` that the solvers return different in the last bits;
+    rounded, they tie exactly and a tie goes to the first token (row-major), whatever the solver.
+
+    CutLER checks the corners of ``P`` only. Where ``P``'s complement holds 3 or more corners and the token of
+    largest ``|v|`` lies in that complement, CutLER keeps the corner side (the background, typically when a
+    large object leaves a small frame) and the opposite sign keeps the object; here both signs keep the
+    object. Everywhere else the rule is CutLER's and gives CutLER's bipartition for either sign.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    v = np.round(v / max(float(np.abs(v).max()), 1e-300), 9)  # equal up to round-off -> equal: ties are exact
+    part = v > v.mean()
+    p2 = part.reshape(grid)
+    corners = int(p2[0, 0]) + int(p2[0, -1]) + int(p2[-1, 0]) + int(p2[-1, -1])
+    # a side holding 3 or 4 corners is the background (the complement holds 4 - corners); else the seed decides
+    keep = corners <= 1 if corners != 2 else bool(part[int(np.argmax(np.abs(v)))])
+    sign = 1.0 if keep else -1.0
+    return (part if keep else ~part).reshape(grid), int(np.argmax(sign * v))
+
+
 def ncut_bipartition(
     features: np.ndarray, grid: tuple[int, int], tau: float = 0.15, solver: str = "auto"
 ) -> tuple[np.ndarray, int]:
     """One normalised cut of the token graph: (foreground bool (rows, cols) before the connected component, seed
-    index). ``features`` is (rows * cols, dim), rows of zeros allowed (masked-out tokens)."""
+    index). ``features`` is (rows * cols, dim), rows of zeros allowed (masked-out tokens). The foreground side
+    does not depend on the eigenvector's sign (:func:`foreground_side`)."""
     f = F.normalize(torch.as_tensor(features, dtype=torch.float64), dim=1).numpy()
     a = (f @ f.T > tau).astype(np.float64)
     a[a == 0] = EPS
-    v = second_eigenvector(a, solver)
-    part = v > v.mean()
-    seed = int(np.argmax(np.abs(v)))
-    p2 = part.reshape(grid)
-    corners = int(p2[0, 0]) + int(p2[0, -1]) + int(p2[-1, 0]) + int(p2[-1, -1])
-    reverse = corners >= 3 or not part[seed]
-    if reverse:
-        part, seed = ~part, int(np.argmax(-v))
-    else:
-        seed = int(np.argmax(v))
-    return part.reshape(grid), seed
+    return foreground_side(second_eigenvector(a, solver), grid)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -171,7 +199,7 @@ def maskcut_image(
     std: Sequence[float] = IMAGENET_STD,
     solver: str = "auto",
 ) -> list[MaskCutMask]:
-    """MaskCut on one image: masks at the image's own resolution (nearest upsampling of the token grid).
+    """MaskCut on one image: masks at the image's own resolution (:func:`upsample_mask`, CutLER's two steps).
 
     The model must accept ``size`` inputs (:func:`set_input_size`)."""
     from .facets import facet_features
@@ -179,11 +207,19 @@ def maskcut_image(
     x = image_tensor(image, size, mean, std)[None]
     feats = facet_features(model, x, layer, facet)[0]
     masks = maskcut(feats, tau, n, solver)
-    h, w = image.height, image.width
     for m in masks:
-        grid = torch.from_numpy(m.mask).float()[None, None]
-        m.mask = F.interpolate(grid, size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
+        m.mask = upsample_mask(m.mask, size, (image.width, image.height))
     return masks
+
+
+def upsample_mask(mask: np.ndarray, size: int, image_size: tuple[int, int]) -> np.ndarray:
+    """A token-grid mask (rows, cols) -> bool (H, W) at ``image_size = (W, H)``, as CutLER does it: nearest to the
+    ``size`` x ``size`` model input (each token a block of pixels), then a bicubic resize of the 0/255 mask to the
+    image's size (PIL), kept where it exceeds half of 255 (CutLER's ``create_annotation_info`` threshold)."""
+    grid = torch.from_numpy(np.asarray(mask, bool)).float()[None, None]
+    square = F.interpolate(grid, size=(size, size), mode="nearest")[0, 0].numpy()
+    resized = Image.fromarray((square * 255).astype(np.uint8)).resize(image_size, Image.Resampling.BICUBIC)
+    return np.asarray(resized) > 127.5
 
 
 def results_for_image(masks: list[MaskCutMask], image_id: int) -> list[dict[str, Any]]:
@@ -193,20 +229,61 @@ def results_for_image(masks: list[MaskCutMask], image_id: int) -> list[dict[str,
     return [mask_annotation(m.mask, image_id, FOREGROUND["id"], score=m.score) for m in masks]
 
 
-def overlay_masks(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> Image.Image:
-    """The image with each mask (bool, H x W) blended in its own colour and its box drawn."""
-    from matplotlib import colormaps
-    from PIL import ImageDraw
+def display_factor(size: tuple[int, int], min_side: int = 256) -> int:
+    """The integer factor that brings an image's shorter side to at least ``min_side`` pixels (1 if it is)."""
+    return max(1, -(-min_side // max(1, min(size))))
 
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+
+def overlay_masks(
+    image: Image.Image,
+    masks: Sequence[np.ndarray],
+    alpha: float = 0.5,
+    labels: Sequence[str] | None = None,
+    min_side: int = 256,
+) -> Image.Image:
+    """The image with each mask (bool, H x W) blended in its own colour, its box drawn, and a legend strip
+    below naming each colour (``labels``, default "mask 1", "mask 2", ...).
+
+    An image smaller than ``min_side`` pixels (the 48-px built-in scenes) is enlarged by an integer factor with
+    nearest-neighbour sampling, masks alike, so that every token stays a crisp block at a readable size."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    k = display_factor(image.size, min_side)
+    rgb = image.convert("RGB")
+    if k > 1:
+        rgb = rgb.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+        masks = [np.kron(np.asarray(m, bool), np.ones((k, k), bool)) for m in masks]
+    base = np.asarray(rgb, dtype=np.float64)
     colours = colormaps["tab10"].colors
-    for k, m in enumerate(masks):
-        base[m] = (1 - alpha) * base[m] + alpha * 255 * np.asarray(colours[k % 10])
-    out = Image.fromarray(base.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for k, m in enumerate(masks):
+    for i, m in enumerate(masks):
+        base[m] = (1 - alpha) * base[m] + alpha * 255 * np.asarray(colours[i % 10])
+    picture = Image.fromarray(base.round().astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for i, m in enumerate(masks):
         ys, xs = np.nonzero(m)
         if len(xs):
-            colour = tuple(int(255 * c) for c in colours[k % 10])
-            draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=colour)
+            colour = tuple(int(255 * c) for c in colours[i % 10])
+            draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=colour, width=2)
+    names = list(labels) if labels is not None else [f"mask {i + 1}" for i in range(len(masks))]
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    places, x, y = [], 6, 4  # a legend strip below the picture: entries flow left to right, then wrap
+    for name in names:
+        step = 19 + int(draw.textlength(name, font=font)) + 14
+        if x > 6 and x + step > picture.width:
+            x, y = 6, y + 22
+        places.append((x, y))
+        x += step
+    out = Image.new("RGB", (picture.width, picture.height + y + 22), "white")
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    if not names:
+        draw.text((6, picture.height + 4), "no mask kept", fill="black", font=font)
+    for i, (name, (x, y)) in enumerate(zip(names, places, strict=True)):
+        colour = tuple(int(255 * c) for c in colours[i % 10])
+        draw.rectangle([x, picture.height + y + 1, x + 13, picture.height + y + 14], fill=colour, outline="black")
+        draw.text((x + 19, picture.height + y), name, fill="black", font=font)
     return out

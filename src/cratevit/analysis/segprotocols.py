@@ -7,9 +7,16 @@ All take per-head [CLS] attention maps at the token grid, ``(heads, rows, cols)`
   ignore label 255 is ignored). A head's mask keeps its top 60% *entries* (``kind="mass"``: the entries holding
   60% of its mass, as DINO). For each foreground class present at the grid the best head is taken
   (``max_k IoU``); the image scores the mean over its classes; the data set the mean over images.
-* ``dino`` (DINO's Jaccard, as its authors describe it in facebookresearch/dino#54): masks keep 60% of the
-  mass, are brought to pixel resolution (nearest), and are scored foreground vs background (every labelled
-  class is foreground, 255 ignored): the head-averaged map, and the best head per image (``max_k J``).
+* ``dino`` (DINO's Jaccard, as its authors describe it in facebookresearch/dino#54): each head's mask keeps 60%
+  of its attention mass and is brought to pixel resolution (nearest). For each ground-truth object ``o`` of an
+  image (each label of its label map but 0 and 255: a class of a VOC ``SegmentationClass`` map) the best head is
+  taken, ``max_k J(M_k, G_o)``; the image scores the mean over its objects, the data set the mean over images::
+
+      J_img = 1/|O| sum_{o in O} max_k |M_k & G_o| / |M_k | G_o|      (pixels labelled 255 left out)
+
+  Also reported, under their own names: the head-averaged map against the merged foreground
+  (``jaccard_head_mean_map``) and the best head per image against the merged foreground (every class one
+  foreground, ``jaccard_best_head_foreground``: what cratevit reported as DINO's figure before).
 * ``cratevit`` (what ``cratevit segeval`` measured first, kept for continuity): pixel-level foreground IoU of
   the head-averaged map (60% of the mass), of each head with one head fixed over the data set, and of the PCA
   mask (see :func:`cratevit.segmentation.evaluate`).
@@ -33,6 +40,7 @@ from .visualize import mass_mask, upsample
 __all__ = [
     "PROTOCOLS",
     "ProtocolResult",
+    "dino_object_scores",
     "dino_scores",
     "evaluate_protocols",
     "keep_top",
@@ -103,6 +111,20 @@ def dino_scores(
     return _iou(mean_mask, fg, valid), np.array([_iou(m, fg, valid) for m in head_masks])
 
 
+def dino_object_scores(maps: Tensor, labels: np.ndarray, keep: float = 0.6) -> tuple[list[int], np.ndarray]:
+    """DINO's per-object Jaccard on one image: the objects (labels of ``labels`` (H, W) other than 0 and 255)
+    and each head's Jaccard with each, ``(objects, heads)``; the image scores ``J.max(1).mean()``.
+
+    Head masks keep ``keep`` of the attention mass, upsampled (nearest) to the label map's size; pixels labelled
+    255 count in neither mask."""
+    labels = np.asarray(labels)
+    valid = labels != IGNORE
+    masks = upsample(mass_mask(maps, keep).float(), tuple(labels.shape)).numpy() > 0.5
+    objects = [int(o) for o in np.unique(labels) if o not in (0, IGNORE)]
+    jac = np.array([[_iou(m, labels == o, valid) for m in masks] for o in objects])
+    return objects, jac.reshape(len(objects), len(masks))
+
+
 @dataclass
 class ProtocolResult:
     """Per-image scores of the protocols; :meth:`summary` gives the data-set figures."""
@@ -111,9 +133,10 @@ class ProtocolResult:
     # per image (NaN where no foreground class is left at the token grid): mean over classes of max_k / mean_k IoU
     paper_best: list[float] = field(default_factory=list)
     paper_head_mean: list[float] = field(default_factory=list)
-    dino_mean: list[float] = field(default_factory=list)  # head-averaged map
-    dino_best: list[float] = field(default_factory=list)  # best head per image
-    dino_heads: list[list[float]] = field(default_factory=list)
+    dino_mean: list[float] = field(default_factory=list)  # head-averaged map vs the merged foreground
+    dino_best: list[float] = field(default_factory=list)  # DINO's: mean over objects of the best head (NaN: none)
+    dino_best_foreground: list[float] = field(default_factory=list)  # best head vs the merged foreground
+    dino_heads: list[list[float]] = field(default_factory=list)  # each head vs the merged foreground
     cratevit: Any = None  # a cratevit.segmentation.SegEvalResult
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -132,7 +155,13 @@ class ProtocolResult:
             if self.paper_best:
                 row.update({"paper_iou_best_head": self.paper_best[i], "paper_iou_head_mean": self.paper_head_mean[i]})
             if self.dino_mean:
-                row.update({"dino_j_mean_map": self.dino_mean[i], "dino_j_best_head": self.dino_best[i]})
+                row.update(
+                    {
+                        "dino_j_mean_map": self.dino_mean[i],
+                        "dino_j_best_head": self.dino_best[i],
+                        "dino_j_best_head_foreground": self.dino_best_foreground[i],
+                    }
+                )
             rows.append(row)
         return rows
 
@@ -152,9 +181,13 @@ class ProtocolResult:
             }
         if "dino" in self.settings.get("protocols", PROTOCOLS):
             heads = np.asarray(self.dino_heads, dtype=np.float64).reshape(len(self.dino_mean), -1).mean(0)
+            scored = int(np.sum(~np.isnan(self.dino_best)))
             out["dino"] = {
+                "jaccard_best_head": mean(self.dino_best),  # DINO's: best head per object, mean over objects
+                "images_scored": scored,
+                "images_without_object": len(self.dino_best) - scored,
                 "jaccard_head_mean_map": mean(self.dino_mean),
-                "jaccard_best_head": mean(self.dino_best),
+                "jaccard_best_head_foreground": mean(self.dino_best_foreground),
                 "jaccard_per_head": [float(v) for v in heads],
             }
         if self.cratevit is not None:
@@ -210,15 +243,17 @@ def evaluate_protocols(
         maps, feats = maps_and_features(model, x, layer)
         for sample, head_maps, feat in zip(batch, maps, feats, strict=True):
             result.names.append(sample.name)
+            labels = sample.labels if sample.labels is not None else _labels_from_mask(sample)
             if "paper" in protocols:
-                labels = sample.labels if sample.labels is not None else _labels_from_mask(sample)
                 classes, ious = paper_scores(head_maps, labels, threshold, threshold_kind)
                 result.paper_best.append(float(ious.max(1).mean()) if classes else float("nan"))
                 result.paper_head_mean.append(float(ious.mean(1).mean()) if classes else float("nan"))
             if "dino" in protocols:
                 j_mean, j_heads = dino_scores(head_maps, sample.foreground, sample.ignore, threshold)
+                objects, j_objects = dino_object_scores(head_maps, labels, threshold)
                 result.dino_mean.append(j_mean)
-                result.dino_best.append(float(j_heads.max()))
+                result.dino_best.append(float(j_objects.max(1).mean()) if objects else float("nan"))
+                result.dino_best_foreground.append(float(j_heads.max()))
                 result.dino_heads.append([float(v) for v in j_heads])
             if result.cratevit is not None:
                 cratevit_scores(result.cratevit, sample, head_maps, feat, threshold)

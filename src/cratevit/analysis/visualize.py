@@ -1,14 +1,20 @@
-"""Attention maps, PCA maps and figures (Figures 3-5 of the CRATE papers). Functions of tensors and arrays.
+r"""Attention maps, PCA maps and figures (Figures 3-5 of the CRATE papers). Functions of tensors and arrays.
 
 * :func:`cls_attention`: the class token's attention to every patch, per head, as a (heads, rows, cols) map;
 * :func:`mass_mask`: DINO's mask keeping the patches that carry the top ``keep`` fraction of a map's mass;
 * :func:`pca_maps`: PCA of patch features across images, the first three components as RGB;
   :func:`first_component_foreground`: a foreground mask from the first component;
 * writers for heat maps, masks, overlays, head grids and the layer-wise curves.
+
+Figures follow one house style, meant for a paper: labels in mathtext (:func:`math_label` turns ``Z^{l+1/2}``
+into :math:`Z^{\ell+1/2}`), layers numbered by block index from 0 on integer ticks, legends outside the data,
+one colour bar (a scale shared by all heads) beside attention maps, a legend on every mask panel, and
+"random weights" in the title of a model without trained weights.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +36,11 @@ __all__ = [
     "head_grid_figure",
     "layerwise_figure",
     "mass_mask",
+    "math_label",
     "overlay",
     "pca_figure",
     "pca_maps",
+    "random_title",
     "save_figure",
     "to_uint8",
     "upsample",
@@ -141,81 +149,164 @@ def first_component_foreground(component: np.ndarray | Tensor, threshold: float 
     return a > 0
 
 
-def _image_grid_done(fig: Figure, axes: np.ndarray, title: str) -> Figure:
-    """Finish a grid of image panels: no axes, the optional title, a tight layout."""
+LAYER_AXIS = "layer (block index, 0-based)"
+RANDOM_WEIGHTS = "random weights"
+_TEX = re.compile(r"(?<![A-Za-z0-9\\])[A-Za-z](?:[_^](?:\{[^{}$]*\}|[A-Za-z0-9]))+(?![A-Za-z0-9])")
+
+
+def _tex_token(match: re.Match[str]) -> str:
+    token = re.sub(r"([_^])([A-Za-z0-9])", r"\1{\2}", match.group(0))  # Z^l -> Z^{l}
+    return "$" + re.sub(r"(?<![A-Za-z\\])l(?![A-Za-z])", r"\\ell", token) + "$"  # the layer index l -> \ell
+
+
+def math_label(text: str) -> str:
+    r"""Plain-text formulas of a label as matplotlib mathtext: ``"R^c of Z^{l+1/2}"`` -> ``"$R^{c}$ of
+    $Z^{\ell+1/2}$"`` (a letter with ``^``/``_`` scripts becomes math; the layer index ``l`` becomes
+    :math:`\ell`). Text already holding ``$...$`` is returned as it is."""
+    return text if "$" in text else _TEX.sub(_tex_token, text)
+
+
+def random_title(title: str, random_weights: bool) -> str:
+    """``title``, followed by "(random weights)" when the model has no trained weights."""
+    if not random_weights:
+        return title
+    return f"{title} ({RANDOM_WEIGHTS})" if title else RANDOM_WEIGHTS
+
+
+def _image_panels(axes: np.ndarray) -> None:
     for ax in axes.flat:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+
+
+def _photo_interpolation(image: Image.Image | np.ndarray) -> str:
+    """Small images and maps (the 32-48 px built-in data) are enlarged on screen as crisp pixel blocks
+    (``nearest``); photographs, shrunk to a panel, are filtered (matplotlib's ``antialiased``) against aliasing."""
+    size = image.size if isinstance(image, Image.Image) else np.asarray(image).shape[:2]
+    return "nearest" if min(size) <= 256 else "antialiased"
+
+
+def _legend_handles(entries: Sequence[tuple[str, object]]) -> list[object]:
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=colour, edgecolor="0.4", label=label) for label, colour in entries]
+
+
+def head_grid_figure(
+    image: Image.Image,
+    heat: np.ndarray,
+    masks: np.ndarray | None = None,
+    title: str = "",
+    random_weights: bool = False,
+    keep: float | None = None,
+) -> Figure:
+    """The image, then one column per head: the heat map, and below it the image outside the mask darkened.
+
+    ``heat`` (heads, H, W) is drawn on ONE colour scale for all heads (0 to the largest value of any head), with
+    one colour bar; ``masks`` (heads, H, W) bool, ``keep`` the mass fraction they keep (for the legend)."""
+    heads = heat.shape[0]
+    rows = 1 if masks is None else 2
+    fig = Figure(figsize=(2.0 * (heads + 1) + 1.2, 2.2 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, heads + 1, squeeze=False)
+    axes[0, 0].imshow(image, interpolation=_photo_interpolation(image))
+    axes[0, 0].set_title("image", fontsize=9)
+    vmax = float(np.max(heat)) if np.max(heat) > 0 else 1.0
+    shown = None
+    for k in range(heads):
+        shown = axes[0, k + 1].imshow(
+            heat[k], cmap="inferno", vmin=0.0, vmax=vmax, interpolation=_photo_interpolation(heat[k])
+        )
+        axes[0, k + 1].set_title(f"head {k}", fontsize=9)
+    bar = fig.colorbar(shown, ax=axes[0, :].tolist(), shrink=0.9, pad=0.02)
+    bar.set_label("[CLS] attention\n(one scale, all heads)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if masks is not None:
+        kept = "in the mask" if keep is None else f"in the mask (top {keep:.0%} of mass)"
+        for k in range(heads):
+            dimmed = np.asarray(image.convert("RGB")).copy()
+            dimmed[~masks[k]] = (dimmed[~masks[k]] * 0.25).astype(np.uint8)
+            axes[1, k + 1].imshow(dimmed, interpolation=_photo_interpolation(dimmed))
+        axes[1, 0].imshow(masks.any(0), cmap="gray", vmin=0, vmax=1, interpolation=_photo_interpolation(masks[0]))
+        axes[1, 0].set_title("union of masks", fontsize=9)
+        handles = _legend_handles([(kept, "white"), ("outside (darkened / black)", "0.2")])
+        axes[1, 0].legend(
+            handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.04), fontsize=7, frameon=False, ncol=1
+        )
+    _image_panels(axes)
+    if title or random_weights:
+        fig.suptitle(random_title(math_label(title), random_weights), fontsize=10)
     return fig
 
 
-def head_grid_figure(image: Image.Image, heat: np.ndarray, masks: np.ndarray | None = None, title: str = "") -> Figure:
-    """The image, then one column per head: the heat map, and below it the image outside the mask darkened."""
-    heads = heat.shape[0]
-    rows = 1 if masks is None else 2
-    fig = Figure(figsize=(2.0 * (heads + 1), 2.1 * rows))
-    axes = fig.subplots(rows, heads + 1, squeeze=False)
-    axes[0, 0].imshow(image)
-    axes[0, 0].set_title("image", fontsize=9)
-    for k in range(heads):
-        axes[0, k + 1].imshow(heat[k], cmap="inferno")
-        axes[0, k + 1].set_title(f"head {k}", fontsize=9)
-        if masks is not None:
-            shown = np.asarray(image).copy()
-            shown[~masks[k]] = (shown[~masks[k]] * 0.25).astype(np.uint8)
-            axes[1, k + 1].imshow(shown)
-    if masks is not None:
-        axes[1, 0].imshow(masks.any(0), cmap="gray")
-        axes[1, 0].set_title("union of masks", fontsize=9)
-    return _image_grid_done(fig, axes, title)
-
-
-def pca_figure(rows: Sequence[tuple[str, Image.Image, np.ndarray, np.ndarray]], title: str = "") -> Figure:
-    """One row per image: the image, its PCA colour map and the first-component foreground.
+def pca_figure(
+    rows: Sequence[tuple[str, Image.Image, np.ndarray, np.ndarray]], title: str = "", random_weights: bool = False
+) -> Figure:
+    """One row per image: the image, its PCA colour map and the first-component foreground (with a legend).
 
     ``rows`` holds (name, image, RGB map in [0, 1] of the image's size, bool mask of the image's size).
     """
-    fig = Figure(figsize=(7.0, 2.3 * len(rows) + 0.3))
+    fig = Figure(figsize=(7.6, 2.3 * len(rows) + 0.7), layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for (name, image, rgb, fg), ax in zip(rows, axes, strict=True):
-        ax[0].imshow(image)
+        ax[0].imshow(image, interpolation=_photo_interpolation(image))
         ax[0].set_title(name, fontsize=9)
-        ax[1].imshow(rgb)
-        ax[1].set_title("PCA components 1-3", fontsize=9)
-        ax[2].imshow(fg, cmap="gray", vmin=0, vmax=1)
+        ax[1].imshow(rgb, interpolation=_photo_interpolation(rgb))
+        ax[1].set_title("PCA components 1-3 (RGB)", fontsize=9)
+        ax[2].imshow(fg, cmap="gray", vmin=0, vmax=1, interpolation=_photo_interpolation(fg))
         ax[2].set_title("foreground (component 1)", fontsize=9)
-    return _image_grid_done(fig, axes, title)
+        ax[2].legend(
+            handles=_legend_handles([("foreground", "white"), ("background", "black")]),
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize=7,
+            frameon=False,
+        )
+    _image_panels(axes)
+    if title or random_weights:
+        fig.suptitle(random_title(math_label(title), random_weights), fontsize=10)
+    return fig
 
 
 def layerwise_figure(
-    series: Mapping[str, Sequence[Mapping[str, float]]], key: str, ylabel: str, title: str = ""
+    series: Mapping[str, Sequence[Mapping[str, float]]],
+    key: str,
+    ylabel: str,
+    title: str = "",
+    random_weights: bool = False,
 ) -> Figure:
-    """Value against layer index with error bars, one line per series.
+    """Value against layer (block index, 0-based, integer ticks) with error bars, one line per series.
 
     ``series`` maps a label (``"trained"``, ``"random init"``) to rows with ``layer``, ``{key}_mean`` and
-    ``{key}_std`` (as :meth:`cratevit.analysis.LayerwiseStats.rows` returns).
+    ``{key}_std`` (as :meth:`cratevit.analysis.LayerwiseStats.rows` returns). Labels go through
+    :func:`math_label`; the legend sits outside the axes, so it never hides a point.
     """
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6.2, 3.6), layout="constrained")
     ax = fig.subplots()
+    layers: set[int] = set()
     for label, rows in series.items():
+        xs = [int(r["layer"]) for r in rows]
+        layers.update(xs)
         ax.errorbar(
-            [r["layer"] for r in rows],
+            xs,
             [r[f"{key}_mean"] for r in rows],
             yerr=[r[f"{key}_std"] for r in rows],
             marker="o",
             ms=4,
             capsize=3,
-            label=label,
+            label=math_label(label),
         )
-    ax.set_xlabel("layer index")
-    ax.set_ylabel(ylabel)
+    lo, hi = min(layers, default=0), max(layers, default=0)
+    step = next(s for s in (1, 2, 4, 5, 10, 20, 50, 100, hi - lo + 1) if (hi - lo) // s < 16)  # <= 16 ticks
+    ax.set_xticks(range(lo, hi + 1, step))  # integers only: a layer is a block index
+    ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.set_xlabel(LAYER_AXIS)
+    ax.set_ylabel(math_label(ylabel))
     ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
+    if title or random_weights:
+        ax.set_title(random_title(math_label(title), random_weights), fontsize=10)
     return fig
 
 

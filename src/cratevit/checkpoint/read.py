@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "FORMAT",
     "WEIGHTS_NAME",
     "check_hub_config",
+    "check_zip_records",
     "config_from_dict",
     "load_file",
     "read_checkpoint",
@@ -90,13 +92,45 @@ def _safe_globals() -> list[Any]:
     return allowed
 
 
+def check_zip_records(path: str | Path) -> None:
+    """Refuse a zip-format ``.pt`` file whose records could inflate beyond the file, before ``torch.load``.
+
+    ``torch.save`` writes every record *stored* (``ZIP_STORED``: its declared size equals its bytes in the file),
+    so a compressed record, or one that declares more bytes than it occupies, was not written by ``torch.save``:
+    a 1 MB deflated record of zeros inflates to 1 GiB, which ``torch.load`` would allocate. Only the zip's central
+    directory is read here (its size is bounded by the file's). Files that are not zip archives (the legacy
+    ``torch.save`` format, text, truncated files) pass through, for ``torch.load`` to read or report.
+    """
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return  # an unreadable directory: torch.load reports the file as corrupt
+    size = path.stat().st_size
+    for r in records:
+        if r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size or r.file_size > size:
+            how = "compressed" if r.compress_type != zipfile.ZIP_STORED else "oversized"
+            raise CheckpointError(
+                f"{path} is refused unread: its record {r.filename!r} is {how} ({r.compress_size} bytes declaring "
+                f"{r.file_size} bytes, in a {size}-byte file); torch.save writes only stored records, so this file "
+                f"was not written by torch.save and could inflate to far more memory than its size. Re-save the "
+                f"weights with torch.save where you trust the file's source"
+            )
+
+
 def load_file(path: str | Path, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with one clear :class:`CheckpointError` per failure."""
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear :class:`CheckpointError` per failure.
+
+    A zip record that could inflate beyond the file (:func:`check_zip_records`) is refused before ``torch.load``."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is a directory; pass the checkpoint file inside it")
+    check_zip_records(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

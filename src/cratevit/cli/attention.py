@@ -153,6 +153,11 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
     return model, spec, files
 
 
+def has_random_weights(spec: str) -> bool:
+    """A preset or timm model name (not a file, folder or hf-hub address) is built with random weights."""
+    return not (Path(spec).exists() or spec.startswith("hf-hub:"))
+
+
 def normalization(args: argparse.Namespace, spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``--mean``/``--std``, else what the checkpoint was trained with (ImageNet's by default)."""
     from ..analysis import input_normalization
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
         part = "decoder layer" if args.decoder else "layer"
         title = f"{path.name}: {part} {args.layer % depth}, top {args.threshold:.0%} of attention mass"
-        save_figure(head_grid_figure(image, heat, mask_up, title), folder / "heads")
+        figure = head_grid_figure(image, heat, mask_up, title, has_random_weights(spec), args.threshold)
+        save_figure(figure, folder / "heads")
         records.append(
             {
                 "image": str(path),

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.segmentation import model_geometry
     from ..analysis.visualize import first_component_foreground, pca_figure, pca_maps, save_figure, upsample
     from ..errors import UserError
-    from .attention import fail_if_skipped, load_for_images, normalization, read_images, unique_stem
+    from .attention import fail_if_skipped, has_random_weights, load_for_images, normalization, read_images, unique_stem
 
     if args.components < 1:
         raise UserError(f"--components must be at least 1, got {args.components}")
@@ -99,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{path}: {prep.how} -> {folder}")
     save_figure(
-        pca_figure(shown, f"PCA ({args.method}) of layer {args.layer % len(model.blocks)} {facet} features"),
+        pca_figure(
+            shown,
+            f"PCA ({args.method}) of layer {args.layer % len(model.blocks)} {facet} features",
+            has_random_weights(spec),
+        ),
         args.out / "pca-grid",
     )
     info = {

@@ -120,7 +120,7 @@ def _table(summaries: dict[str, dict[str, Any]], protocols: list[str]) -> list[s
         head += ["paper mIoU (best head per class)", "paper mIoU (head mean)"]
         cols += [lambda s: s["paper"]["miou"], lambda s: s["paper"]["miou_head_mean"]]
     if "dino" in protocols:
-        head += ["DINO J (head-mean map)", "DINO J (best head)"]
+        head += ["DINO J (head-mean map)", "DINO J (best head per object)"]
         cols += [lambda s: s["dino"]["jaccard_head_mean_map"], lambda s: s["dino"]["jaccard_best_head"]]
     if "cratevit" in protocols:
         head += ["mIoU attention (mean of heads)", "mIoU best head", "mIoU PCA"]
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         if "dino" in protocols:
             parts.append(
                 f"DINO J {summary['dino']['jaccard_head_mean_map']:.3f} "
-                f"(best head {summary['dino']['jaccard_best_head']:.3f})"
+                f"(best head per object {summary['dino']['jaccard_best_head']:.3f})"
             )
         if "cratevit" in protocols:
             parts.append(
