@@ -198,9 +198,15 @@ def run_ablation(cfg: AblationConfig, train_step: TrainStep, log: Callable[[str]
     from ..checkpoint import load_model
     from ..data.coco import load_annotations, mask_api, read_coco_folder
     from ..data.multishapes import MultiShapesDataset, export_coco
+    from ..presets import get_config
     from .layerwise import input_normalization
 
     cfg.check()
+    depth = get_config(cfg.base).depth
+    if not -depth <= cfg.layer < depth:
+        raise UserError(
+            f"--layer {cfg.layer} is out of range for {cfg.base} ({depth} layers); use 0..{depth - 1} or -1"
+        )
     mask_api()  # a one-line error naming the extra when pycocotools is missing, before any training
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
