@@ -52,12 +52,15 @@ def test_tiny_ablation_writes_the_table_and_json(tiny_run: Path) -> None:
     assert data["config"]["variants"] == ["crate", "crate_vit"] and data["config"]["epochs"] == 1
     assert [row["model"] for row in data["paper"]["rows"]] == ["CRATE", "CRATE-MLP", "CRATE-MHSA", "ViT"]
 
-    table = (tiny_run / "ablation.md").read_text().splitlines()
+    text = (tiny_run / "ablation.md").read_text()
+    assert "layer 1 (0-based, block index)" in text and "crate_debug" in text  # crate_debug has 2 blocks
+    table = text.splitlines()[2:]
     assert table[0] == "| " + " | ".join(TABLE_COLUMNS) + " |"
     body = table[2:6]
     assert all(line.count("|") == len(TABLE_COLUMNS) + 1 for line in body)
     assert body[1].startswith("| CRATE | MSSA | ISTA | random weights | - |")
     assert "| ViT | MHSA | MLP | 0.1 | 0.1 | 0.0 | 14.1 |" in table  # the paper's rows follow the measured ones
+    assert (tiny_run / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paper_rows_as_printed_in_table_2() -> None:
