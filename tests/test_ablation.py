@@ -92,7 +92,8 @@ def test_bad_configuration_is_one_clear_error(tmp_path: Path, kwargs: dict, mess
     assert not (tmp_path / "multishapes").exists()
 
 
-def test_cli_refuses_an_unknown_variant(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        main(["ablation", "-o", str(tmp_path), "--variants", "crate_resnet"])
-    assert "invalid choice: 'crate_resnet'" in capsys.readouterr().err
+def test_cli_refuses_an_unknown_variant_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["ablation", "-o", str(tmp_path), "--variants", "crate", "crate_resnet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown variant(s) ['crate_resnet']" in err[0] and "crate_mhsa_only" in err[0]
+    assert not (tmp_path / "crate").exists()  # refused before any training

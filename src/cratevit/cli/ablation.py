@@ -16,15 +16,14 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..analysis.ablation import PAPER_VARIANTS, VARIANTS
-
     p.add_argument("-o", "--out", "--output", dest="out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=tuple(VARIANTS),
-        default=list(PAPER_VARIANTS),
-        help="variants to run (the paper's four by default; crate_mssa_only / crate_mhsa_only: attention only)",
+        default=None,
+        metavar="VARIANT",
+        help="variants to run: crate, crate_mlp, crate_mhsa, crate_vit (the paper's four, the default), "
+        "crate_mssa_only, crate_mhsa_only (attention only)",
     )
     p.add_argument(
         "--base",
@@ -75,11 +74,11 @@ def _train_step(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.ablation import AblationConfig, ablation_table, run_ablation
+    from ..analysis.ablation import PAPER_VARIANTS, AblationConfig, ablation_table, run_ablation
 
     cfg = AblationConfig(
         out=args.out,
-        variants=tuple(args.variants),
+        variants=tuple(args.variants or PAPER_VARIANTS),
         base=args.base,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
