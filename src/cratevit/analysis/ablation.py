@@ -55,6 +55,7 @@ __all__ = [
     "ablation_table",
     "paper_table",
     "plot_ablation",
+    "random_weights",
     "run_ablation",
     "score_model",
     "write_report",
@@ -186,7 +187,7 @@ def score_model(
     return scores
 
 
-def _random_copy(model: nn.Module, seed: int) -> nn.Module:
+def random_weights(model: nn.Module, seed: int) -> nn.Module:
     """The same architecture, freshly initialised with ``seed``."""
     from ..registry import family_for
 
@@ -225,7 +226,7 @@ def run_ablation(cfg: AblationConfig, train_step: TrainStep, log: Callable[[str]
         model = load_model(str(trained.checkpoint))
         mean, std = input_normalization(trained.checkpoint)
         label = model.config.variant
-        for weights, net in (("trained", model), ("random weights", _random_copy(model, cfg.seed))):
+        for weights, net in (("trained", model), ("random weights", random_weights(model, cfg.seed))):
             t0 = time.perf_counter()
             scores = score_model(net, mean, std, cfg, coco)
             row = {
@@ -329,5 +330,5 @@ def plot_ablation(result: AblationResult, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("%")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right", ncols=2, fontsize=8)
     fig.savefig(path, dpi=120)
