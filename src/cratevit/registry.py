@@ -42,6 +42,7 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Add an architecture family (once per name); loading, saving, timm and the CLI find it from here."""
     if family.name in _FAMILIES:
         raise ValueError(f"architecture family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
@@ -54,6 +55,7 @@ def families() -> dict[str, Family]:
 
 
 def get_family(name: str) -> Family:
+    """The registered family of that name; a one-line error listing the known ones otherwise."""
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -77,7 +79,7 @@ def trace_method(model: nn.Module) -> Any:
 
 def family_for(obj: Any) -> Family:
     """The family of a model or a configuration (by its class; the most derived one when a family's classes
-    subclass another's, as CRATE-alpha's subclass CRATE's)."""
+    subclass another's, as a test family may subclass CRATE's)."""
     for cls in type(obj).__mro__:
         for family in _FAMILIES.values():
             if cls in (family.model_cls, family.config_cls):

@@ -179,7 +179,7 @@ class WhiteBoxFamily:
         return int(model.config.heads)
 
     def resizable(self, model: nn.Module) -> bool:
-        return hasattr(model, "interpolate_pos_embed")  # CRATE's (and its subclasses') learned positions
+        return hasattr(model, "interpolate_pos_embed")  # the backbone's learned positions (every classifier family)
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
