@@ -48,6 +48,7 @@ __all__ = [
     "PAPER_ROWS",
     "PAPER_SOURCE",
     "PAPER_VARIANTS",
+    "TABLE_COLUMNS",
     "VARIANTS",
     "AblationConfig",
     "AblationResult",
@@ -63,7 +64,9 @@ __all__ = [
 
 # name -> (attention, second half); "crate" is the plain CRATE block, the others the presets' ablation stems.
 VARIANTS: dict[str, tuple[str, str]] = {"crate": ("mssa", "ista"), **ABLATIONS}
-PAPER_VARIANTS: tuple[str, ...] = ("crate", "crate_mlp", "crate_mhsa", "crate_vit")  # the rows of Table 2
+"""Variant name -> (attention, second half): ``crate`` and the stems of :data:`cratevit.presets.ABLATIONS`."""
+PAPER_VARIANTS: tuple[str, ...] = ("crate", "crate_mlp", "crate_mhsa", "crate_vit")
+"""The variants of the paper's Table 2 (CRATE, CRATE-MLP, CRATE-MHSA, ViT): what ``cratevit ablation`` runs."""
 
 # Table 2 of arXiv 2308.16271 as printed: (model, attention, nonlinearity, COCO detection AP50, AP75, AP,
 # VOC Seg. mIoU). All four are Small-Patch8 (S-8) models pre-trained on ImageNet-21k with the same setup.
@@ -73,11 +76,14 @@ PAPER_ROWS: tuple[tuple[str, str, str, float, float, float, float], ...] = (
     ("CRATE-MHSA", "MHSA", "ISTA", 0.1, 0.1, 0.0, 18.4),
     ("ViT", "MHSA", "MLP", 0.1, 0.1, 0.0, 14.1),
 )
+"""Table 2 of arXiv 2308.16271 as printed: (model, attention, nonlinearity, COCO detection AP50, AP75, AP, VOC
+Seg. mIoU), all in %."""
 PAPER_SOURCE = (
     'Yu et al., "Emergence of Segmentation with Minimalistic White-Box Transformers", arXiv 2308.16271, '
     'Table 2 ("Ablation study of different CRATE variants. We use the Small-Patch8 (S-8) model configuration '
     'across all experiments in this table.")'
 )
+"""Where :data:`PAPER_ROWS` come from, with the table's caption."""
 
 
 @dataclass(frozen=True)
@@ -121,12 +127,14 @@ class TrainedVariant:
     val_top1: float | None = None
 
 
-# (variant name, model kwargs {"attention", "feedforward"}, run directory) -> the trained checkpoint
+# (variant name, model kwargs {"attn_kind", "feedforward"}, run directory) -> the trained checkpoint
 TrainStep = Callable[[str, dict[str, str], Path], TrainedVariant]
 
 
 @dataclass
 class AblationResult:
+    """One ``cratevit ablation`` run: its configuration, one row of figures per (variant, weights), wall time."""
+
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -221,7 +229,7 @@ def run_ablation(cfg: AblationConfig, train_step: TrainStep, log: Callable[[str]
         attention, feedforward = VARIANTS[name]
         log(f"[{i}/{len(cfg.variants)}] {name}: {attention.upper()} + {feedforward.upper()}, training")
         t0 = time.perf_counter()
-        trained = train_step(name, {"attention": attention, "feedforward": feedforward}, cfg.out / name)
+        trained = train_step(name, {"attn_kind": attention, "feedforward": feedforward}, cfg.out / name)
         train_s = time.perf_counter() - t0
         model = load_model(str(trained.checkpoint))
         mean, std = input_normalization(trained.checkpoint)
@@ -270,7 +278,7 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
 
-TABLE_COLUMNS = (
+TABLE_COLUMNS: tuple[str, ...] = (
     "model",
     "attention",
     "second half",
@@ -284,6 +292,7 @@ TABLE_COLUMNS = (
     "mask AP50",
     "mask AP",
 )
+"""The columns of :func:`ablation_table` (every figure in %)."""
 
 
 def ablation_table(result: AblationResult) -> str:

@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._args import add_layer_argument, add_output_argument, add_seed_argument, positive_int
+
 HELP = (
     "the emergence paper's ablation (attention MSSA|MHSA x second half ISTA|MLP|none) trained on the built-in "
     "shapes, scored with the paper's coarse segmentation and MaskCut COCO AP, trained and at random init"
@@ -16,7 +18,9 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, type=Path, help="output folder")
+    add_output_argument(
+        p, "output folder (ablation.md, ablation.json, ablation.png, a run directory per variant)", True
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -27,18 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--base",
-        "--arch",
-        dest="base",
         default="crate_nano",
+        metavar="PRESET",
         help="CRATE preset every variant is built from (its sizes; the variant sets attention and feedforward)",
     )
-    p.add_argument("--epochs", type=int, default=3, help="training epochs of every variant (the same budget)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on the training steps per epoch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training runs and of the random-weights copies")
-    p.add_argument("--num-images", type=int, default=300, help="shapes and multishapes images of the segmentation")
-    p.add_argument("--num-scenes", type=int, default=100, help="multishapes scenes of MaskCut")
-    p.add_argument("--layer", type=int, default=-1, help="layer of the attention and features (0-based, -1: last)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training runs")
+    p.add_argument("--epochs", type=positive_int, default=3, help="training epochs of every variant (the same budget)")
+    p.add_argument("--steps-per-epoch", type=positive_int, default=None, help="cap on the training steps per epoch")
+    add_seed_argument(p, "seed of the training runs and of the random-weights copies")
+    p.add_argument(
+        "--num-images", type=positive_int, default=300, help="shapes and multishapes images of the segmentation"
+    )
+    p.add_argument("--num-scenes", type=positive_int, default=100, help="multishapes scenes of MaskCut")
+    add_layer_argument(p)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads of the training runs")
 
 
 def _train_step(args: argparse.Namespace) -> Any:
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.ablation import PAPER_VARIANTS, AblationConfig, ablation_table, run_ablation
 
     cfg = AblationConfig(
-        out=args.out,
+        out=args.output,
         variants=tuple(args.variants or PAPER_VARIANTS),
         base=args.base,
         epochs=args.epochs,
@@ -89,5 +94,5 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_ablation(cfg, _train_step(args))
     print(ablation_table(result))
-    print(f"{result.seconds / 60:.1f} min; table and figures in {args.out / 'ablation.md'} and ablation.json")
+    print(f"{result.seconds / 60:.1f} min; table and figures in {args.output / 'ablation.md'} and ablation.json")
     return 0
