@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "segeval": "cratevit.cli.segeval",
     "maskcut": "cratevit.cli.maskcut",
     "detect-eval": "cratevit.cli.detect_eval",
+    "ablation": "cratevit.cli.ablation",
     "explore": "cratevit.cli.explore",
     "export": "cratevit.cli.export",
     "predict": "cratevit.cli.predict",
