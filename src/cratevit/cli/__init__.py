@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "predict": "cratevit.cli.predict",
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",
+    "sae": "cratevit.cli.sae",
 }
 """Sub-command name -> its module; the order of ``cratevit --help``."""
 

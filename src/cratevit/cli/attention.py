@@ -16,9 +16,11 @@ from ._images import (
 __all__ = ["HELP", "MAX_PIXELS", "add_arguments", "has_random_weights", "run"]
 
 HELP = "per-head [CLS] attention maps of images: heat maps, top-mass masks, overlays and a head grid (Figure 4)"
+"""The command's one-line description in ``cratevit --help``."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare ``cratevit attention``'s options on its sub-parser."""
     add_model_and_image_arguments(p)
     p.add_argument(
         "--threshold", type=probability, default=0.6, help="fraction of each head's attention mass the mask keeps"
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``cratevit attention`` on parsed arguments; the exit status."""
     import json
 
     from ..analysis.head_maps import write_head_maps
