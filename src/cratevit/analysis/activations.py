@@ -29,6 +29,7 @@ __all__ = [
     "SITES",
     "SITE_POINTS",
     "dataset_activations",
+    "has_ista_dictionary",
     "ista_dictionary",
     "layer_activations",
     "logits_with_replaced",
@@ -114,6 +115,12 @@ def logits_with_replaced(
 
     with hooks(model, {site_hook(model, layer, site): swap}):
         return model(images)
+
+
+def has_ista_dictionary(model: nn.Module, layer: int) -> bool:
+    """Whether layer ``layer`` has one ISTA dictionary ``D`` (CRATE, the CRATE-MAE encoder, the ISTA ablations)."""
+    ista = getattr(model.blocks[_check_layer(model, layer)], "ista", None)
+    return isinstance(getattr(ista, "dictionary", None), Tensor) and not hasattr(ista, "decoder")
 
 
 def ista_dictionary(model: nn.Module, layer: int) -> Tensor:
