@@ -107,14 +107,12 @@ Edit = Callable[[str, Tensor], Tensor]  # (point, tensor) -> the tensor the bloc
 def _white_box_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
     """A :class:`~cratevit.models.blocks.WhiteBoxBlock` (CRATE, its ablations, CRATE-alpha, the CRATE-MAE encoder),
     the operations of its ``trace`` in the same order."""
-    from ..models.blocks import explicit_attention
-
     z = at("in", z)
     x = at("norm1", block.norm1(z))
     if hasattr(block, "mssa"):
         m, a = block.mssa, "mssa"
         w = at(f"{a}.proj", m.project(x))  # b h n p
-        heads, attn = explicit_attention(w, m.scale, m.attn_drop.p if m.training else 0.0)
+        heads, attn = m.attend(w)  # explicit softmax attention: (output, matrix) per head
         edited = at(f"{a}.pattern", attn)
         if edited is not attn:
             heads = edited @ w
