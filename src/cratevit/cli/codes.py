@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.codes_compare import CompareConfig, compare_codes, render_table
+    from .sae import print_record
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = Path(args.output or "runs/codes-compare")
-    report = compare_codes(args.crate, args.vit, out, cfg, status=lambda msg: print(msg, flush=True))
+    report = compare_codes(
+        args.crate, args.vit, out, cfg, status=lambda msg: print(msg, flush=True), progress=print_record
+    )
     print(render_table(report["rows"]))
     print(f"report folder {out}: compare.md, compare.json, compare.png, one run folder per network")
     return 0
