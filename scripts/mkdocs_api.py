@@ -93,10 +93,19 @@ def definition(module_name: str, name: str) -> str:
 
 def public_names(layer: str) -> list[PublicName]:
     """Every name of ``layer.__all__`` (of any module), resolved to its definition. Names that timm's
-    ``register_model`` appends to a module's ``__all__`` at run time (its model entry points) are left out."""
+    ``register_model`` appends to a module's ``__all__`` at run time (its model entry points) are left out, and so
+    are later aliases of a name already listed."""
     _ensure_src_on_path()
     module = importlib.import_module(layer)
-    return [PublicName(layer, name, definition(layer, name)) for name in module.__all__ if hasattr(module, name)]
+    names, seen = [], set()
+    for name in module.__all__:
+        if not hasattr(module, name):
+            continue
+        target = definition(layer, name)
+        if target not in seen:  # an alias (``CRATETrace = WhiteBoxTrace``) is documented under its first name
+            seen.add(target)
+            names.append(PublicName(layer, name, target))
+    return names
 
 
 def submodules(layer: str) -> list[str]:

@@ -174,12 +174,26 @@ def toy_wb(monkeypatch):
     register_preset("toy_wb_tiny", ToyWBConfig(image_size=16, patch_size=4, num_classes=3, dim=16, depth=2,
                                                heads=2, dim_head=8), preprocessing=HALF)  # fmt: skip
     attach_hub_methods()
+    import copy
+
+    import timm.models._registry as timm_registry
+
+    from cratevit.interop import timm_models
+
+    timm_tables = {k: v for k, v in vars(timm_registry).items() if isinstance(v, (dict, set)) and k.startswith("_m")}
+    timm_saved = {k: copy.deepcopy(v) for k, v in timm_tables.items()}
+    cfgs_saved = dict(timm_models.default_cfgs)
     yield
     for table, before in zip(tables, saved, strict=True):
         table.clear()
         table.update(before)
     for name in ("save_pretrained", "push_to_hub", "from_pretrained"):
         delattr(ToyWB, name)
+    for k, table in timm_tables.items():  # timm's registry, as it was (the toy's timm name gone)
+        table.clear()
+        table.update(timm_saved[k])
+    timm_models.default_cfgs.clear()
+    timm_models.default_cfgs.update(cfgs_saved)
 
 
 def test_a_family_from_the_shared_blocks_goes_through_everything(toy_wb, tmp_path, capsys):
@@ -228,3 +242,10 @@ def test_a_family_from_the_shared_blocks_goes_through_everything(toy_wb, tmp_pat
     assert main(["attention", str(tmp_path / "toy.pt"), str(tmp_path / "red.png"), "-o", str(out), "--size", "16"]) == 0
     assert any(out.iterdir())
     assert main(["analyze", str(tmp_path / "toy.pt"), "--num-images", "4", "-o", str(tmp_path / "an")]) == 0
+
+
+def test_the_toy_white_box_family_is_gone_after_its_test():
+    import timm
+
+    assert "toy_wb" not in families() and "toy_wb_tiny" not in PRESETS
+    assert not timm.is_model("toy_wb_tiny_patch4_16") and not hasattr(ToyWB, "save_pretrained")

@@ -81,6 +81,7 @@ FILE_KINDS: dict[str, str] = {
 """The kinds of checkpoint file :func:`load_checkpoint` recognises: kind -> what such a file holds."""
 # The older name of the file kinds, kept for callers written before "family" came to mean the architecture only.
 FAMILIES = FILE_KINDS
+"""The old name of :data:`FILE_KINDS` (kept for code written against it)."""
 
 
 def config_from_dict(d: Mapping[str, Any], family: str = "crate") -> Any:

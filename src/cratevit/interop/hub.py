@@ -27,7 +27,6 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint.read import CONFIG_NAME, WEIGHTS_NAME
 from ..registry import families, family_for, get_family
 
 __all__ = ["attach_hub_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
@@ -72,6 +71,8 @@ def _adapter_class(family: str = "crate") -> type:
             map_location: str = "cpu",
             **model_kwargs: Any,
         ) -> Any:
+            from ..checkpoint.read import CONFIG_NAME
+
             if not isinstance(config, dict):
                 raise FileNotFoundError(
                     f"{model_id} has no readable {CONFIG_NAME}; it was not written by save_pretrained"
@@ -96,6 +97,8 @@ def _weights_file(
     local_files_only: bool,
     token: str | bool | None,
 ) -> Path:
+    from ..checkpoint.read import CONFIG_NAME, WEIGHTS_NAME
+
     if os.path.isdir(model_id):
         path = Path(model_id) / WEIGHTS_NAME
         if not path.is_file():
@@ -149,6 +152,8 @@ def from_pretrained(pretrained_model_name_or_path: str | Path, **kwargs: Any) ->
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
+    from ..checkpoint.read import CONFIG_NAME  # on use: this module loads while cratevit.models does (no cycle)
+
     source = str(pretrained_model_name_or_path)
     # A Hub id is "user/repo". Anything else (no slash, an absolute or relative path, more than one slash, or a
     # first part that is a local folder) is a local path: a mistyped one fails here at once instead of going to

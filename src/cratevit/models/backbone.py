@@ -5,7 +5,7 @@ A family gives its configuration (a :class:`BackboneConfig` with the fields of i
 (:meth:`BackboneConfig.make_block`); the backbone does the rest::
 
     Z^0     = [cls; PatchEmbed(x)] + E_pos                    (b, 1 + n_patches, dim)
-    Z^{l+1} = block_l(Z^l),  l = 0 .. depth-1                  (blocks.l: a :class:`~.blocks.WhiteBoxBlock`)
+    Z^{l+1} = block_l(Z^l),  l = 0 .. depth-1                  (blocks.l: a WhiteBoxBlock)
     logits  = head(pre_logits(LN(pool(Z^L))))                  (pool: the class token or the mean token)
 
 ``forward`` compiles with TorchScript and traces with ``torch.fx``: it reads plain attributes copied from the

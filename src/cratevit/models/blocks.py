@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 AttnImpl = Literal["auto", "sdpa", "math"]
+"""How MSSA/MHSA compute attention: ``"sdpa"`` (PyTorch's fused kernel), ``"math"`` (explicit softmax), ``"auto"`` (the faster per dtype)."""
 Attention = Literal["mssa", "mhsa"]
 FeedForward = Literal["ista", "overcomplete", "mlp", "none"]
 

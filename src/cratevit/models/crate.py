@@ -277,3 +277,4 @@ FAMILY = Family(
     pretrained_cfg=geometry_cfg,
     activation_bytes=activation_bytes,
 )
+"""CRATE's family record (registered by :mod:`cratevit.registry`)."""

@@ -171,3 +171,4 @@ FAMILY = Family(
     code_editor=lambda block, z_half, code: block.ista.decode(code, z_half),
     pretrained_cfg=geometry_cfg,
 )
+"""CRATE-α's family record (registered by :mod:`cratevit.registry`)."""

@@ -566,3 +566,4 @@ FAMILY = Family(
     pretrained_cfg=mae_geometry_cfg,
     to_classifier=crate_classifier_from_mae,
 )
+"""CRATE-MAE's family record (registered by :mod:`cratevit.registry`)."""

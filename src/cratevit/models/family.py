@@ -40,6 +40,7 @@ TIMM_KWARGS: dict[str, str] = {
     "attn_drop_rate": "dropout",
     "global_pool": "pool",  # values "token" / "avg" are timm's "cls" / "mean"
 }
+"""timm's ``create_model`` keywords mapped onto configuration fields (the default of a family's ``timm_kwargs``)."""
 
 
 def classifier_geometry(cfg: Any) -> dict[str, Any]:
