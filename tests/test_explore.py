@@ -444,7 +444,7 @@ def test_the_image_set_is_indexed_once_and_old_jobs_are_dropped(explorer, client
     assert client.get(f"/api/job/{first['id']}").status_code == 404
 
 
-def test_a_busy_port_is_one_line(capsys) -> None:
+def test_a_busy_port_is_one_line(capsys, torch_threads) -> None:  # run sets the page's thread count
     import socket
 
     with socket.socket() as busy:
