@@ -177,3 +177,20 @@ def test_patching_a_timm_vit_and_an_autoencoder_s_reconstruction():
     result = activation_patching(mae, clean, corrupted, [f"blocks.{len(mae.blocks) - 1}.out"], mask=mask)
     assert result.clean.shape == (2, mae.config.num_patches, mae.config.patch_dim)  # the reconstruction
     assert torch.equal(result.patched[f"blocks.{len(mae.blocks) - 1}.out"], result.clean)
+
+
+def test_layer_activations_read_a_timm_vit_and_tost_through_the_hooks():
+    from cratevit.analysis.activations import layer_activations, logits_with_replaced, prefix_tokens
+
+    vit = _timm_vit()
+    x = torch.randn(2, 3, 32, 32)
+    acts = layer_activations(vit, x, 1, ("z_in", "z_half", "ista_in"))
+    _, cache = run_with_cache(vit, x, ["blocks.1.in", "blocks.1.mid", "blocks.1.norm2"])
+    assert torch.equal(acts["ista_in"], cache["blocks.1.norm2"]) and torch.equal(acts["z_half"], cache["blocks.1.mid"])
+    with pytest.raises(UserError, match="has no code"):
+        layer_activations(vit, x, 0, ("code",))
+    same = logits_with_replaced(vit, x, 0, "ista_in", lambda t: t)
+    torch.testing.assert_close(same, vit(x), atol=1e-5, rtol=1e-5)
+    tost = ToST(config=tost_preset("tost_debug")).eval()
+    assert prefix_tokens(tost) == 0 and prefix_tokens(vit) == 1
+    assert layer_activations(tost, x, 0)["ista_in"].shape == (2, 16, 32)  # 4x4 patches, no class token

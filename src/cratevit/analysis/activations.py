@@ -65,7 +65,9 @@ def site_hook(model: nn.Module, layer: int, site: str) -> str:
     layer = _check_layer(model, layer)
     point = SITE_POINTS[site]
     if point not in block_points(model.blocks[layer]):
-        raise UserError(f"layer {layer} (0-based) of {type(model).__name__} has no {site} (no sparse-coding step)")
+        raise UserError(
+            f"layer {layer} (0-based) of {type(model).__name__} has no code (no sparse-coding step) for the site {site}"
+        )
     return f"blocks.{layer}.{point}"
 
 
@@ -133,7 +135,10 @@ def ista_dictionary(model: nn.Module, layer: int) -> Tensor:
 
 
 def prefix_tokens(model: nn.Module) -> int:
-    """Tokens before the patch tokens (1: the class token)."""
+    """Tokens before the patch tokens in the blocks (1: the class token; 0 in ToST, whose class token joins only in
+    the class-attention blocks after them)."""
+    if hasattr(model, "class_blocks"):
+        return 0
     return int(getattr(model, "num_prefix_tokens", 1))
 
 
