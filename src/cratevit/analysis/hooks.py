@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 HookFn = Callable[[Tensor, str], "Tensor | None"]
+"""A hook: ``fn(activation, name)`` returning None (read only) or the tensor that replaces the activation."""
 
 HOOK_POINTS: Mapping[str, str] = {
     "in": "Z^l, the tokens entering the block",
