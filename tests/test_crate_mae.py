@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cratevit.models import CRATE, WhiteBoxBackbone
 from cratevit.models.crate_mae import (
+    AUTOENCODER_ONLY_KEYS,
     CRATEMAE,
+    ENCODER_TO_CLASSIFIER,
     MAE_PRESETS,
     CRATEMAEConfig,
+    crate_classifier_from_mae,
     mae_crate_base,
     masked_mse,
     patchify,
@@ -187,6 +191,34 @@ def test_trace_agrees_with_forward_and_intermediates():
         assert maps[0].shape == (2, 32, 4, 4)
         feats = model.forward_encoder_features(x)
         torch.testing.assert_close(feats, model.norm(clean.encoder[0].z_out))
+
+
+def test_the_encoder_is_the_shared_backbone_and_its_classifier_is_a_key_rename():
+    torch.manual_seed(0)
+    mae = CRATEMAE(CRATEMAEConfig(**TINY, name="tiny")).eval()
+    assert isinstance(mae, WhiteBoxBackbone) and mae.num_classes == 0 and isinstance(mae.head, torch.nn.Identity)
+    keys = list(mae.state_dict())
+    # the released layout: no classifier keys, the encoder's LayerNorm is "norm", positions a fixed buffer
+    assert not [k for k in keys if k.startswith(("fc_norm", "head", "pre_logits"))]
+    assert {"norm.weight", "pos_embed", "mask_token", "blocks.1.ista.dictionary", "decoder_pred.bias"} <= set(keys)
+    assert "pos_embed" not in dict(mae.named_parameters())
+    clf = crate_classifier_from_mae(mae, 5).eval()
+    assert isinstance(clf, CRATE) and clf.config == mae.config.encoder.replace(num_classes=5)
+    assert clf.config.name == "tiny_encoder" and clf.config.patch_embed == "conv" and clf.config.lambd == 0.5
+    renamed = [ENCODER_TO_CLASSIFIER.get(k, k) for k in keys if not k.startswith(AUTOENCODER_ONLY_KEYS)]
+    assert sorted(clf.state_dict()) == sorted([*renamed, "head.weight", "head.bias"])
+    for k in keys:
+        if not k.startswith(AUTOENCODER_ONLY_KEYS):
+            assert torch.equal(clf.state_dict()[ENCODER_TO_CLASSIFIER.get(k, k)], mae.state_dict()[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the same blocks on the same tokens; the class token's LayerNorm differs only by eps
+        torch.testing.assert_close(clf.forward_features(x), mae.forward_blocks(mae.embed(x)[0]))
+        assert torch.equal(mae.forward_features(x), mae.forward_encoder_features(x))
+    with pytest.raises(ValueError, match="no mask token"):
+        clf.embed(x, mask=torch.zeros(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="to_classifier"):
+        mae.reset_classifier(3)
+    mae.reset_classifier(0)  # timm's feature extraction: still no classifier
 
 
 def test_presets_are_the_official_sizes():

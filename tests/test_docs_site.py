@@ -88,7 +88,6 @@ DOCSTRING_DEBT = {
     "cratevit.analysis.images.IMAGE_SUFFIXES",
     "cratevit.analysis.inspection.FACETS",
     "cratevit.analysis.inspection.MASK_PROTOCOLS",
-    "cratevit.analysis.inspection.family_of",
     "cratevit.analysis.layerwise.MAE_DECODER_DEFINITIONS",
     "cratevit.analysis.maskcut.MaskCutMask",
     "cratevit.analysis.probe.KNN_K",

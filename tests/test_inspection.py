@@ -26,7 +26,6 @@ from cratevit.analysis.inspection import (
     intervene,
     patch_crop,
     pca_rgb,
-    register_family,
     rollout_map,
     segmentation_mask,
     top_classes,
@@ -264,25 +263,39 @@ def test_a_registered_code_editor(images) -> None:
     torch.testing.assert_close(result.logits, model.forward_head(model.blocks[1](z)))
 
 
-def test_register_family_takes_precedence(crate) -> None:
-    class Fake:
-        name = "fake"
+def test_the_view_follows_the_registry_record(crate) -> None:
+    """No second family registry: what inspection offers a model is read from its registry record."""
+    from cratevit.analysis import inspection, layers
 
-        def matches(self, model) -> bool:
-            return getattr(model, "_fake", False)
-
-    from cratevit.analysis import inspection
-
-    fake = register_family(Fake())
-    try:
-        crate._fake = True
-        assert family_of(crate) is fake
-    finally:
-        del crate._fake
-        inspection._FAMILIES.remove(fake)
-    assert family_of(crate).name == "white-box"
+    assert not hasattr(inspection, "register_family") and inspection.LayerRecord is layers.LayerRecord
+    assert family_of(crate).name == "white-box" and family_of(crate).has_code
+    ablation = create_model("crate_mlp_digits")  # its record's code_kind: no sparse code
+    assert (
+        not family_of(ablation).has_code
+        and "code" not in inspect_model(ablation, torch.randn(1, 3, 32, 32)).layers[0].facets
+    )
     with pytest.raises(ValueError, match="cannot look inside a Linear"):
         family_of(torch.nn.Linear(2, 2))
+
+
+def test_one_layer_reader_for_segmentation_facets_and_inspection(crate, images) -> None:
+    from cratevit.analysis import facets, segmentation
+    from cratevit.analysis.layers import read_layer, read_layers
+
+    ins = inspect_model(crate, images)
+    read = read_layers(crate, images, [1])
+    assert (read.family, read.grid, read.prefix, len(read.layers)) == ("crate", (8, 8), 1, 1)
+    record, _ = read_layer(crate, images, -1)
+    for facet in ("token", "key", "attn", "code"):
+        torch.testing.assert_close(record.facets[facet], ins.layers[1].facets[facet])
+    torch.testing.assert_close(segmentation.attention_maps(crate, images, 1), attention_map(ins, 1))
+    torch.testing.assert_close(
+        segmentation.patch_features(crate, images, 1), facets.facet_features(crate, images, 1, "token")
+    )
+    with pytest.raises(ValueError, match=r"layer 2 is out of range.*0-based"):
+        read_layer(crate, images, 2)
+    with pytest.raises(ValueError, match="--decoder needs a CRATE-MAE"):
+        read_layer(crate, images, 0, decoder=True)
 
 
 # ------------------------------------------------------------------ timm ViTs

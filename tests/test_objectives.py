@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig
+from cratevit.models.crate_mae import CRATEMAE, CRATEMAEConfig, random_masking
 from cratevit.train.objectives import Classification, MaskedAutoencoding, make_objective
 
 MAE_TINY = CRATEMAEConfig(
@@ -24,7 +24,7 @@ MAE_TINY = CRATEMAEConfig(
 def test_masked_autoencoding_masks_are_a_function_of_seed_step_and_rank():
     model = CRATEMAE(MAE_TINY)
     obj = make_objective("mae", model, 10, {}, seed=3, rank=0)
-    assert isinstance(obj, MaskedAutoencoding) and not obj.classifies
+    assert isinstance(obj, MaskedAutoencoding) and not obj.classifies and obj.sampler is random_masking
     x, y = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     a, logits = obj.train_loss(model, x, y, step=5)
     b, _ = obj.train_loss(model, x, y, step=5)
@@ -33,7 +33,7 @@ def test_masked_autoencoding_masks_are_a_function_of_seed_step_and_rank():
     m = obj.mask(4, 1, 5, 0, device=torch.device("cpu"))
     assert m.sum(1).tolist() == [12] * 4
     torch.testing.assert_close(a, model(x, mask=m).loss)
-    other_rank = MaskedAutoencoding(16, 0.75, seed=3, rank=1)
+    other_rank = MaskedAutoencoding(16, 0.75, random_masking, seed=3, rank=1)
     assert not torch.equal(other_rank.mask(4, 1, 5, 1, device=torch.device("cpu")), m)
     sums = obj.eval_sums(model, x, y, 0) + obj.eval_sums(model, x, y, 1)
     metrics = obj.metrics(sums)

@@ -31,6 +31,7 @@ __all__ = [
     "get_family",
     "is_autoencoder",
     "is_family_model",
+    "mask_sampler",
     "objective",
     "register_family",
     "to_classifier",
@@ -104,6 +105,15 @@ def to_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     if family.to_classifier is None:
         raise UserError(f"{family.name} models have no encoder to turn into a classifier")
     return family.to_classifier(model, num_classes)
+
+
+def mask_sampler(model: nn.Module) -> Any:
+    """The random patch masking of an autoencoder's family: ``(batch, num_patches, mask_ratio, generator=None)``
+    -> (b, n) booleans, True where a patch is masked (what the masked-autoencoding objective draws)."""
+    family = family_for(model)
+    if family.mask_sampler is None:
+        raise UserError(f"{family.name} models are not masked autoencoders: they take no patch mask")
+    return family.mask_sampler
 
 
 def code_kind(model: nn.Module) -> str | None:

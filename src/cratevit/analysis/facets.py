@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .layers import read_layer
 
 __all__ = ["FACETS", "PaperPCA", "facet_features", "paper_pca"]
 
@@ -39,8 +40,8 @@ def _check_facet(facet: str) -> None:
 def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "key", decoder: bool = False) -> Tensor:
     """Patch features (b, rows, cols, dim) of ``facet`` at ``layer`` for a CRATE or a timm ViT; ``decoder``: a
     CRATE-MAE's decoder layer (``key``: its MSSA input ``U_k^T LN(Z^{l+1/2})``, ``attn``: ``Z^{l+1/2} = LN(Z^l) D^T``,
-    ``token``: its output)."""
-    from ..registry import code_kind, is_family_model, trace_method
+    ``token``: its output). Read by :func:`cratevit.analysis.layers.read_layer`."""
+    from ..registry import code_kind, is_family_model
 
     _check_facet(facet)
     if facet == "code" and is_family_model(model) and not decoder and code_kind(model) is None:
@@ -48,59 +49,10 @@ def facet_features(model: nn.Module, x: Tensor, layer: int = -1, facet: str = "k
             f"this {model.config.variant} model has no sparse code (its layers have no ISTA step); "
             "use the key, attn or token facet"
         )
-    if decoder and not hasattr(model, "decoder_blocks"):
-        raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
-    if decoder:
-        trace = model.forward_trace(x, encoder_layers=[], decoder_layers=[layer])
-        t = trace.decoder[0]
-    if is_family_model(model) and not decoder:
-        trace = trace_method(model)(x, layers=[layer])
-        t = trace.layers[0]
-    if is_family_model(model):
-        if facet == "key":
-            z = t.proj.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
-        elif facet == "attn":
-            z = t.z_half
-        elif facet == "code" and getattr(t, "code", None) is not None:  # a family with a separate code
-            z = t.code
-        else:  # token (and CRATE's code): the layer output, ISTA's output
-            z = t.z_out
-        z = z[:, 1:]
-        return z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
-    return _timm_facet(model, x, layer, facet)
-
-
-def _timm_facet(model: nn.Module, x: Tensor, layer: int, facet: str) -> Tensor:
-    if facet == "code":
+    if facet == "code" and not is_family_model(model):
         raise UserError("the 'code' facet (ISTA's sparse code) exists in CRATE only; use key, attn or token")
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(blocks[0], "attn"):
-        raise UserError(f"{type(model).__name__} is not a timm VisionTransformer (no blocks[i].attn)")
-    block = blocks[layer % len(blocks)]
-    seen: dict[str, Tensor] = {}
-    hooks = [
-        block.register_forward_pre_hook(lambda _m, args: seen.__setitem__("in", args[0])),
-        block.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out)),
-        block.attn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("attn", out)),
-        block.attn.qkv.register_forward_hook(lambda _m, _a, out: seen.__setitem__("qkv", out)),
-    ]
-    try:
-        model.eval()
-        model.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    if facet == "key":
-        b, n, _ = seen["qkv"].shape
-        z = seen["qkv"].reshape(b, n, 3, -1)[:, :, 1]  # (b, n, heads*head_dim): heads side by side
-    elif facet == "attn":
-        z = seen["in"] + block.ls1(seen["attn"])
-    else:
-        z = seen["out"]
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    rows, cols = x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1]
-    z = z[:, prefix:]
-    return z.reshape(z.shape[0], rows, cols, z.shape[-1])
+    record, read = read_layer(model, x, layer, decoder)
+    return record.patches(facet, read.grid, read.prefix)
 
 
 @dataclass

@@ -2,17 +2,20 @@
 dictionary atoms of the sparse codes, with interventions. The functions behind ``cratevit explore``.
 
 One call, :func:`inspect_model`, runs a model once and returns an :class:`Inspection` (every layer's attention and
-features by facet); everything else is a function of that record or of tensors. Models are reached through a
-*family adapter* (:func:`family_of`), so the same functions serve every white-box family and timm ViTs:
+features by facet); everything else is a function of that record or of tensors. Layers are read by
+:func:`cratevit.analysis.layers.read_layers` (the one reader segmentation and the facet PCA use too); what a model
+offers beyond that (a sparse code, interventions, other input sizes) is its *view* (:func:`family_of`), decided by
+the registry's family record (:mod:`cratevit.registry`: trace method, ``code_kind``, ``code_editor``) or, for timm
+ViTs, by their modules:
 
 * white-box families (CRATE, and any model with ``forward_trace`` / ``blocks[i].trace`` / ``embed`` /
   ``forward_head``): facets ``token`` (the layer's output ``Z^{l+1}``), ``key`` (the per-head subspace coordinates
   ``U_k^T LN(Z^l)``, concatenated), ``attn`` (the tokens after the attention step, ``Z^{l+1/2}``) and ``code``
   (the ISTA sparse code). In CRATE the ISTA step has no outer residual, so its code *is* the layer's
   output and ``token`` and ``code`` are the same tensor. A family whose code is internal (CRATE-alpha's ``A_2``)
-  records it as ``code`` in its layer trace, and either accepts ``block.trace(z, code_edit=fn)`` or registers
-  ``register_code_editor(BlockClass, fn)`` (edited code -> the layer's output): the hook through which
-  :func:`intervene` edits the code inside the block;
+  records it as ``code`` in its layer trace, and either accepts ``block.trace(z, code_edit=fn)``, gives its family
+  record a ``code_editor``, or registers ``register_code_editor(BlockClass, fn)`` (edited code -> the layer's
+  output): the hook through which :func:`intervene` edits the code inside the block;
 * timm vision transformers: facets ``token`` (block output), ``key`` (each head's keys) and ``attn`` (the tokens
   after the attention step's residual); no code, so no atoms or interventions, and no ``R^c`` (no subspaces).
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import inspect as _pyinspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +40,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..registry import code_kind, family_for, is_family_model, trace_method
+from ..registry import code_kind, family_for, is_autoencoder, is_family_model
 from .facets import paper_pca
+from .layers import LayerRecord, is_timm_vit, layer_record, read_layers
 from .layerwise import compression, sparsity
 from .segprotocols import keep_top
 from .visualize import first_component_foreground
@@ -47,7 +51,6 @@ __all__ = [
     "FACETS",
     "MASK_PROTOCOLS",
     "AtomIndex",
-    "Family",
     "Inspection",
     "Intervention",
     "LayerRecord",
@@ -66,7 +69,6 @@ __all__ = [
     "patch_crop",
     "pca_rgb",
     "register_code_editor",
-    "register_family",
     "rollout_map",
     "segmentation_mask",
     "top_classes",
@@ -78,17 +80,6 @@ MASK_PROTOCOLS = ("mass", "entries", "pca", "paper-pca")
 
 
 # --------------------------------------------------------------------------------------------- the record
-@dataclass
-class LayerRecord:
-    """What one layer computed for a batch of ``b`` images with ``n`` tokens (prefix tokens first)."""
-
-    attn: Tensor | None  # softmax attention per head, (b, heads, n, n)
-    facets: dict[str, Tensor]  # facet name -> per-token features (b, n, c)
-    heads_key: Tensor | None = None  # per-head subspace coordinates (b, heads, n, p), for R^c (white-box only)
-    z_in: Tensor | None = None  # tokens entering the layer (b, n, dim), for interventions inside the layer
-    z_half: Tensor | None = None  # tokens after the attention step (b, n, dim), white-box only
-
-
 @dataclass
 class Inspection:
     """One forward pass, every layer recorded (:func:`inspect_model`)."""
@@ -132,37 +123,11 @@ class Intervention:
         return _patch_rows(self.attention_after(layer), self.before)
 
 
-# --------------------------------------------------------------------------------------------- families
-class Family(Protocol):
-    """How the inspection functions reach one kind of model. Register new ones with :func:`register_family`."""
-
-    name: str
-    facets: tuple[str, ...]
-    has_code: bool  # sparse codes: atoms, interventions, sparsity
-    has_subspaces: bool  # per-head subspaces: R^c
-
-    def matches(self, model: nn.Module) -> bool: ...
-
-    def geometry(self, model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]: ...
-
-    def heads(self, model: nn.Module) -> int: ...
-
-    def resizable(self, model: nn.Module) -> bool: ...  # takes other input sizes (``dynamic_img_size = True``)
-
-    def depth(self, model: nn.Module) -> int: ...
-
-    def inspect(self, model: nn.Module, x: Tensor) -> Inspection: ...
-
-    def intervene(
-        self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
-    ) -> tuple[list[LayerRecord], Tensor | None]: ...
-
-
+# --------------------------------------------------------------------------------------------- views
 class WhiteBoxFamily:
-    """Every registered family with a trace method (:mod:`cratevit.registry`: CRATE, CRATE-alpha, ...), whose
-    model has ``blocks[i].trace`` and, for classifiers, ``forward_head``. Layer traces carry ``z_in``, ``proj``,
-    ``attn``, ``z_half``, ``z_out`` and, where the code is internal to the block, ``code``; an autoencoder's trace
-    (``encoder`` instead of ``layers``) is read through its encoder."""
+    """The view of every registered family with a trace method (:mod:`cratevit.registry`: CRATE, CRATE-alpha,
+    CRATE-MAE, ...), whose model has ``blocks[i].trace`` and, for classifiers, ``forward_head``; an autoencoder is
+    read through its encoder. Its layers are read by :func:`~cratevit.analysis.layers.read_layers`."""
 
     name = "white-box"
     facets = FACETS
@@ -179,21 +144,12 @@ class WhiteBoxFamily:
         return int(model.config.heads)
 
     def resizable(self, model: nn.Module) -> bool:
-        return hasattr(model, "interpolate_pos_embed")  # the backbone's learned positions (every classifier family)
+        # the backbone's learned positions (every classifier family); an autoencoder's sine-cosine table and masks
+        # are fixed to its image size
+        return hasattr(model, "interpolate_pos_embed") and not is_autoencoder(model)
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
-
-    @staticmethod
-    def _record(t: Any, kind: str | None = "output") -> LayerRecord:
-        """One layer's record; ``kind`` is where the family keeps the code (:func:`cratevit.registry.code_kind`:
-        the output, the trace's ``code``, or None: no code facet)."""
-        b, h, n, p = t.proj.shape
-        facets = {"token": t.z_out, "key": t.proj.transpose(1, 2).reshape(b, n, h * p), "attn": t.z_half}
-        code = getattr(t, "code", None)
-        if kind is not None:
-            facets["code"] = t.z_out if code is None else code
-        return LayerRecord(attn=t.attn, facets=facets, heads_key=t.proj, z_in=t.z_in, z_half=t.z_half)
 
     @staticmethod
     def _logits(model: nn.Module, z: Tensor) -> Tensor | None:
@@ -202,13 +158,9 @@ class WhiteBoxFamily:
         return model.forward_head(z)
 
     def inspect(self, model: nn.Module, x: Tensor) -> Inspection:
-        trace = trace_method(model)(x)
-        traces = trace.layers if hasattr(trace, "layers") else trace.encoder  # an autoencoder: its encoder
-        kind = code_kind(model)
-        layers = [self._record(t, kind) for t in traces]
-        features = trace.features if hasattr(trace, "features") else traces[-1].z_out
-        logits = self._logits(model, features)
-        return Inspection(family_for(model).name, layers, logits, tuple(trace.grid_size), 1)
+        read = read_layers(model, x)
+        features = read.features if read.features is not None else read.layers[-1].facets["token"]
+        return Inspection(read.family, read.layers, self._logits(model, features), read.grid, read.prefix)
 
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
@@ -239,14 +191,14 @@ class WhiteBoxFamily:
         after = []
         for blk in blocks[layer + 1 :]:
             z, t = blk.trace(z)
-            after.append(self._record(t, code_kind(model)))
+            after.append(layer_record(t, code_kind(model)))
         return after, self._logits(model, z)
 
 
 class TimmViTFamily:
-    """timm ``VisionTransformer``-like models (``blocks[i].attn`` with ``qkv``, ``k_norm``, ``attn_drop``,
+    """The view of timm ``VisionTransformer``-like models (``blocks[i].attn`` with ``qkv``, ``attn_drop``,
     ``proj``): attention and the ``token``, ``key`` and ``attn`` facets, read with forward hooks in one pass
-    (``attn`` = the block's input plus its scaled attention output, i.e. the tokens after the attention step)."""
+    (:func:`~cratevit.analysis.layers.read_layers`)."""
 
     name = "timm-vit"
     facets = ("token", "key", "attn")
@@ -254,13 +206,7 @@ class TimmViTFamily:
     has_subspaces = False
 
     def matches(self, model: nn.Module) -> bool:
-        blocks = getattr(model, "blocks", None)
-        return (
-            blocks is not None
-            and len(blocks) > 0
-            and all(hasattr(getattr(blocks[0], "attn", None), a) for a in ("qkv", "attn_drop", "proj"))
-            and hasattr(model, "patch_embed")
-        )
+        return is_timm_vit(model)
 
     def geometry(self, model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
@@ -275,46 +221,8 @@ class TimmViTFamily:
         return len(model.blocks)
 
     def inspect(self, model: nn.Module, x: Tensor) -> Inspection:
-        depth = len(model.blocks)
-        got: list[dict[str, Tensor]] = [{} for _ in range(depth)]
-        handles, fused = [], []
-
-        def keep(i: int, name: str, from_input: bool = False) -> Callable[..., None]:
-            def hook(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-                got[i][name] = inputs[0] if from_input else out
-
-            return hook
-
-        for i, block in enumerate(model.blocks):
-            a = block.attn
-            fused.append(getattr(a, "fused_attn", False))
-            a.fused_attn = False  # explicit softmax, so the attention matrix exists
-            handles.append(a.attn_drop.register_forward_hook(keep(i, "attn_matrix", from_input=True)))
-            handles.append(block.register_forward_pre_hook(lambda _m, args, i=i: got[i].__setitem__("in", args[0])))
-            handles.append(a.register_forward_hook(keep(i, "attn_out")))
-            if hasattr(a, "k_norm"):
-                handles.append(a.k_norm.register_forward_hook(keep(i, "key_heads")))
-            handles.append(block.register_forward_hook(keep(i, "token")))
-        try:
-            out = model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            for block, f in zip(model.blocks, fused, strict=True):
-                block.attn.fused_attn = f
-        if any("attn_matrix" not in g for g in got):
-            raise UserError(f"could not read the attention of {type(model).__name__}; expected a timm ViT")
-        layers = []
-        for g, block in zip(got, model.blocks, strict=True):
-            ls1 = getattr(block, "ls1", None) or (lambda t: t)
-            facets = {"token": g["token"], "attn": g["in"] + ls1(g["attn_out"])}
-            if "key_heads" in g:
-                k = g["key_heads"]  # b h n p
-                facets["key"] = k.transpose(1, 2).flatten(2)
-            layers.append(LayerRecord(attn=g["attn_matrix"], facets=facets))
-        grid = (x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1])
-        logits = out if getattr(model, "num_classes", 0) > 0 else None
-        return Inspection(self.name, layers, logits, grid, int(getattr(model, "num_prefix_tokens", 1)))
+        read = read_layers(model, x)
+        return Inspection(self.name, read.layers, read.logits, read.grid, read.prefix)
 
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
@@ -330,7 +238,8 @@ class WhiteBoxFamilyWithoutCode(WhiteBoxFamily):
     has_code = False
 
 
-_FAMILIES: list[Family] = [WhiteBoxFamily(), TimmViTFamily()]
+ModelView = WhiteBoxFamily | TimmViTFamily  # what family_of returns
+_VIEWS: tuple[ModelView, ...] = (WhiteBoxFamily(), TimmViTFamily())
 _WHITE_BOX_WITHOUT_CODE = WhiteBoxFamilyWithoutCode()
 _CODE_EDITORS: dict[type, Callable[[nn.Module, LayerRecord, Tensor], Tensor]] = {}
 
@@ -341,14 +250,10 @@ def register_code_editor(block_cls: type, editor: Callable[[nn.Module, LayerReco
     _CODE_EDITORS[block_cls] = editor
 
 
-def register_family(family: Family) -> Family:
-    """Add an adapter; it is tried before the built-in ones (so a family can refine the white-box adapter)."""
-    _FAMILIES.insert(0, family)
-    return family
-
-
-def family_of(model: nn.Module) -> Family:
-    for family in _FAMILIES:
+def family_of(model: nn.Module) -> ModelView:
+    """The view of ``model``: the white-box one for a registered family with a trace method (without code facets
+    when its record's ``code_kind`` says it has no code), the timm one for a timm ViT; a one-line error otherwise."""
+    for family in _VIEWS:
         if family.matches(model):
             if isinstance(family, WhiteBoxFamily) and code_kind(model) is None:
                 return _WHITE_BOX_WITHOUT_CODE  # an ablation without ISTA: no atoms, no interventions

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from ..checkpoint import load_file, load_model
 from ..errors import CheckpointError, UserError
 from ..presets import IMAGENET_MEAN, IMAGENET_STD
-from ..registry import is_autoencoder, is_family_model, trace_method
+from ..registry import is_family_model
 from .images import load_image, prepare
-from .visualize import cls_attention, first_component_foreground, mass_mask, upsample
+from .layers import read_layer
+from .visualize import first_component_foreground, mass_mask, upsample
 
 __all__ = [
     "SegEvalResult",
@@ -67,70 +68,18 @@ def iou(pred: np.ndarray, target: np.ndarray, ignore: np.ndarray | None = None) 
 
 
 # --------------------------------------------------------------------------------------------- model outputs
-def _timm_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
-    patch = model.patch_embed.patch_size
-    return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
-
-
-def _timm_attention(model: nn.Module, x: Tensor, layer: int) -> Tensor:
-    """Softmax attention (b, heads, n, n) of a timm ViT block: the fused kernel is switched off for this call
-    and the attention dropout's input is captured (it is the softmax; dropout is inactive in eval mode)."""
-    attn_module = model.blocks[layer % len(model.blocks)].attn
-    captured: list[Tensor] = []
-    fused = getattr(attn_module, "fused_attn", False)
-    attn_module.fused_attn = False
-    handle = attn_module.attn_drop.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-        attn_module.fused_attn = fused
-    if not captured:
-        raise UserError(f"could not read the attention of {type(model).__name__}; expected a timm VisionTransformer")
-    return captured[0]
-
-
-@torch.no_grad()
-def _mae_layer(model: nn.Module, x: Tensor, layer: int, decoder: bool) -> Any:
-    """One layer's trace of a CRATE-MAE on unmasked images: the encoder's, or with ``decoder`` the decoder's."""
-    trace = model.forward_trace(x, encoder_layers=[] if decoder else [layer], decoder_layers=[layer] if decoder else [])
-    return (trace.decoder if decoder else trace.encoder)[0], trace.grid_size
-
-
 @torch.no_grad()
 def attention_maps(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> Tensor:
     """The class token's attention to every patch at ``layer``: (b, heads, rows, cols). ``decoder``: a CRATE-MAE's
-    decoder layer instead of its encoder layer."""
-    if is_autoencoder(model):
-        t, grid = _mae_layer(model, x, layer, decoder)
-        return cls_attention(t.attn, grid)
-    if decoder:
-        raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
-    if is_family_model(model):
-        trace = trace_method(model)(x, layers=[layer])
-        return cls_attention(trace.layers[0].attn, trace.grid_size)
-    attn = _timm_attention(model, x, layer)
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    grid = _timm_grid(model, x)
-    return attn[:, :, 0, prefix:].reshape(attn.shape[0], attn.shape[1], *grid)
+    decoder layer instead of its encoder layer. Read by :func:`cratevit.analysis.layers.read_layer`."""
+    return maps_and_features(model, x, layer, decoder)[0]
 
 
 @torch.no_grad()
 def patch_features(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> Tensor:
     """Patch-token outputs of ``layer`` (for CRATE the ISTA output ``Z^{l+1}``): (b, rows, cols, dim).
     ``decoder``: a CRATE-MAE's decoder layer instead of its encoder layer."""
-    if is_autoencoder(model):
-        t, grid = _mae_layer(model, x, layer, decoder)
-        return t.z_out[:, 1:].reshape(t.z_out.shape[0], *grid, t.z_out.shape[-1])
-    if decoder:
-        raise UserError(f"--decoder needs a CRATE-MAE; this is a {type(model).__name__}")
-    if is_family_model(model):
-        trace = trace_method(model)(x, layers=[layer])
-        z = trace.layers[0].z_out[:, 1:]
-        return z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
-    depth = len(model.blocks)
-    (feat,) = model.forward_intermediates(x, indices=[layer % depth], output_fmt="NCHW", intermediates_only=True)
-    return feat.permute(0, 2, 3, 1)
+    return maps_and_features(model, x, layer, decoder)[1]
 
 
 def _pca_first_component(features: Tensor) -> np.ndarray:
@@ -319,16 +268,14 @@ def _to_gt(mask: Tensor, shape: tuple[int, int]) -> np.ndarray:
     return upsample(mask.float(), shape).numpy() > 0.5
 
 
-def maps_and_features(model: nn.Module, x: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
+def maps_and_features(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = False) -> tuple[Tensor, Tensor]:
     """Class-token attention maps (b, heads, rows, cols) and patch features (b, rows, cols, dim) of ``layer``
-    (one traced forward pass for CRATE)."""
-    if not is_family_model(model):
-        return attention_maps(model, x, layer), patch_features(model, x, layer)
+    (one forward pass; ``decoder``: a CRATE-MAE's decoder layer). Read by :func:`cratevit.analysis.layers.read_layer`."""
     with torch.no_grad():
-        trace = trace_method(model)(x, layers=[layer])
-    t = trace.layers[0]
-    z = t.z_out[:, 1:]
-    return cls_attention(t.attn, trace.grid_size), z.reshape(z.shape[0], *trace.grid_size, z.shape[-1])
+        record, read = read_layer(model, x, layer, decoder)
+    attn = record.attn
+    maps = attn[:, :, 0, read.prefix :].reshape(attn.shape[0], attn.shape[1], *read.grid)
+    return maps, record.patches("token", read.grid, read.prefix)
 
 
 def cratevit_scores(

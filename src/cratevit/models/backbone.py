@@ -35,6 +35,7 @@ __all__ = [
     "geometry_cfg",
     "resample_pos_embed",
     "to_2tuple",
+    "trace_blocks",
 ]
 
 
@@ -215,19 +216,38 @@ torch.fx.wrap("check_images")
 torch.fx.wrap("resample_pos_embed")
 
 
+def trace_blocks(blocks: nn.ModuleList, z: Tensor, layers: list[int] | None) -> tuple[Tensor, list[LayerTrace]]:
+    """Run ``z`` through ``blocks``, tracing the selected layers (all when None; negative indices count from the
+    end) with ``block.trace`` and running the others plainly; returns the output and the traces in layer order."""
+    keep = set(range(len(blocks))) if layers is None else {i % len(blocks) for i in layers}
+    traces = []
+    for i, block in enumerate(blocks):
+        if i in keep:
+            z, t = block.trace(z)
+            traces.append(t)
+        else:
+            z = block(z)
+    return z, traces
+
+
 @dataclass
 class WhiteBoxTrace:
     """Result of :meth:`WhiteBoxBackbone.forward_trace`."""
 
     embedding: Tensor  # Z^0: patch embedding + class token + positional embedding, (b, n, dim)
     layers: list[LayerTrace]
-    features: Tensor  # output of the last layer (= forward_features), (b, n, dim)
+    features: Tensor  # output of the last layer after the final token norm (= forward_features), (b, n, dim)
     grid_size: tuple[int, int]  # patch grid (rows, cols) of this input
 
 
 class WhiteBoxBackbone(nn.Module):
     """Embedding, ``config.depth`` blocks from ``config.make_block``, pooling and a linear head, with timm's model
-    contract (``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``, ...)."""
+    contract (``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``, ...).
+
+    Two final norms, as timm's ViT: ``norm`` over every token at the end of ``forward_features`` (the identity in
+    the classifiers, CRATE-MAE's encoder LayerNorm) and ``fc_norm`` on the pooled token (the classifiers' LayerNorm,
+    the identity in CRATE-MAE). A masked autoencoder (a subclass with a ``mask_token``) passes ``embed`` a mask.
+    """
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -252,7 +272,8 @@ class WhiteBoxBackbone(nn.Module):
         self.pos_drop = nn.Dropout(cfg.emb_dropout)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # timm's linear rule
         self.blocks = nn.ModuleList(cfg.make_block(rate) for rate in rates)
-        self.fc_norm = nn.LayerNorm(cfg.dim)
+        self.norm: nn.Module = nn.Identity()  # final norm over every token (an autoencoder's encoder has one)
+        self.fc_norm: nn.Module = nn.LayerNorm(cfg.dim)
         self.pre_logits = nn.Linear(cfg.dim, cfg.head_hidden_dim) if cfg.head_hidden_dim else nn.Identity()
         self.head = nn.Linear(self.head_hidden_size, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
 
@@ -271,24 +292,37 @@ class WhiteBoxBackbone(nn.Module):
         """Positional embedding for another patch grid: bicubic interpolation of the patch part (as DINO)."""
         return resample_pos_embed(self.pos_embed, grid, self.grid_size)
 
-    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Images (b, c, H, W) -> tokens Z^0 (b, 1 + n_patches, dim) and the patch grid."""
+    def embed(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Images (b, c, H, W) -> tokens Z^0 (b, 1 + n_patches, dim) and the patch grid. ``mask`` (b, n_patches),
+        True where a patch's token is replaced by the learned ``mask_token`` (a masked autoencoder's input)."""
         grid = check_images(x, self.in_chans, self.img_size, self.patch_size, self.dynamic_img_size)
         x = self.patch_embed(x)
+        if mask is not None:
+            x = self.mask_patches(x, mask)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + resample_pos_embed(self.pos_embed, grid, self.grid_size)
         return self.pos_drop(x), grid
 
+    def mask_patches(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Patch tokens (b, n_patches, dim) with ``mask_token`` where ``mask`` (b, n_patches) is True."""
+        if hasattr(self, "mask_token"):
+            return torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        raise UserError("this model has no mask token: only a masked autoencoder takes a patch mask")
+
     # ----------------------------------------------------------------------------------------------- forward
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images -> tokens after the last layer, (b, 1 + n_patches, dim)."""
-        z, _ = self.embed(x)
+    def forward_blocks(self, z: Tensor) -> Tensor:
+        """Tokens Z^0 -> Z^L through every block (with activation checkpointing when enabled and training)."""
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
                 z = torch.utils.checkpoint.checkpoint(block, z, use_reentrant=False)
             else:
                 z = block(z)
         return z
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> tokens after the last layer and the final token norm, (b, 1 + n_patches, dim)."""
+        z, _ = self.embed(x)
+        return self.norm(self.forward_blocks(z))
 
     def pool(self, z: Tensor) -> Tensor:
         if self.global_pool == "mean":
@@ -310,17 +344,9 @@ class WhiteBoxBackbone(nn.Module):
         ``layers`` selects which layers to record (all by default; negative indices count from the end);
         the forward pass still runs through every layer.
         """
-        depth = len(self.blocks)
-        keep = set(range(depth)) if layers is None else {i % depth for i in layers}
         z0, grid = self.embed(x)
-        z, traces = z0, []
-        for i, block in enumerate(self.blocks):
-            if i in keep:
-                z, t = block.trace(z)
-                traces.append(t)
-            else:
-                z = block(z)
-        return WhiteBoxTrace(embedding=z0, layers=traces, features=z, grid_size=grid)
+        z, traces = trace_blocks(self.blocks, z0, layers)
+        return WhiteBoxTrace(embedding=z0, layers=traces, features=self.norm(z), grid_size=grid)
 
     def get_last_selfattention(self, x: Tensor, layer: int = -1) -> Tensor:
         """Attention matrices of one layer, (b, heads, n, n) (DINO's name for it): the last layer by default.
@@ -357,8 +383,9 @@ class WhiteBoxBackbone(nn.Module):
         intermediates_only: bool = False,
     ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """timm's feature API: the patch tokens of the selected layers' outputs ``Z^{l+1}``, as maps
-        (b, dim, gh, gw) (``output_fmt="NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies ``fc_norm``.
-        Returns ``(final tokens, intermediates)``, or only the intermediates (timm's signature)."""
+        (b, dim, gh, gw) (``output_fmt="NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies the final
+        norm (``norm`` then ``fc_norm``: one of them is the identity). Returns ``(final tokens after ``norm``,
+        intermediates)``, or only the intermediates (timm's signature)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise UserError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = self._take_indices(indices)
@@ -368,9 +395,9 @@ class WhiteBoxBackbone(nn.Module):
         for i, block in enumerate(blocks):
             z = block(z)
             if i in take:
-                y = (self.fc_norm(z) if norm else z)[:, 1:]  # patch tokens, (b, gh*gw, dim)
+                y = (self.fc_norm(self.norm(z)) if norm else z)[:, 1:]  # patch tokens, (b, gh*gw, dim)
                 intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, gh, gw) if output_fmt == "NCHW" else y)
-        return intermediates if intermediates_only else (z, intermediates)
+        return intermediates if intermediates_only else (self.norm(z), intermediates)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -387,7 +414,7 @@ class WhiteBoxBackbone(nn.Module):
             self.config = self.config.replace(head_hidden_dim=None)
             self.reset_classifier(0)
         if prune_norm:
-            self.fc_norm = nn.Identity()
+            self.norm, self.fc_norm = nn.Identity(), nn.Identity()
         return take
 
     # ----------------------------------------------------------------------------------------------- utilities

@@ -26,7 +26,14 @@ end the decoder. The loss is the mean squared error on the masked patches only, 
 normalised pixels (``norm_pix_loss``).
 
 The encoder and the decoder have the same width (the official code's ``decoder_embed`` is never applied).
-This file imports torch only.
+
+Composition: :class:`CRATEMAE` *is* the shared white-box backbone (:class:`~.backbone.WhiteBoxBackbone`) built
+from its encoder's configuration (:attr:`CRATEMAEConfig.encoder`: a CRATE with a convolutional patch embedding,
+lambda 0.5 and no classifier), with a ``mask_token``, the fixed sine-cosine positions as a buffer, the encoder's
+final LayerNorm as the backbone's token norm ``norm``, and the decoder. Its state-dict keys are those of every
+released file (``patch_embed.proj``, ``blocks.{i}.*``, ``norm``, ``decoder_blocks.{i}.*``, ...), so the classifier
+of its encoder (fine-tuning) is a key rename: ``norm`` -> ``fc_norm``, decoder and mask token dropped
+(:func:`crate_classifier_from_mae`). This file imports torch only.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .backbone import PatchGrid, to_2tuple
+from .backbone import PatchGrid, WhiteBoxBackbone, to_2tuple, trace_blocks
 from .blocks import MSSA, ConvPatchEmbed, LayerTrace, WhiteBoxBlock
 from .crate import CRATE, CRATEConfig
 from .family import Card, Family
@@ -116,6 +123,28 @@ class CRATEMAEConfig(PatchGrid):
 
     def replace(self, **changes: Any) -> CRATEMAEConfig:
         return replace(self, **changes)
+
+    @property
+    def encoder(self) -> CRATEConfig:
+        """The encoder as a CRATE configuration: convolutional patches, this ``ista`` / ``lambd``, the class
+        token pooled, no classifier (``num_classes=0``). The backbone of :class:`CRATEMAE` is built from it, and
+        ``encoder.replace(num_classes=n)`` is the classifier of fine-tuning."""
+        return CRATEConfig(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_classes=0,
+            dim=self.dim,
+            depth=self.depth,
+            heads=self.heads,
+            dim_head=self.dim_head,
+            pool="cls",
+            channels=self.channels,
+            dynamic_img_size=self.dynamic_img_size,
+            ista=self.ista,
+            lambd=self.lambd,
+            patch_embed="conv",
+            name=f"{self.name}_encoder" if self.name else None,
+        )
 
 
 def _preset(name: str, dim: int, depth: int, heads: int) -> CRATEMAEConfig:
@@ -270,28 +299,26 @@ class CRATEMAETrace:
         return self.encoder
 
 
-class CRATEMAE(nn.Module):
-    """The CRATE masked autoencoder. ``CRATEMAE(CRATEMAEConfig(...))`` or ``CRATEMAE(dim=..., depth=..., ...)``."""
+class CRATEMAE(WhiteBoxBackbone):
+    """The CRATE masked autoencoder. ``CRATEMAE(CRATEMAEConfig(...))`` or ``CRATEMAE(dim=..., depth=..., ...)``.
+
+    The encoder is the white-box backbone of ``config.encoder`` (embedding, blocks, timm's feature API:
+    ``forward_features``, ``forward_intermediates``, ``get_last_selfattention``); the decoder is its own."""
 
     def __init__(self, config: CRATEMAEConfig | None = None, **kwargs: Any) -> None:
-        super().__init__()
         if config is None:
             config = CRATEMAEConfig(**kwargs)
         elif kwargs:
             raise TypeError(f"pass either a config or keyword arguments, not both (got {sorted(kwargs)})")
+        super().__init__(config.encoder)  # patch_embed, cls_token, blocks; no classifier
         cfg = self.config = config
-        self.num_features = cfg.dim
-        self.num_classes = 0
         self.pretrained_cfg = self.default_cfg = mae_geometry_cfg(cfg)
 
-        self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.channels, cfg.dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid_size)[None])  # fixed, (1, n, dim)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(cfg.dim, cfg.heads, cfg.dim_head, cfg.ista, cfg.lambd) for _ in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        del self.pos_embed  # the backbone's learned table: here a fixed sine-cosine one, (1, n, dim)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid_size)[None])
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)  # the encoder's final LayerNorm, over every token
+        self.fc_norm = nn.Identity()
         self.decoder_blocks = nn.ModuleList(
             DecoderBlock(cfg.dim, cfg.decoder_heads, cfg.decoder_dim_head) for _ in range(cfg.decoder_depth)
         )
@@ -317,14 +344,6 @@ class CRATEMAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ----------------------------------------------------------------------------------------------- pieces
-    def _check_input(self, x: Tensor) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.channels or tuple(x.shape[-2:]) != cfg.image_size:
-            raise UserError(
-                f"expected images of shape (batch, {cfg.channels}, {cfg.image_size[0]}, {cfg.image_size[1]}), "
-                f"got {tuple(x.shape)}; resize the input to the model's image_size"
-            )
-
     def patchify(self, images: Tensor) -> Tensor:
         return patchify(images, self.config.patch_size)
 
@@ -341,23 +360,12 @@ class CRATEMAE(nn.Module):
         mask = random_masking(batch, self.config.num_patches, ratio, generator=generator, device=device)
         return mask.to(self.cls_token.device)
 
-    def embed(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Images -> Z^0 (b, 1 + n_patches, dim): patch tokens, the mask token where ``mask`` is True, the class
-        token in front, plus the positional embedding."""
-        self._check_input(x)
-        tokens = self.patch_embed(x)  # b n dim
-        if mask is not None:
-            tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
-        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        return tokens + self.pos_embed
-
     # ----------------------------------------------------------------------------------------------- forward
     def forward_encoder(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Images (and a mask, None for none) -> latent tokens after the encoder's final LayerNorm."""
-        z = self.embed(x, mask)
-        for block in self.blocks:
-            z = block(z)
-        return self.norm(z)
+        """Images (and a mask, None for none) -> latent tokens after the encoder's final LayerNorm. ``embed``
+        (the backbone's) puts the mask token where ``mask`` is True, the class token in front, and the positions."""
+        z, _ = self.embed(x, mask)
+        return self.norm(self.forward_blocks(z))
 
     def forward_decoder(self, latent: Tensor) -> Tensor:
         """Latent tokens -> predicted pixels of every patch (b, n_patches, patch_dim) (class token dropped)."""
@@ -384,42 +392,8 @@ class CRATEMAE(nn.Module):
 
     def forward_encoder_features(self, x: Tensor) -> Tensor:
         """Unmasked images -> encoder tokens after the final LayerNorm, (b, 1 + n_patches, dim): for probes and
-        fine-tuning."""
-        return self.forward_encoder(x, mask=None)
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """timm's feature API for the unmasked encoder: patch tokens of the selected layers' outputs, as maps
-        (b, dim, rows, cols) (``"NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies the final LayerNorm.
-        ``indices``: None = every layer, an int n = the last n, a list = those (negative from the end).
-        Returns ``(final latent, intermediates)``, or only the intermediates (timm's signature)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise UserError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        depth = len(self.blocks)
-        if indices is None or isinstance(indices, int):
-            n = depth if indices is None else indices
-            if not 0 < n <= depth:
-                raise UserError(f"indices={n} asks for the last {n} layers of a {depth}-layer encoder")
-            take = set(range(depth - n, depth))
-        else:
-            if not indices or any(not -depth <= i < depth for i in indices):
-                raise UserError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
-            take = {i % depth for i in indices}
-        z, out, (rows, cols) = self.embed(x), [], self.config.grid_size
-        blocks = self.blocks[: max(take) + 1] if stop_early or intermediates_only else self.blocks
-        for i, block in enumerate(blocks):
-            z = block(z)
-            if i in take:
-                y = (self.norm(z) if norm else z)[:, 1:]  # b n dim
-                out.append(y.transpose(1, 2).reshape(y.shape[0], -1, rows, cols) if output_fmt == "NCHW" else y)
-        return out if intermediates_only else (self.norm(z), out)
+        fine-tuning (the backbone's ``forward_features``)."""
+        return self.forward_features(x)
 
     def forward_trace(
         self,
@@ -437,30 +411,28 @@ class CRATEMAE(nn.Module):
         if mask is None:
             mask = torch.zeros(images.shape[0], self.config.num_patches, dtype=torch.bool, device=images.device)
 
-        def run(blocks: nn.ModuleList, z: Tensor, layers: list[int] | None) -> tuple[Tensor, list[LayerTrace]]:
-            keep = set(range(len(blocks))) if layers is None else {i % len(blocks) for i in layers}
-            traces = []
-            for i, block in enumerate(blocks):
-                if i in keep:
-                    z, t = block.trace(z)
-                    traces.append(t)
-                else:
-                    z = block(z)
-            return z, traces
-
-        z0 = self.embed(images, mask)
-        z, enc = run(self.blocks, z0, encoder_layers)
+        z0, _ = self.embed(images, mask)
+        z, enc = trace_blocks(self.blocks, z0, encoder_layers)
         latent = self.norm(z)
-        z, dec = run(self.decoder_blocks, latent, decoder_layers)
+        z, dec = trace_blocks(self.decoder_blocks, latent, decoder_layers)
         pred = self.decoder_pred(self.decoder_norm(z))[:, 1:]
         return CRATEMAETrace(z0, mask, enc, latent, dec, pred, self.config.grid_size)
 
     # ----------------------------------------------------------------------------------------------- utilities
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """An autoencoder has no classifier: ``reset_classifier(0)`` keeps it so (timm's feature extraction);
+        anything else is an error naming the conversion (``cratevit.registry.to_classifier``)."""
+        if num_classes != 0 or global_pool not in (None, "cls", "token"):
+            raise UserError(
+                "a CRATE-MAE has no classifier; build one from its encoder with "
+                "cratevit.registry.to_classifier(model, num_classes) (or cratevit finetune)"
+            )
+
+    def prune_intermediate_layers(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise UserError("a CRATE-MAE's encoder feeds its decoder and cannot be pruned; prune its classifier instead")
+
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "mask_token"}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         c = self.config
@@ -477,29 +449,22 @@ def crate_classifier_from_mae(mae: CRATEMAE, num_classes: int) -> CRATE:
     Same patch convolution, class token, positional table (now a learned parameter), and CRATE layers with
     lambda 0.5; the encoder's final LayerNorm becomes the classifier's ``fc_norm`` on the class token (exact: a
     LayerNorm acts on each token alone; eps 1e-5 instead of 1e-6); a fresh linear head. The decoder is dropped."""
-    c = mae.config
-    cfg = CRATEConfig(
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        num_classes=num_classes,
-        dim=c.dim,
-        depth=c.depth,
-        heads=c.heads,
-        dim_head=c.dim_head,
-        pool="cls",
-        channels=c.channels,
-        ista=c.ista,
-        lambd=c.lambd,
-        patch_embed="conv",
-        name=f"{c.name}_encoder" if c.name else None,
-    )
-    model = CRATE(config=cfg)
-    encoder = {k: v for k, v in mae.state_dict().items() if k.startswith(("patch_embed.", "blocks.", "cls_token"))}
-    encoder |= {"pos_embed": mae.pos_embed, "fc_norm.weight": mae.norm.weight, "fc_norm.bias": mae.norm.bias}
+    model = CRATE(config=mae.config.encoder.replace(num_classes=num_classes))
+    encoder = {
+        ENCODER_TO_CLASSIFIER.get(k, k): v
+        for k, v in mae.state_dict().items()
+        if not k.startswith(AUTOENCODER_ONLY_KEYS)
+    }
     own = model.state_dict()
-    encoder |= {k: own[k] for k in own if k.startswith("head.")}
+    encoder |= {k: own[k] for k in own if k.startswith("head.")}  # the fresh head
     model.load_state_dict(encoder, strict=True)
     return model
+
+
+# The classifier of the encoder is a key rename: the encoder's token norm is the classifier's pooled-token norm
+# (exact: a LayerNorm acts on each token alone), the rest of the decoder's and masking's keys are dropped.
+ENCODER_TO_CLASSIFIER = {"norm.weight": "fc_norm.weight", "norm.bias": "fc_norm.bias"}
+AUTOENCODER_ONLY_KEYS = ("mask_token", "decoder_")
 
 
 def mae_geometry_cfg(cfg: CRATEMAEConfig) -> dict[str, Any]:
@@ -565,5 +530,6 @@ FAMILY = Family(
     code_kind=lambda cfg: "output",
     pretrained_cfg=mae_geometry_cfg,
     to_classifier=crate_classifier_from_mae,
+    mask_sampler=random_masking,
 )
 """CRATE-MAE's family record (registered by :mod:`cratevit.registry`)."""

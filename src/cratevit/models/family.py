@@ -16,7 +16,9 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``timm_kwargs``: timm's ``create_model`` keyword -> the configuration's field;
 * ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown);
 * ``shape_reader(state, heads)``: the configuration of a bare state dict, from its tensor shapes;
-* ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning).
+* ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
+* ``mask_sampler(batch, num_patches, mask_ratio, generator)``: an autoencoder's random patch mask (b, n) of
+  booleans, True where a patch is masked (the training objective draws its seeded masks with it).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Family:
     shape_reader: Callable[[Any, int | None], Any] | None = None
     # An autoencoder's encoder as a classifier (fine-tuning): (model, num_classes) -> classifier; None elsewhere.
     to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
+    # An autoencoder's random mask: (batch, num_patches, mask_ratio, generator=...) -> (b, n) bool; None elsewhere.
+    mask_sampler: Callable[..., Any] | None = None
 
     def build(self, config: Any) -> nn.Module:
         return self.model_cls(config=config)

@@ -1,8 +1,8 @@
 """Building what a run trains: the model (a cratevit preset, a timm model, a checkpoint's own model, or a
 classifier from a CRATE-MAE's encoder), its data loaders, optimiser, schedule and objective.
 
-The engine asks the registry what a family is (:func:`trains_as_autoencoder`); the one place that knows how an
-autoencoder's encoder becomes a classifier is :func:`classifier_from_autoencoder`.
+The engine asks the registry what a family is (:func:`trains_as_autoencoder`); an autoencoder's encoder becomes a
+classifier by its family's conversion (``registry.to_classifier``, in :func:`classifier_from_autoencoder`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..checkpoint import load_model as load_any_model
 from ..data import DataInfo, EpochSampler, SeededDataset, build_datasets, build_eval_dataset, collate_skip
 from ..errors import UserError
 from ..presets import get_config, list_models, resolve_name
-from ..registry import families, get_family, is_family_model
+from ..registry import families, get_family, is_family_model, to_classifier
 from .config import TrainConfig
 from .distributed import DistInfo
 from .objectives import Objective, make_objective
@@ -47,9 +47,9 @@ DUMMY_VAL_STEPS_PER_BATCH = 10  # --dummy validates one batch per this many trai
 
 # --------------------------------------------------------------------------------------------------- families
 def trains_as_autoencoder(family: str) -> bool:
-    """Whether a family trains by masked autoencoding rather than by classification (the registry's
-    ``classifier`` flag: CRATE-MAE is the one such family today)."""
-    return not get_family(family).classifier
+    """Whether a family trains by masked autoencoding rather than by classification (its record's
+    ``objective``: CRATE-MAE is the one such family today)."""
+    return get_family(family).objective == "masked_autoencoding"
 
 
 def _autoencoder_file(path: str) -> bool:
@@ -74,9 +74,7 @@ def classifier_from_autoencoder(cfg: TrainConfig, num_classes: int) -> nn.Module
     from its encoder (``--arch`` does not apply: the encoder fixes the architecture). None for any other file."""
     if cfg.objective != "classification" or not cfg.pretrained or not _autoencoder_file(cfg.pretrained):
         return None
-    from ..models.crate_mae import crate_classifier_from_mae  # the MAE special case (one family today)
-
-    return crate_classifier_from_mae(load_any_model(cfg.pretrained), num_classes)
+    return to_classifier(load_any_model(cfg.pretrained), num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- model

@@ -11,6 +11,7 @@ the objective is the only difference:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.crate_mae import random_masking
+from ..registry import is_autoencoder, mask_sampler
 
 __all__ = ["Classification", "MaskedAutoencoding", "Objective", "make_objective"]
 
@@ -109,12 +110,16 @@ class MaskedAutoencoding(Objective):
     score_name = "neg_loss"
     num_sums = 2
 
-    def __init__(self, num_patches: int, mask_ratio: float, seed: int = 0, rank: int = 0) -> None:
+    def __init__(
+        self, num_patches: int, mask_ratio: float, sampler: Callable[..., Tensor], seed: int = 0, rank: int = 0
+    ) -> None:
+        """``sampler``: the family's random masking (``registry.mask_sampler(model)``)."""
         self.num_patches, self.mask_ratio, self.seed, self.rank = num_patches, mask_ratio, seed, rank
+        self.sampler = sampler
 
     def mask(self, batch: int, *parts: int, device: torch.device) -> Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, *parts))
-        return random_masking(batch, self.num_patches, self.mask_ratio, generator=g).to(device)
+        return self.sampler(batch, self.num_patches, self.mask_ratio, generator=g).to(device)
 
     def train_loss(self, model: nn.Module, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
         mask = self.mask(x.shape[0], 1, step, self.rank, device=x.device)
@@ -137,11 +142,11 @@ def make_objective(
     if kind == "classification":
         return Classification(num_classes, seed=seed, **options)
     if kind == "mae":
-        cfg = getattr(model, "config", None)
-        if not hasattr(model, "forward_encoder_features") or cfg is None:
+        if not is_autoencoder(model):
             raise UserError(
-                f"the mae objective needs a CRATE-MAE model, got {type(model).__name__}; "
+                f"the mae objective needs a CRATE-MAE model (a masked autoencoder), got {type(model).__name__}; "
                 f"choose an mae_crate_* architecture"
             )
-        return MaskedAutoencoding(cfg.num_patches, cfg.mask_ratio, seed=seed, rank=rank)
+        cfg = model.config
+        return MaskedAutoencoding(cfg.num_patches, cfg.mask_ratio, mask_sampler(model), seed=seed, rank=rank)
     raise UserError(f"unknown objective {kind!r}; choose classification or mae")
