@@ -8,9 +8,12 @@
 * :mod:`.head_maps`: per-head attention maps, masks and overlays of image files (``cratevit attention``);
 * :mod:`.pca_maps`: PCA of patch features as RGB maps over image files (``cratevit pca``);
 * :mod:`.layerwise_report`: the per-layer CSV, JSON and figures of ``cratevit analyze``;
+* :mod:`.hooks`: hook points by stable name (``blocks.3.ista.code``), ``run_with_cache``, a hooks context that
+  reads and replaces activations, activation patching, for every family and timm ViTs;
 * :mod:`.activations`: one layer's activations by site name (``ista_in``, ``code`` ...), and splicing them;
 * :mod:`.sae`, :mod:`.sae_train`, :mod:`.sae_run`: sparse autoencoders, their streaming trainer, ``cratevit sae``;
-* :mod:`.codes`: metrics of any sparse code (L0, FVE, dead/dense, loss recovered, probe, monosemanticity).
+* :mod:`.codes`: metrics of any sparse code (L0, FVE, dead/dense, loss recovered, probe, monosemanticity);
+* :mod:`.codes_compare`: ``cratevit codes compare`` (ISTA code vs SAEs on CRATE and a ViT, trained and random).
 """
 
 from .layerwise import (

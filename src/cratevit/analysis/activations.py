@@ -1,15 +1,15 @@
-"""Reading one layer's activations out of a white-box model, by site name: what SAEs train on and codes describe.
+"""Reading one layer's activations out of a model, by site name: what SAEs train on and codes describe.
 
-:func:`layer_activations` is the ONE place that reads them (today through the model's trace method,
-``forward_trace``; the hook API of issue 21 will replace its body, not its callers). Sites of layer ``l``
-(0-based block index), each ``(b, n, d)`` with the class token first:
+:func:`layer_activations` is the ONE place that reads them, through the hook API (:mod:`.hooks`: each site is a
+hook point of block ``l``), so it serves every family the hooks know (white-box families, ToST, timm ViTs). Sites
+of layer ``l`` (0-based block index), each ``(b, n, d)`` with the class token first (where the blocks carry one):
 
-* ``z_in``: ``Z^l``, the tokens entering the layer;
-* ``z_half``: ``Z^{l+1/2} = Z^l + MSSA(LN1(Z^l))``, after the attention (compression) step;
+* ``z_in``: ``Z^l``, the tokens entering the layer (hook ``blocks.l.in``);
+* ``z_half``: ``Z^{l+1/2} = Z^l + MSSA(LN1(Z^l))``, after the attention (compression) step (``blocks.l.mid``);
 * ``ista_in``: ``LN2(Z^{l+1/2})``, the input of the ISTA (sparsification) step: the signal that the layer's sparse
-  code reconstructs through its dictionary, ``x_hat = code D^T``;
+  code reconstructs through its dictionary, ``x_hat = code D^T`` (``blocks.l.norm2``; in a ViT, the MLP's input);
 * ``code``: the layer's sparse code (CRATE: the ISTA output ``Z^{l+1}``, which is also the layer's output;
-  CRATE-alpha: its internal code ``A_2``).
+  CRATE-alpha: its internal code ``A_2``) (``blocks.l.ista.code``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from ..registry import trace_method
+from ..registry import is_autoencoder
+from .hooks import block_points, hooks
 
 __all__ = [
     "SITES",
+    "SITE_POINTS",
     "dataset_activations",
+    "has_ista_dictionary",
     "ista_dictionary",
     "layer_activations",
     "logits_with_replaced",
     "prefix_tokens",
+    "site_hook",
 ]
 
 SITES = MappingProxyType(
@@ -43,6 +47,9 @@ SITES = MappingProxyType(
 )
 """Activation site name -> what it is (see the module docstring)."""
 
+SITE_POINTS = MappingProxyType({"z_in": "in", "z_half": "mid", "ista_in": "norm2", "code": "ista.code"})
+"""Activation site -> its hook point in block ``l`` (:data:`cratevit.analysis.hooks.HOOK_POINTS`)."""
+
 
 def _check_layer(model: nn.Module, layer: int) -> int:
     depth = len(model.blocks)
@@ -51,27 +58,49 @@ def _check_layer(model: nn.Module, layer: int) -> int:
     return layer % depth
 
 
+def site_hook(model: nn.Module, layer: int, site: str) -> str:
+    """The hook name of layer ``layer``'s activation at ``site`` (``ista_in`` of layer 3: ``blocks.3.norm2``)."""
+    if site not in SITES:
+        raise UserError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
+    layer = _check_layer(model, layer)
+    point = SITE_POINTS[site]
+    if point not in block_points(model.blocks[layer]):
+        raise UserError(
+            f"layer {layer} (0-based) of {type(model).__name__} has no code (no sparse-coding step) for the site {site}"
+        )
+    return f"blocks.{layer}.{point}"
+
+
+class _Stop(Exception):
+    """Raised by the last reading hook: the rest of the network need not run."""
+
+
+def _forward(model: nn.Module) -> Callable[[Tensor], object]:
+    """The pass that reaches the blocks: an autoencoder's unmasked encoder, else the model itself."""
+    return model.forward_encoder if is_autoencoder(model) else model
+
+
 @torch.no_grad()
 def layer_activations(
     model: nn.Module, images: Tensor, layer: int, sites: Sequence[str] = ("ista_in",)
 ) -> dict[str, Tensor]:
-    """Site name -> activations (b, n, d) of layer ``layer`` (0-based) for ``images`` (b, c, H, W)."""
-    unknown = [s for s in sites if s not in SITES]
-    if unknown:
-        raise UserError(f"unknown activation site {unknown[0]!r}; choose from {', '.join(SITES)}")
-    layer = _check_layer(model, layer)
-    trace = trace_method(model)(images, layers=[layer])
-    layers = getattr(trace, "layers", None)
-    if layers is None:
-        raise UserError(f"{type(model).__name__} has no per-layer trace of a CRATE encoder; use a CRATE model")
-    t, block = layers[0], model.blocks[layer]
-    read = {
-        "z_in": lambda: t.z_in,
-        "z_half": lambda: t.z_half,
-        "ista_in": lambda: block.norm2(t.z_half),
-        "code": lambda: t.z_out if getattr(t, "code", None) is None else t.code,
-    }
-    return {s: read[s]() for s in sites}
+    """Site name -> activations (b, n, d) of layer ``layer`` (0-based) for ``images`` (b, c, H, W); the forward
+    pass stops after that layer."""
+    names = {site: site_hook(model, layer, site) for site in sites}
+    got: dict[str, Tensor] = {}
+    wanted = set(names.values())
+
+    def keep(value: Tensor, name: str) -> None:
+        got[name] = value
+        if wanted <= set(got):
+            raise _Stop
+
+    try:
+        with hooks(model, dict.fromkeys(wanted, keep)):
+            _forward(model)(images)
+    except _Stop:
+        pass
+    return {site: got[name] for site, name in names.items()}
 
 
 @torch.no_grad()
@@ -80,28 +109,20 @@ def logits_with_replaced(
 ) -> Tensor:
     """The logits (b, classes) when layer ``layer``'s activation at ``site`` is replaced on the PATCH tokens by
     ``replace(patch_activations)`` (b, n_patches, d) -> same shape (the class token keeps its own); the rest of the
-    network runs on. A CRATE block ``z_half = z + MSSA(LN1(z))``, ``z_next = ISTA(LN2(z_half))`` is spelled out
-    here (eval mode: no stochastic depth); the hook API will do this for every family."""
-    if site not in SITES:
-        raise UserError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
-    layer = _check_layer(model, layer)
+    network runs on (a replace hook, :mod:`.hooks`)."""
     p = prefix_tokens(model)
 
-    def swap(t: Tensor) -> Tensor:
+    def swap(t: Tensor, _name: str) -> Tensor:
         return torch.cat([t[:, :p], replace(t[:, p:])], dim=1)
 
-    z, _ = model.embed(images)
-    for i, block in enumerate(model.blocks):
-        if i != layer:
-            z = block(z)
-            continue
-        z = swap(z) if site == "z_in" else z
-        z_half = z + block.mssa(block.norm1(z))
-        z_half = swap(z_half) if site == "z_half" else z_half
-        x = block.norm2(z_half)
-        z = block.ista(swap(x) if site == "ista_in" else x)
-        z = swap(z) if site == "code" else z
-    return model.forward_head(z)
+    with hooks(model, {site_hook(model, layer, site): swap}):
+        return model(images)
+
+
+def has_ista_dictionary(model: nn.Module, layer: int) -> bool:
+    """Whether layer ``layer`` has one ISTA dictionary ``D`` (CRATE, the CRATE-MAE encoder, the ISTA ablations)."""
+    ista = getattr(model.blocks[_check_layer(model, layer)], "ista", None)
+    return isinstance(getattr(ista, "dictionary", None), Tensor) and not hasattr(ista, "decoder")
 
 
 def ista_dictionary(model: nn.Module, layer: int) -> Tensor:
@@ -114,7 +135,10 @@ def ista_dictionary(model: nn.Module, layer: int) -> Tensor:
 
 
 def prefix_tokens(model: nn.Module) -> int:
-    """Tokens before the patch tokens (1: the class token)."""
+    """Tokens before the patch tokens in the blocks (1: the class token; 0 in ToST, whose class token joins only in
+    the class-attention blocks after them)."""
+    if hasattr(model, "class_blocks"):
+        return 0
     return int(getattr(model, "num_prefix_tokens", 1))
 
 

@@ -23,7 +23,14 @@ from torch import Tensor
 
 from ..checkpoint import atomic_path, load_model
 from ..errors import UserError
-from .activations import SITES, dataset_activations, ista_dictionary, logits_with_replaced, prefix_tokens
+from .activations import (
+    SITES,
+    dataset_activations,
+    has_ista_dictionary,
+    ista_dictionary,
+    logits_with_replaced,
+    prefix_tokens,
+)
 from .codes import (
     DEFINITIONS,
     code_metrics,
@@ -38,7 +45,7 @@ from .probe import probe_datasets
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_train import CHECKPOINT_NAME, ActivationCache, SAETrainConfig, train_sae
 
-__all__ = ["LayerSAEResult", "train_layer_sae"]
+__all__ = ["LayerSAEResult", "train_layer_sae", "train_model_sae"]
 
 
 @dataclass
@@ -50,6 +57,12 @@ class LayerSAEResult:
     random_weights: bool
     evaluation: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _patch_grid(model: torch.nn.Module) -> tuple[int, int]:
+    """The patch grid (rows, cols) at the model's own input size (a white-box family's, or a timm ViT's)."""
+    grid = getattr(model, "grid_size", None) or getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return int(grid[0]), int(grid[1])
 
 
 def _split_images(dataset: Any, limit: int | None) -> int:
@@ -93,7 +106,7 @@ def _evaluate(
     probe: bool,
 ) -> dict[str, Any]:
     prefix = prefix_tokens(model)
-    with_ista = site == "ista_in"
+    with_ista = site == "ista_in" and has_ista_dictionary(model, layer)
     sites = ("ista_in", "code") if with_ista else (site,)
     dictionary = ista_dictionary(model, layer) if with_ista else None
 
@@ -130,7 +143,7 @@ def _evaluate(
                 None if same else loss_recovered(result["loss_clean"], result["loss_zero"], result[f"loss_{name}"])
             )
     if data == "shapes":
-        grid = tuple(model.grid_size)  # the patch grid (rows, cols) at the model's own input size
+        grid = _patch_grid(model)
         attrs = shapes_token_attributes(val_ds, range(len(val_y)), grid)
         for name in ("sae", "ista") if with_ista else ("sae",):
             result[name]["monosemanticity"] = monosemanticity(val[name].flatten(0, 1), attrs)
@@ -198,22 +211,65 @@ def train_layer_sae(
     ``images``: at most this many images per split (None: all); ``batch_size``: tokens per SAE step."""
     if site not in SITES:
         raise UserError(f"unknown activation site {site!r}; choose from {', '.join(SITES)}")
-    say = status or (lambda _msg: None)
     out = Path(out)
     if resume and not (out / CHECKPOINT_NAME).is_file():
         raise UserError(f"nothing to resume: {out / CHECKPOINT_NAME} does not exist; start without --resume")
     random_weights = not Path(model_spec).exists()
     torch.manual_seed(train_cfg.seed)
     model = load_model(model_spec).eval()
+    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    size = int(pcfg.get("input_size", (3, 224, 224))[-1])
+    datasets = probe_datasets(data, size, pcfg.get("mean"), pcfg.get("std"), data_dir)
+    return train_model_sae(
+        model,
+        str(model_spec),
+        random_weights,
+        layer,
+        out,
+        sae_cfg,
+        train_cfg,
+        datasets,
+        data=data,
+        site=site,
+        images=images,
+        batch_size=batch_size,
+        resume=resume,
+        probe=probe,
+        progress=progress,
+        status=status,
+    )
+
+
+def train_model_sae(
+    model: torch.nn.Module,
+    model_name: str,
+    random_weights: bool,
+    layer: int,
+    out: str | Path,
+    sae_cfg: dict[str, Any],
+    train_cfg: SAETrainConfig,
+    datasets: tuple[Any, Any, str],
+    data: str = "digits",
+    site: str = "ista_in",
+    images: int | None = None,
+    batch_size: int = 1024,
+    resume: bool = False,
+    probe: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    status: Callable[[str], None] | None = None,
+) -> LayerSAEResult:
+    """:func:`train_layer_sae` on a model already built (any model the hook API reads: a white-box family, a timm
+    ViT), with its ``(train, val, data key)`` datasets; ``model_name`` is recorded, ``random_weights`` reported."""
+    say = status or (lambda _msg: None)
+    out = Path(out)
+    model = model.eval()
     depth = len(model.blocks)
     if not -depth <= layer < depth:
         raise UserError(f"layer {layer} is outside this {depth}-layer model; use 0..{depth - 1} (block index, 0-based)")
     layer %= depth
-    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    size = int(pcfg.get("input_size", (3, 224, 224))[-1])
-    train_ds, val_ds, data_key = probe_datasets(data, size, pcfg.get("mean"), pcfg.get("std"), data_dir)
+    train_ds, val_ds, data_key = datasets
     meta = {
-        "model": str(model_spec),
+        "model": model_name,
         "random_weights": random_weights,
         "layer": layer,
         "site": site,

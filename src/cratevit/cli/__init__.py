@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "probe": "cratevit.cli.probe",
     "reconstruct": "cratevit.cli.reconstruct",
     "sae": "cratevit.cli.sae",
+    "codes": "cratevit.cli.codes",
 }
 """Sub-command name -> its module; the order of ``cratevit --help``."""
 

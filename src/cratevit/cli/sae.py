@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_train_arguments(p)
 
 
-def _print_record(record: dict) -> None:
+def print_record(record: dict) -> None:
     print(
         f"step {record['step']}/{record['steps']}: loss {record['loss']:.4f} FVE {record['fve']:.3f} "
         f"L0 {record['l0']:.1f} dead {100 * record['dead_fraction']:.1f}% lr {record['lr']:.2e} "
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         probe=args.probe,
         data_dir=args.data_dir,
-        progress=_print_record,
+        progress=print_record,
         status=lambda msg: print(msg, flush=True),
     )
     _print_table(result.evaluation)
