@@ -46,6 +46,7 @@ ACCEPTED: dict[tuple[str, str], tuple[set[str], str]] = {
     ("*", "mean"): ({"0", "-1", "2.5"}, "any finite normalisation mean"),
     ("explore", "port"): ({"0"}, "port 0: any free port (documented)"),
     ("sae", "l1"): ({"0", "2.5"}, "no L1 penalty; an L1 coefficient"),
+    ("codes", "l1"): ({"0", "2.5"}, "no L1 penalty; an L1 coefficient"),
     ("info", "num_classes"): ({"0"}, "no classifier head: a feature extractor"),
     ("*", "lr"): ({"2.5"}, "a positive learning rate"),
     ("*", "blr"): ({"2.5"}, "a positive base learning rate"),

@@ -140,7 +140,7 @@ def test_one_spelling_of_the_output_option_with_the_old_one_kept():
             a = actions["--output"]
             assert actions["-o"] is a and actions["--out"] is a and a.dest == "output", name
             with_output.append(name)
-    assert len(with_output) == 15  # all but info, zoo, explore and predict
+    assert len(with_output) == 16  # all but info, zoo, explore and predict
 
 
 def test_arch_and_heads_share_one_help_text():

@@ -12,7 +12,7 @@ HELP = "compare CRATE's ISTA code with SAEs on CRATE and on a ViT layer, trained
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ._args import add_layer_argument, add_output_argument, add_seed_argument, int_range
+    from ._args import add_layer_argument, add_output_argument, add_seed_argument, int_range, nonneg_float
 
     # the action is a plain positional (not a sub-parser): the CLI parses every command intermixed
     p.add_argument("action", choices=("compare",), help="compare: " + HELP)
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=("relu", "topk"), default="topk", help="the SAEs: TopK + AuxK, or ReLU + L1")
     p.add_argument("--expansion", type=int_range(1), default=8, help="SAE features = expansion x activation width")
     p.add_argument("--k", type=int_range(1), default=16, help="TopK: features kept per token")
-    p.add_argument("--l1", type=float, default=1.0, help="ReLU: L1 coefficient lambda")
+    p.add_argument("--l1", type=nonneg_float, default=1.0, help="ReLU: L1 coefficient lambda")
     p.add_argument("--steps", type=int_range(1), default=1000, help="optimiser steps of each SAE")
     p.add_argument("--batch-size", "-b", dest="batch_size", type=int_range(1), default=1024, help="tokens per step")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the linear probes")
