@@ -19,13 +19,14 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .models import crate, crate_alpha, crate_mae
+from .models import crate, crate_alpha, crate_mae, tost
 from .models.family import Card, Family
 
 __all__ = [
     "Card",
     "Family",
     "code_kind",
+    "ddp_prepare",
     "families",
     "family_for",
     "get_family",
@@ -34,6 +35,7 @@ __all__ = [
     "objective",
     "register_family",
     "to_classifier",
+    "trace_blocks",
     "trace_method",
 ]
 
@@ -104,11 +106,22 @@ def to_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return family.to_classifier(model, num_classes)
 
 
+def ddp_prepare(model: nn.Module) -> nn.Module:
+    """The model made ready for DistributedDataParallel by its family (ToST: SyncBatchNorm); others unchanged."""
+    return family_for(model).ddp_prepare(model) if is_family_model(model) else model
+
+
+def trace_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks whose layers the model's trace records, in order: ``trace.layers[i]`` is block ``i``'s (CRATE:
+    ``model.blocks``; ToST: its TSSA blocks, then its class-attention blocks)."""
+    return list(family_for(model).trace_blocks(model))
+
+
 def code_kind(model: nn.Module) -> str | None:
     """Where the model's sparse code is: ``"output"`` (the layer's output, CRATE's ISTA), ``"trace"``
     (``LayerTrace.code``, CRATE-alpha's ``A_2``) or None (no ISTA step: MLP or attention-only ablations)."""
     return family_for(model).code_kind(model.config)
 
 
-for _record in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY):
+for _record in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY, tost.FAMILY):
     register_family(_record)

@@ -14,7 +14,11 @@ model class. The record is torch-only data and functions of a configuration or a
   fields of timm's ``pretrained_cfg`` (``paper``; its license is the card's);
 * ``pretrained_cfg(cfg)``: the part of timm's ``pretrained_cfg`` the configuration determines;
 * ``timm_kwargs``: timm's ``create_model`` keyword -> the configuration's field;
-* ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown).
+* ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown);
+* ``shape_reader(state, heads)``: the configuration of a bare state dict, from its tensor shapes;
+* ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
+* ``ddp_prepare(model)``: the model made ready for DistributedDataParallel (ToST: BatchNorm -> SyncBatchNorm);
+* ``trace_blocks(model)``: the modules whose layers the trace records, in order (the analysis' layer indices).
 """
 
 from __future__ import annotations
@@ -87,8 +91,15 @@ class Family:
     pretrained_cfg: Callable[[Any], dict[str, Any]] = classifier_geometry  # geometry part of timm's pretrained_cfg
     timm_kwargs: dict[str, str] = field(default_factory=lambda: dict(TIMM_KWARGS))
     activation_bytes: Callable[[Any, str | None, bool], int | None] = lambda cfg, amp, ckpt: None
+    # The shape reader for bare state dicts (our key layout): (state, heads) -> configuration. None: the readers of
+    # the built-in families, in cratevit.checkpoint.infer (they consult the presets, above this layer).
+    shape_reader: Callable[[Any, int | None], Any] | None = None
     # An autoencoder's encoder as a classifier (fine-tuning): (model, num_classes) -> classifier; None elsewhere.
     to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
+    # Before DistributedDataParallel wraps the model (the engine's multi-process runs): model -> model to wrap.
+    ddp_prepare: Callable[[nn.Module], nn.Module] = lambda model: model
+    # The blocks the trace's layers come from, in order (``trace.layers[i]`` is ``trace_blocks(model)[i]``'s).
+    trace_blocks: Callable[[nn.Module], Any] = lambda model: model.blocks
 
     def build(self, config: Any) -> nn.Module:
         return self.model_cls(config=config)
