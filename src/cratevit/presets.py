@@ -253,7 +253,7 @@ register_preset(
 
 # ToST (Wu et al., ICLR 2025; family tost): the official registered names and sizes (tost_vision/tost.py: 224 px,
 # 1000 classes), evaluated as the official datasets.py does (short side 256 bicubic, centre crop 224, ImageNet
-# mean/std); tost_digits / tost_shapes for the built-in data (crate_digits' width and depth, 16 and 64 tokens).
+# mean/std); tost_digits / tost_shapes for the built-in data (crate_digits' and crate_nano's sizes: 16 and 64 tokens).
 TOST_BICUBIC = Preprocessing(interpolation="bicubic")
 for _name, _fields in TOST_PRESETS.items():
     _small = _name in ("tost_digits", "tost_shapes")

@@ -106,9 +106,10 @@ def to_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return family.to_classifier(model, num_classes)
 
 
-def ddp_prepare(model: nn.Module) -> nn.Module:
-    """The model made ready for DistributedDataParallel by its family (ToST: SyncBatchNorm); others unchanged."""
-    return family_for(model).ddp_prepare(model) if is_family_model(model) else model
+def ddp_prepare(model: nn.Module, device_type: str) -> nn.Module:
+    """The model made ready for DistributedDataParallel on ``device_type`` ("cuda", "cpu" ...) by its family (ToST:
+    its BatchNorm becomes SyncBatchNorm on accelerators); other models unchanged."""
+    return family_for(model).ddp_prepare(model, device_type) if is_family_model(model) else model
 
 
 def trace_blocks(model: nn.Module) -> list[nn.Module]:

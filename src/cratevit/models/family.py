@@ -17,7 +17,8 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown);
 * ``shape_reader(state, heads)``: the configuration of a bare state dict, from its tensor shapes;
 * ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
-* ``ddp_prepare(model)``: the model made ready for DistributedDataParallel (ToST: BatchNorm -> SyncBatchNorm);
+* ``ddp_prepare(model, device_type)``: the model made ready for DistributedDataParallel (ToST: SyncBatchNorm);
+* ``forward_flops(cfg)``: analytic forward FLOPs per image (None: CRATE's, :func:`cratevit.models.forward_flops`);
 * ``trace_blocks(model)``: the modules whose layers the trace records, in order (the analysis' layer indices).
 """
 
@@ -96,8 +97,11 @@ class Family:
     shape_reader: Callable[[Any, int | None], Any] | None = None
     # An autoencoder's encoder as a classifier (fine-tuning): (model, num_classes) -> classifier; None elsewhere.
     to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
-    # Before DistributedDataParallel wraps the model (the engine's multi-process runs): model -> model to wrap.
-    ddp_prepare: Callable[[nn.Module], nn.Module] = lambda model: model
+    # Before DistributedDataParallel wraps the model (the engine's multi-process runs): (model, device type such
+    # as "cuda" or "cpu") -> the model to wrap.
+    ddp_prepare: Callable[[nn.Module, str], nn.Module] = lambda model, device_type: model
+    # Analytic forward FLOPs per image of a configuration; None: the white-box backbone's (models.forward_flops).
+    forward_flops: Callable[[Any], int] | None = None
     # The blocks the trace's layers come from, in order (``trace.layers[i]`` is ``trace_blocks(model)[i]``'s).
     trace_blocks: Callable[[nn.Module], Any] = lambda model: model.blocks
 

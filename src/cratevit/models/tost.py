@@ -899,9 +899,10 @@ TOST_PRESETS: dict[str, dict[str, Any]] = {
         for size, (dim, heads) in {"medium": (512, 8), "large": (768, 16)}.items()
         for patch in (16, 8)
     },
-    # The built-in data: digits (32 px, 16 tokens, like crate_digits) and shapes (64 px, 64 tokens).
+    # The built-in data: digits (32 px, patch 8, 16 tokens, like crate_digits) and shapes (32 px, patch 4, 64
+    # tokens, like crate_nano, the shapes recipe's CRATE).
     "tost_digits": {"image_size": 32, "patch_size": 8, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
-    "tost_shapes": {"image_size": 64, "patch_size": 8, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
+    "tost_shapes": {"image_size": 32, "patch_size": 4, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
     "tost_debug": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "heads": 2, "num_classes": 10},
 }
 
@@ -999,8 +1000,30 @@ def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfi
     )
 
 
-def _sync_batchnorm(model: nn.Module) -> nn.Module:
-    """The stem's BatchNorm as SyncBatchNorm (the official code's), before DistributedDataParallel wraps it."""
+def tost_forward_flops(cfg: ToSTConfig) -> int:
+    """Analytic forward FLOPs per image (2 per multiply-add of every matrix product and convolution; TSSA's own
+    statistics are ``O(n dim)`` elementwise work and not counted). With ``n`` patch tokens and width ``d``: the
+    stem's 3x3 convolutions, the positional projection ``2 n (2 pos_dim) d``, per TSSA block ``4 n d^2`` (U and
+    the output projection) plus the MLP ``4 n d (r d)``, per class block the keys and values of all ``1 + n``
+    tokens ``4 (1 + n) d^2``, the class token's query, attention, projection and MLP, and the head."""
+    h, w = cfg.image_size
+    flops, c_in = 0, cfg.channels
+    for c_out in cfg.stem_widths:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        flops += 2 * 9 * c_in * c_out * h * w
+        c_in = c_out
+    n, d, hidden = h * w, cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    flops += 2 * n * 2 * cfg.pos_dim * d
+    flops += cfg.depth * (4 * n * d * d + 4 * n * d * hidden)
+    per_class_block = 4 * (1 + n) * d * d + 2 * d * d + 4 * (1 + n) * d + 2 * d * d + 4 * d * hidden
+    return flops + cfg.class_blocks * per_class_block + 2 * d * max(cfg.num_classes, 0)
+
+
+def _sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """The stem's BatchNorm as SyncBatchNorm (the official code's), before DistributedDataParallel wraps it. PyTorch
+    synchronises BatchNorm only on accelerators: CPU processes (gloo) keep per-process statistics."""
+    if device_type == "cpu":
+        return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
@@ -1050,6 +1073,7 @@ FAMILY = Family(
         "global_pool": "pool",
     },
     shape_reader=read_shapes,
+    forward_flops=tost_forward_flops,
     ddp_prepare=_sync_batchnorm,
     trace_blocks=lambda model: [*model.blocks, *model.class_blocks],
 )
