@@ -32,6 +32,8 @@ __all__ = [
     "get_family",
     "is_autoencoder",
     "is_family_model",
+    "layer_count",
+    "layer_label",
     "objective",
     "register_family",
     "to_classifier",
@@ -116,6 +118,20 @@ def trace_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks whose layers the model's trace records, in order: ``trace.layers[i]`` is block ``i``'s (CRATE:
     ``model.blocks``; ToST: its TSSA blocks, then its class-attention blocks)."""
     return list(family_for(model).trace_blocks(model))
+
+
+def layer_count(model: nn.Module) -> int:
+    """How many layers the analysis can read (``--layer`` ranges over them): the trace's blocks for a family model
+    (ToST: its TSSA blocks and its class-attention blocks), ``len(model.blocks)`` for a timm ViT."""
+    return len(trace_blocks(model)) if is_family_model(model) else len(model.blocks)
+
+
+def layer_label(model: nn.Module, layer: int) -> str:
+    """What layer ``layer`` is and what its attention map shows, for titles: ``"layer 3 (0-based)"``, or with the
+    family's own words (ToST: ``"layer 3 (0-based; blocks.3, TSSA: head membership Pi)"``)."""
+    index = layer % layer_count(model)
+    describe = family_for(model).layer_label if is_family_model(model) else None
+    return f"layer {index} (0-based{'; ' + describe(model, index) if describe else ''})"
 
 
 def code_kind(model: nn.Module) -> str | None:

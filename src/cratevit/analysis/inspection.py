@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..registry import code_kind, family_for, is_family_model, trace_method
+from ..registry import code_kind, family_for, is_family_model, layer_count, trace_blocks, trace_method
 from .facets import paper_pca
 from .layerwise import compression, sparsity
 from .segprotocols import keep_top
@@ -179,10 +179,13 @@ class WhiteBoxFamily:
         return int(model.config.heads)
 
     def resizable(self, model: nn.Module) -> bool:
-        return hasattr(model, "interpolate_pos_embed")  # CRATE's (and its subclasses') learned positions
+        # CRATE's (and its subclasses') learned positions interpolate; ToST's Fourier encoding fits any grid
+        return hasattr(model, "interpolate_pos_embed") or not family_for(model).pretrained_cfg(model.config).get(
+            "fixed_input_size", True
+        )
 
     def depth(self, model: nn.Module) -> int:
-        return len(model.blocks)
+        return layer_count(model)  # the trace's blocks (ToST: its TSSA blocks, then its class-attention blocks)
 
     @staticmethod
     def _record(t: Any, kind: str | None = "output") -> LayerRecord:
@@ -213,7 +216,7 @@ class WhiteBoxFamily:
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
     ) -> tuple[list[LayerRecord], Tensor | None]:
-        blocks = model.blocks
+        blocks = trace_blocks(model)
         record = before.layer(layer)
         block = blocks[layer]
         if "code" not in record.facets:

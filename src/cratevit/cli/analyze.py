@@ -155,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
             code = (
                 f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
             )
+            tssa = [r for r in stats.rows() if "pi_entropy_mean" in r]
+            if tssa:  # ToST: the last TSSA block's statistics
+                code += (
+                    f"; TSSA layer {tssa[-1]['layer']} (0-based): membership entropy "
+                    f"{tssa[-1]['pi_entropy_mean']:.3f}, mean s_k {tssa[-1]['second_moment_mean']:.3g}"
+                )
             print(
                 f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
                 f"non-zeros {last['sparsity_mean']:.3f}{code}"
@@ -190,5 +196,14 @@ def run(args: argparse.Namespace) -> int:
             args.out / "code_sparsity",
         )
         written += ", code_sparsity.png/pdf"
+    tssa = {label: rows for label, rows in series.items() if any("pi_entropy_mean" in r for r in rows)}
+    if tssa:  # ToST: the TSSA statistics of each TSSA block (its class-attention blocks have none)
+        tssa = {label: [r for r in rows if "pi_entropy_mean" in r] for label, rows in tssa.items()}
+        for key, title, ylabel in (
+            ("pi_entropy", "entropy of the head membership Pi / log(heads)", "TSSA membership (0: one head per token)"),
+            ("second_moment", "mean TSSA statistic s_k", "second moment (1 / (1 + s) scales the tokens)"),
+        ):
+            save_figure(layerwise_figure(tssa, key, title, ylabel), args.out / key)
+        written += ", pi_entropy.png/pdf, second_moment.png/pdf"
     print(f"wrote {args.out}/layerwise.csv, layerwise.json, {written}")
     return 0

@@ -132,7 +132,7 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
     sizes; a timm ViT (a ``cratevit train --arch vit_...`` checkpoint) gets its training size (``--resize model``)."""
     from ..analysis.segmentation import load_vision_model
     from ..errors import UserError
-    from ..registry import is_autoencoder, is_family_model
+    from ..registry import is_autoencoder, is_family_model, layer_count
 
     spec, files = split_inputs(args)
     model = load_vision_model(spec, arch=args.arch, heads=args.heads).eval()
@@ -147,7 +147,7 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path]]:
     elif args.resize != "model":
         print(f"{spec}: a timm model; images are resized to its training size (--resize model)")
         args.resize = "model"
-    depth = len(model.decoder_blocks if args.decoder else model.blocks)
+    depth = len(model.decoder_blocks) if args.decoder else layer_count(model)
     if not -depth <= args.layer < depth:
         raise UserError(f"--layer {args.layer} is out of range for a {depth}-layer model; use 0..{depth - 1} or -1")
     return model, spec, files
@@ -184,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.images import prepare
     from ..analysis.segmentation import attention_maps, model_geometry
     from ..analysis.visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
+    from ..registry import layer_count, layer_label
 
     model, spec, files = load_for_images(args)
-    depth = len(model.decoder_blocks if args.decoder else model.blocks)
+    depth = len(model.decoder_blocks) if args.decoder else layer_count(model)
     mean, std = normalization(args, spec)
     size, patch = model_geometry(model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -206,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
             Image.fromarray(to_uint8(heat[k]), mode="L").save(folder / f"attn-head{k}.png")
             Image.fromarray((mask_up[k] * 255).astype(np.uint8), mode="L").save(folder / f"mask-head{k}.png")
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
-        part = "decoder layer" if args.decoder else "layer"
-        title = f"{path.name}: {part} {args.layer % depth}, top {args.threshold:.0%} of attention mass"
+        where = f"decoder layer {args.layer % depth}" if args.decoder else layer_label(model, args.layer)
+        title = f"{path.name}: {where}, top {args.threshold:.0%} of attention mass"
         figure = head_grid_figure(image, heat, mask_up, title, has_random_weights(spec), args.threshold)
         save_figure(figure, folder / "heads")
         records.append(

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.segmentation import load_vision_model
     from ..data.coco import load_annotations, mask_api
     from ..errors import UserError
+    from ..registry import layer_count
 
     mask_api()  # a one-line error naming the extra when pycocotools is missing
     if not args.inputs:
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         from .segeval import _random_copy
 
         model = _random_copy(model, args.seed).eval()
-    depth = len(model.blocks)
+    depth = layer_count(model)
     if not -depth <= args.layer < depth:
         raise UserError(f"--layer {args.layer} is out of range for a {depth}-layer model; use 0..{depth - 1} or -1")
     patch = model.config.patch_size if hasattr(model, "config") else tuple(model.patch_embed.patch_size)

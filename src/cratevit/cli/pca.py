@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.segmentation import model_geometry
     from ..analysis.visualize import first_component_foreground, pca_figure, pca_maps, save_figure, upsample
     from ..errors import UserError
+    from ..registry import layer_label
     from .attention import fail_if_skipped, has_random_weights, load_for_images, normalization, read_images, unique_stem
 
     if args.components < 1:
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     save_figure(
         pca_figure(
             shown,
-            f"PCA ({args.method}) of layer {args.layer % len(model.blocks)} {facet} features",
+            f"PCA ({args.method}) of {layer_label(model, args.layer)} {facet} features",
             has_random_weights(spec),
         ),
         args.out / "pca-grid",

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.segmentation import load_vision_model, model_geometry
     from ..analysis.segprotocols import PROTOCOLS, evaluate_protocols
     from ..errors import UserError
-    from ..registry import is_family_model
+    from ..registry import is_family_model, layer_count
 
     protocols = [p for p in PROTOCOLS if p in (args.protocol or PROTOCOLS)]
     models = [(spec, load_vision_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     summaries, per_image = {}, []
     for spec, model in models:
         size, patch = model_geometry(model)
-        depth = len(model.blocks)
+        depth = layer_count(model)
         if not -depth <= args.layer < depth:
             raise UserError(f"--layer {args.layer} is out of range for {spec} ({depth} layers)")
         if args.image_size is not None and args.data not in ("shapes", "multishapes"):

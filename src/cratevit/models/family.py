@@ -19,6 +19,7 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
 * ``ddp_prepare(model, device_type)``: the model made ready for DistributedDataParallel (ToST: SyncBatchNorm);
 * ``forward_flops(cfg)``: analytic forward FLOPs per image (None: CRATE's, :func:`cratevit.models.forward_flops`);
+* ``layer_label(model, index)``: what a traced layer is and what its attention map shows (None: the default);
 * ``trace_blocks(model)``: the modules whose layers the trace records, in order (the analysis' layer indices).
 """
 
@@ -104,6 +105,8 @@ class Family:
     forward_flops: Callable[[Any], int] | None = None
     # The blocks the trace's layers come from, in order (``trace.layers[i]`` is ``trace_blocks(model)[i]``'s).
     trace_blocks: Callable[[nn.Module], Any] = lambda model: model.blocks
+    # For titles: (model, 0-based layer index) -> "blocks.3, TSSA: head membership Pi"; None: nothing to add.
+    layer_label: Callable[[nn.Module, int], str] | None = None
 
     def build(self, config: Any) -> nn.Module:
         return self.model_cls(config=config)

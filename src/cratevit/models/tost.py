@@ -1076,4 +1076,9 @@ FAMILY = Family(
     forward_flops=tost_forward_flops,
     ddp_prepare=_sync_batchnorm,
     trace_blocks=lambda model: [*model.blocks, *model.class_blocks],
+    layer_label=lambda model, i: (
+        f"blocks.{i}, TSSA: each head's membership Pi over the tokens"
+        if i < len(model.blocks)
+        else f"class_blocks.{i - len(model.blocks)}, the class token's attention"
+    ),
 )
