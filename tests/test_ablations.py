@@ -28,7 +28,7 @@ def test_every_ablation_has_a_digits_and_a_paper_size_preset():
     for stem, (attention, feedforward) in ABLATIONS.items():
         for name in (f"{stem}_digits", f"{stem}_base_patch8"):
             cfg = PRESETS[name]
-            assert (cfg.attention, cfg.feedforward) == (attention, feedforward)
+            assert (cfg.attn_kind, cfg.feedforward) == (attention, feedforward)
         assert PRESETS[f"{stem}_base_patch8"].dim == 768 and PRESETS[f"{stem}_base_patch8"].patch_size == (8, 8)
     assert {PRESETS[n].variant for n in VARIANTS} == set(VARIANTS.values())
 
@@ -45,8 +45,8 @@ def test_variant_forward_trace_and_keys(name):
     assert trace.layers[0].attn.shape == (2, 3, 17, 17) and trace.layers[0].proj.shape == (2, 3, 17, 32)
     torch.testing.assert_close(trace.layers[0].attn.sum(-1), torch.ones(2, 3, 17))
     keys = set(model.state_dict())
-    assert ("blocks.0.mssa.subspace_proj.weight" in keys) == (cfg.attention == "mssa")
-    assert ("blocks.0.attn.qkv.weight" in keys) == (cfg.attention == "mhsa")
+    assert ("blocks.0.mssa.subspace_proj.weight" in keys) == (cfg.attn_kind == "mssa")
+    assert ("blocks.0.attn.qkv.weight" in keys) == (cfg.attn_kind == "mhsa")
     assert ("blocks.0.ista.dictionary" in keys) == (cfg.feedforward == "ista")
     assert ("blocks.0.mlp.fc1.weight" in keys) == (cfg.feedforward == "mlp")
     assert ("blocks.0.norm2.weight" in keys) == (cfg.feedforward != "none")
@@ -72,12 +72,44 @@ def test_flops_count_each_half():
     assert (
         mlp.sparse_code_flops(n) == 2 * 2 * n * 96 * 384 and base.replace(feedforward="none").sparse_code_flops(n) == 0
     )
-    mhsa = base.replace(attention="mhsa")
+    mhsa = base.replace(attn_kind="mhsa")
     assert mhsa.attention_flops(n) - base.attention_flops(n) == 2 * n * 96 * 96 * 2  # q and k are extra maps
 
 
 def test_bad_choices_are_one_line():
-    with pytest.raises(UserError, match="attention must be 'mssa' or 'mhsa'"):
-        CRATEConfig(attention="linear")
+    with pytest.raises(UserError, match="attn_kind must be 'mssa' or 'mhsa'"):
+        CRATEConfig(attn_kind="linear")
     with pytest.raises(UserError, match="feedforward must be 'ista', 'mlp' or 'none'"):
         create_model("crate_debug", feedforward="moe")
+
+
+def test_an_ablation_trains_and_is_analysed_by_every_command(tmp_path, capsys):
+    """`cratevit train --arch crate_vit_digits`, then analyze, attention, pca, segeval and maskcut on the file, and
+    the inspection behind explore (no sparse code: no atoms, and the code facet says why)."""
+    import numpy as np
+    from PIL import Image
+
+    from cratevit import load_checkpoint
+    from cratevit.analysis.facets import facet_features
+    from cratevit.analysis.inspection import family_of, inspect_model
+    from cratevit.cli import main
+
+    run = tmp_path / "run"
+    quick = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
+    assert main(["train", "--arch", "crate_vit_digits", "--epochs", "1", "--batch-size", "16", "--output", str(run),
+                 *quick]) == 0  # fmt: skip
+    ckpt = str(run / "last.pt")
+    model = load_checkpoint(ckpt)
+    assert model.config.variant == "ViT" and model.config.name == "crate_vit_digits"
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    assert main(["analyze", ckpt, "--num-images", "8", "-o", str(tmp_path / "an")]) == 0
+    assert main(["attention", ckpt, str(image), "-o", str(tmp_path / "att"), "--size", "64"]) == 0
+    assert main(["pca", ckpt, str(image), "-o", str(tmp_path / "pca"), "--size", "64"]) == 0
+    assert main(["segeval", ckpt, "--num-images", "4", "-o", str(tmp_path / "seg")]) == 0
+    assert main(["maskcut", ckpt, str(image), "-o", str(tmp_path / "mc")]) == 0
+    assert (tmp_path / "mc" / "results.json").is_file()
+    x = torch.randn(1, 3, 32, 32)
+    assert not family_of(model).has_code and "code" not in inspect_model(model, x).layers[0].facets
+    with pytest.raises(UserError, match="this ViT model has no sparse code"):
+        facet_features(model, x, 0, "code")

@@ -131,7 +131,6 @@ def test_cli_flags_select_rows_and_sizes(monkeypatch):
         (["--models", "resnet50"], "unknown model 'resnet50'"),
         (["--quick", "--gpu"], "--quick and --gpu exclude each other"),
         (["--gpu"], "no CUDA device"),
-        (["--repeats", "0"], "repeats and batch sizes must be >= 1"),
         (["--preset", "crate_huge"], "unknown CRATE preset 'crate_huge'"),
     ],
 )
@@ -140,6 +139,14 @@ def test_cli_bad_input_is_one_line_error(argv, message, capsys, monkeypatch):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_number_stops_the_parse_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--repeats", "0"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert "argument --repeats: must be a positive integer (1, 2, ...), got '0'" in err
 
 
 def test_options_validate_dtype():

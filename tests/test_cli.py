@@ -102,3 +102,107 @@ def test_a_library_bug_keeps_its_traceback_and_says_so(monkeypatch, capsys):
     monkeypatch.setattr(cratevit.cli.info, "run", missing)
     assert main(["info", "crate_debug"]) == 2
     assert capsys.readouterr().err.strip() == "cratevit info: error: no x.pt"
+
+
+# ------------------------------------------------------------------------------------------ one vocabulary
+def _sub(name):
+    import argparse
+
+    from cratevit.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[name]
+
+
+def test_options_may_stand_between_positional_arguments():
+    """The README's maskcut line, and the same order for attention, pca and analyze (issue 24)."""
+    from cratevit.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["maskcut", "CKPT", "--arch", "crate_base_demo", "photo.jpg", "more/", "-o", "OUT"])
+    assert (
+        args.inputs == ["CKPT", "photo.jpg", "more/"] and args.arch == "crate_base_demo" and str(args.output) == "OUT"
+    )
+    for command in ("attention", "pca"):
+        args = parser.parse_args([command, "CKPT", "--layer", "-2", "a.png", "-o", "OUT", "b.png", "--heads", "6"])
+        assert args.inputs == ["CKPT", "a.png", "b.png"] and (args.layer, args.heads) == (-2, 6)
+    args = parser.parse_args(["analyze", "a.pt", "--eps", "0.5", "b.pt"])
+    assert args.models == ["a.pt", "b.pt"] and args.eps == 0.5 and args.output is None
+
+
+def test_one_spelling_of_the_output_option_with_the_old_one_kept():
+    from cratevit.cli import COMMANDS
+
+    with_output = []
+    for name in COMMANDS:
+        actions = {s: a for a in _sub(name)._actions for s in a.option_strings}
+        if "--output" in actions or "--out" in actions:
+            a = actions["--output"]
+            assert actions["-o"] is a and actions["--out"] is a and a.dest == "output", name
+            with_output.append(name)
+    assert len(with_output) == 14  # all but info, zoo, explore and predict
+
+
+def test_arch_and_heads_share_one_help_text():
+    helps = {}
+    for name in ("analyze", "attention", "pca", "segeval", "maskcut", "export", "predict", "info", "explore"):
+        actions = {s: a for a in _sub(name)._actions for s in a.option_strings}
+        helps.setdefault("arch", set()).add(actions["--arch"].help)
+        helps.setdefault("heads", set()).add(actions["--heads"].help)
+    assert len(helps["arch"]) == 1 and len(helps["heads"]) == 1
+
+
+def test_version(capsys):
+    import pytest
+
+    from cratevit import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"cratevit {__version__}"
+
+
+def _image(path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_random_weights_are_said_once_and_layers_are_0_based(tmp_path, capsys):
+    image = _image(tmp_path / "a.png")
+    assert main(["attention", "crate_debug", str(image), "-o", str(tmp_path / "att")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("random weights") == 1 and "crate_debug: layer 1 (block index, 0-based, of 2)" in out
+    info = json.loads((tmp_path / "att" / "attention.json").read_text())
+    assert info["layer"] == 1
+    from cratevit import create_model
+
+    create_model("crate_debug").save_pretrained(tmp_path / "my-crate")
+    assert main(["predict", str(tmp_path / "my-crate"), str(image)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "random weights" not in header
+    assert (
+        header
+        == f"{tmp_path / 'my-crate'}: 10 classes, classes shown by index (the checkpoint stores no class names for its 10 classes)"
+    )
+
+
+def test_analyze_writes_next_to_the_checkpoint_without_o(tmp_path, capsys):
+    from cratevit import create_model, save_checkpoint
+
+    run = tmp_path / "RUN"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", create_model("crate_debug"))
+    assert main(["analyze", str(run / "last.pt"), "--num-images", "4", "--batch-size", "4"]) == 0
+    assert (run / "analysis" / "layerwise.csv").is_file()
+    assert f"wrote {run / 'analysis'}/layerwise.csv" in capsys.readouterr().out
+
+
+def test_maskcut_reports_progress_per_image(tmp_path, capsys):
+    images = [_image(tmp_path / f"{i}.png") for i in range(2)]
+    assert main(["maskcut", "crate_debug", *map(str, images), "--size", "32", "-o", str(tmp_path / "mc")]) == 0
+    captured = capsys.readouterr()
+    assert "maskcut images: 1/2" in captured.err and "maskcut images: 2/2" in captured.err
+    assert "random weights" in captured.out and "layer 1 (block index, 0-based)" in captured.out

@@ -85,3 +85,21 @@ def test_alpha_and_crate_blocks_are_one_block_class():
     trace = alpha.forward_trace(x)
     assert trace.layers[0].code.shape == (2, 17, 4 * 32) and (trace.layers[0].code >= 0).all()
     torch.testing.assert_close(trace.features, alpha.forward_features(x))
+
+
+def test_peek_answers_in_one_read(tmp_path):
+    from cratevit import save_checkpoint, save_safetensors
+    from cratevit.checkpoint import FILE_KINDS, peek, read_checkpoint
+
+    model = create_model("crate_alpha_debug")
+    model.save_pretrained(tmp_path / "hf")
+    paths = [save_checkpoint(tmp_path / "a.pt", model, epoch=3), save_safetensors(tmp_path / "a.safetensors", model)]
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    for path in [*paths, tmp_path / "hf", tmp_path / "bare.pth"]:
+        p = peek(path)
+        assert p.family == "crate_alpha" and p.layout == "cratevit" and p.kind in FILE_KINDS and p.num_tensors == 24
+    assert peek(paths[0]).epoch == 3 and peek(paths[0]).config["name"] == "crate_alpha_debug"
+    assert peek(paths[1]).pretrained_cfg["license"] == "apache-2.0" and peek(tmp_path / "bare.pth").config is None
+    assert (
+        peek(tmp_path / "bare.pth").kind == "cratevit-state-dict" == read_checkpoint(tmp_path / "bare.pth")[2]["kind"]
+    )

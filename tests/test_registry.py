@@ -106,3 +106,146 @@ def test_the_toy_family_is_gone_after_its_test():
     with pytest.raises(UserError, match="unknown architecture family 'toy'"):
         get_family("toy")
     assert family_for(create_model("crate_debug")).model_cls is CRATE
+
+
+# ------------------------------------------------------------------ a family built from the shared blocks
+# Everything a real family has, in the lines below: a config (the backbone's fields + its block's), the block
+# choice, the model class and the record. The rest of cratevit reaches it through the registry.
+from cratevit.models import BackboneConfig, WhiteBoxBackbone, WhiteBoxBlock  # noqa: E402
+from cratevit.models.family import Card  # noqa: E402
+
+
+@dataclass
+class ToyWBConfig(BackboneConfig):
+    """Attention-only layers with standard q/k/v attention (a toy white-box family)."""
+
+    label = "toy white-box"
+
+    def make_block(self, drop_path: float) -> WhiteBoxBlock:
+        return WhiteBoxBlock(self.dim, self.heads, self.dim_head, "mhsa", "none", drop_path=drop_path)
+
+    def sparse_code_flops(self, n: int, ista_matmuls: int = 2) -> int:
+        return 0
+
+
+class ToyWB(WhiteBoxBackbone):
+    def __init__(self, *, config: ToyWBConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config if config is not None else ToyWBConfig(**kwargs))
+
+
+def _toy_shapes(state: dict[str, torch.Tensor], heads: int | None) -> ToyWBConfig:
+    """The shape reader: dim and grid from pos_embed, the patch from the stem, depth from the block indices."""
+    dim, grid = state["pos_embed"].shape[2], int((state["pos_embed"].shape[1] - 1) ** 0.5)
+    patch = int((state["patch_embed.proj.weight"].shape[1] // 3) ** 0.5)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = heads or 2
+    return ToyWBConfig(image_size=grid * patch, patch_size=patch, dim=dim, depth=depth, heads=heads,
+                       dim_head=dim // heads, num_classes=state["head.weight"].shape[0])  # fmt: skip
+
+
+TOY_WB = Family(
+    "toy_wb",
+    ToyWB,
+    ToyWBConfig,
+    "a toy white-box family: MHSA-only layers",
+    paper={"license": "mit", "paper_name": "none", "origin_url": "https://example.org/toy"},
+    card=Card(
+        title="a toy attention-only network",
+        blurb="Attention only.",
+        paper_url="https://example.org/toy",
+        license="mit",
+        loader="ToyWB",
+    ),
+    code_kind=lambda cfg: None,
+    activation_bytes=lambda cfg, amp, ckpt: cfg.depth * 4 * 8 * (cfg.num_patches + 1) * cfg.dim,
+    shape_reader=_toy_shapes,
+)
+
+
+@pytest.fixture
+def toy_wb(monkeypatch):
+    """The family ``toy_wb`` and its preset ``toy_wb_tiny``, registered for one test (the registries restored)."""
+    import cratevit.presets as presets
+    import cratevit.registry as registry
+
+    monkeypatch.setitem(registry._FAMILIES, "toy_wb", TOY_WB)
+    tables = (PRESETS, PRESET_INFO, presets._ALIASES)
+    saved = [dict(t) for t in tables]
+    register_preset("toy_wb_tiny", ToyWBConfig(image_size=16, patch_size=4, num_classes=3, dim=16, depth=2,
+                                               heads=2, dim_head=8), preprocessing=HALF)  # fmt: skip
+    attach_hub_methods()
+    import copy
+
+    import timm.models._registry as timm_registry
+
+    from cratevit.interop import timm_models
+
+    timm_tables = {k: v for k, v in vars(timm_registry).items() if isinstance(v, (dict, set)) and k.startswith("_m")}
+    timm_saved = {k: copy.deepcopy(v) for k, v in timm_tables.items()}
+    cfgs_saved = dict(timm_models.default_cfgs)
+    yield
+    for table, before in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(before)
+    for name in ("save_pretrained", "push_to_hub", "from_pretrained"):
+        delattr(ToyWB, name)
+    for k, table in timm_tables.items():  # timm's registry, as it was (the toy's timm name gone)
+        table.clear()
+        table.update(timm_saved[k])
+    timm_models.default_cfgs.clear()
+    timm_models.default_cfgs.update(cfgs_saved)
+
+
+def test_a_family_from_the_shared_blocks_goes_through_everything(toy_wb, tmp_path, capsys):
+    import timm
+
+    from cratevit.analysis.inspection import family_of, inspect_model
+    from cratevit.analysis.segmentation import attention_maps
+    from cratevit.checkpoint import peek, resolve_config
+    from cratevit.cli import main
+    from cratevit.interop.timm_models import register_timm_models
+    from cratevit.train.memory import estimate_training_memory, per_image_bytes
+
+    model = create_model("toy_wb_tiny").eval()
+    x = torch.randn(2, 3, 16, 16)
+    # timm: registered under its timm name, built by timm, the contract's shapes
+    register_timm_models()  # idempotent: registers the presets timm does not know yet
+    assert timm.is_model("toy_wb_tiny_patch4_16")
+    via_timm = timm.create_model("toy_wb_tiny_patch4_16", num_classes=5)
+    assert isinstance(via_timm, ToyWB) and via_timm(x).shape == (2, 5)
+    assert via_timm.forward_features(x).shape == (2, 17, 16) and len(via_timm.forward_intermediates(x)[1]) == 2
+    via_timm.reset_classifier(0)
+    assert via_timm(x).shape == (2, 16)
+    # the card and the Hub methods, the license in three places
+    model.save_pretrained(tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "license: mit" in card and "ToyWB.from_pretrained(" in card and model.pretrained_cfg["license"] == "mit"
+    assert torch.equal(ToyWB.from_pretrained(tmp_path / "hf")(x), model(x))
+    # the shape reader: a bare state dict of this family -> its configuration
+    cfg = resolve_config(tmp_path / "bare.pth", model.state_dict(), None, {"model_family": "toy_wb"}, arch="auto")
+    assert cfg == model.config
+    save_checkpoint(tmp_path / "toy.pt", model)
+    assert peek(tmp_path / "toy.pt").family == "toy_wb" and peek(tmp_path / "hf").family == "toy_wb"
+    # cratevit info, the memory model
+    assert main(["info", "toy_wb_tiny"]) == 0 and "toy_wb_tiny" in capsys.readouterr().out
+    assert per_image_bytes(model.config, None) == 2 * 4 * 8 * 17 * 16
+    assert estimate_training_memory(model.config, model.num_params(), 4, None) > 0
+    # analysis: attention maps, the inspection behind explore (no code: no atoms)
+    assert attention_maps(model, x).shape == (2, 2, 4, 4)
+    ins = inspect_model(model, x)
+    assert ins.family == "toy_wb" and len(ins.layers) == 2 and "code" not in ins.layers[0].facets
+    assert not family_of(model).has_code
+    from PIL import Image
+
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "att"
+    assert main(["attention", str(tmp_path / "toy.pt"), str(tmp_path / "red.png"), "-o", str(out), "--size", "16"]) == 0
+    assert any(out.iterdir())
+    assert main(["analyze", str(tmp_path / "toy.pt"), "--num-images", "4", "-o", str(tmp_path / "an")]) == 0
+
+
+def test_the_toy_white_box_family_is_gone_after_its_test():
+    import timm
+
+    assert "toy_wb" not in families() and "toy_wb_tiny" not in PRESETS
+    assert not timm.is_model("toy_wb_tiny_patch4_16") and not hasattr(ToyWB, "save_pretrained")

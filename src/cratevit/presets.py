@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
+"""ImageNet's per-channel mean (RGB), timm's ``IMAGENET_DEFAULT_MEAN``."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet's per-channel standard deviation (RGB), timm's ``IMAGENET_DEFAULT_STD``."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,14 @@ class Preprocessing:
 
 
 IMAGENET = Preprocessing()
+"""The reference evaluation: ImageNet mean/std, Resize(256) + CenterCrop(224), bilinear."""
 IMAGENET_NO_CROP = Preprocessing(crop_pct=1.0)  # small images (32 px) are used without a crop
 HALF = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=1.0)  # the built-in digits and shapes data
+"""Mean and std 0.5 per channel, no crop: the built-in digits and shapes data."""
 
 # The normalisation of each kind of training data (cratevit.data.DataInfo.kind); other kinds use ImageNet's.
 DATA_PREPROCESSING: Mapping[str, Preprocessing] = {"digits": HALF, "shapes": HALF}
+"""The normalisation of each kind of training data (``DataInfo.kind``); other kinds use ImageNet's."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ class Preset:
 
 
 PRESET_INFO: dict[str, Preset] = {}
+"""Preset name -> :class:`Preset` (family, configuration, preprocessing), filled by :func:`register_preset`."""
 PRESETS: dict[str, CRATEConfig] = {}  # name -> configuration (every family's), the view most code needs
+"""Preset name -> configuration, of every family: the view most code needs."""
 _ALIASES: dict[str, str] = {}
 
 
@@ -156,7 +163,7 @@ _vit("crate_micro", 192, 6, 8, patch=4, image=32, num_classes=10)
 _vit("crate_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF)  # `cratevit train`: 16 tokens
 
 # The emergence paper's ablations (Yu et al. 2023, arXiv 2308.16271, Table 2) and attention-only stacks: the same
-# backbone with the attention (MSSA | MHSA) and the second half (ISTA | MLP | none) chosen. Each at the digits scale
+# backbone with the attention (attn_kind: MSSA | MHSA) and the second half (ISTA | MLP | none) chosen. Each at the digits scale
 # (crate_digits' sizes; `cratevit train --arch NAME`) and at the paper's base size with 8x8 patches.
 ABLATIONS: dict[str, tuple[str, str]] = {
     "crate_mlp": ("mssa", "mlp"),  # CRATE-MLP: ISTA replaced by the ViT's MLP
@@ -166,9 +173,9 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "crate_mhsa_only": ("mhsa", "none"),  # MHSA layers alone
 }
 for _stem, (_attention, _feedforward) in ABLATIONS.items():
-    _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attention=_attention,
+    _vit(f"{_stem}_digits", 96, 3, 6, patch=8, image=32, num_classes=10, preprocessing=HALF, attn_kind=_attention,
          feedforward=_feedforward)  # fmt: skip
-    _vit(f"{_stem}_base_patch8", 768, 12, 12, patch=8, attention=_attention, feedforward=_feedforward)
+    _vit(f"{_stem}_base_patch8", 768, 12, 12, patch=8, attn_kind=_attention, feedforward=_feedforward)
 
 
 # CRATE-alpha (Yang et al., 2024): the sizes of the paper at 224 px, 1000 classes; "_in21k": the ImageNet-21K
@@ -265,12 +272,17 @@ for _name, _fields in TOST_PRESETS.items():
 
 
 def resolve_name(name: str) -> str:
+    """The registered preset a name means: exact, else case- and dash-insensitive (``CRATE_small`` -> ``crate_small``);
+    a one-line error listing the known presets otherwise."""
     if name in PRESETS:
         return name
     key = name.lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key in PRESETS:
         return key
+    by_timm_name = {timm_name(p): p for p in PRESETS}  # a timm name, as timm's train.py records ("arch")
+    if key in by_timm_name:
+        return by_timm_name[key]
     raise UserError(f"unknown CRATE preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
 
 
@@ -282,6 +294,7 @@ def get_config(name: str, **overrides: Any) -> CRATEConfig:
 
 
 def list_models() -> list[str]:
+    """The names of every registered preset, sorted."""
     return sorted(PRESETS)
 
 

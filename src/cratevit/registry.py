@@ -33,6 +33,7 @@ __all__ = [
     "is_autoencoder",
     "is_family_model",
     "layer_count",
+    "layer_description",
     "layer_label",
     "objective",
     "register_family",
@@ -46,6 +47,7 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Add an architecture family (once per name); loading, saving, timm and the CLI find it from here."""
     if family.name in _FAMILIES:
         raise ValueError(f"architecture family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
@@ -58,6 +60,7 @@ def families() -> dict[str, Family]:
 
 
 def get_family(name: str) -> Family:
+    """The registered family of that name; a one-line error listing the known ones otherwise."""
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -81,7 +84,7 @@ def trace_method(model: nn.Module) -> Any:
 
 def family_for(obj: Any) -> Family:
     """The family of a model or a configuration (by its class; the most derived one when a family's classes
-    subclass another's, as CRATE-alpha's subclass CRATE's)."""
+    subclass another's, as a test family may subclass CRATE's)."""
     for cls in type(obj).__mro__:
         for family in _FAMILIES.values():
             if cls in (family.model_cls, family.config_cls):
@@ -124,6 +127,13 @@ def layer_count(model: nn.Module) -> int:
     """How many layers the analysis can read (``--layer`` ranges over them): the trace's blocks for a family model
     (ToST: its TSSA blocks and its class-attention blocks), ``len(model.blocks)`` for a timm ViT."""
     return len(trace_blocks(model)) if is_family_model(model) else len(model.blocks)
+
+
+def layer_description(model: nn.Module, layer: int) -> str:
+    """The family's words for layer ``layer`` (0-based, negative from the end), as ``"; blocks.3, TSSA: ..."`` to
+    append after a layer number, or ``""`` where the family has none (every layer is a block ``blocks.i``)."""
+    describe = family_for(model).layer_label if is_family_model(model) else None
+    return f"; {describe(model, layer % layer_count(model))}" if describe else ""
 
 
 def layer_label(model: nn.Module, layer: int) -> str:

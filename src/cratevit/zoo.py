@@ -131,6 +131,8 @@ _README = "CRATE-alpha README (github.com/UCSC-VLAA/CRATE-alpha)"
 
 @dataclass(frozen=True)
 class HubFile:
+    """One file the CRATE-alpha authors published in the Hub repository ``UCSC-VLAA/CRATE-alpha``."""
+
     path: str  # inside the Hub repository
     preset: str | None  # the cratevit preset that loads it; None: not loadable by cratevit
     size: str  # bytes, or "~" and the Hub listing's rounded size
@@ -174,6 +176,8 @@ ALPHA_HUB_FILES: tuple[HubFile, ...] = (
     HubFile("jax/crate_alpha_L14_in1k.npz", None, "2536725406", 83.9, _PAPER, _JAX),
     HubFile("jax/crate_alpha_L8_in1k.npz", None, "2538077086", 85.1, _PAPER, _JAX),
 )
+"""Every file of ``UCSC-VLAA/CRATE-alpha``: path, the preset that loads it (None: not loadable), size, reported top-1.
+"""
 # Not published as files: CRATE-alpha-B/32 (76.5) and L/32 (80.2) fine-tuned on ImageNet-1K (README table only).
 
 
@@ -201,6 +205,7 @@ def _alpha_entries() -> tuple[ZooEntry, ...]:
 
 
 ZOO = ZOO + _alpha_entries()
+"""Every known checkpoint: the CRATE presets with released weights, then the CRATE-alpha files cratevit loads."""
 
 
 def count_params(cfg: CRATEConfig) -> int:

@@ -3,7 +3,14 @@
 * :mod:`.layerwise`: coding rate ``R^c`` and sparsity per layer (Figure 3 of the CRATE paper);
 * :mod:`.segmentation`: foreground masks from attention and PCA, scored against ground truth;
 * :mod:`.visualize`: attention maps, masks, PCA maps and figures;
-* :mod:`.images`: reading and preparing image files for a model.
+* :mod:`.images`: reading and preparing image files for a model;
+* :mod:`.discovery`: MaskCut over a set of images, COCO results and AP (``cratevit maskcut``);
+* :mod:`.head_maps`: per-head attention maps, masks and overlays of image files (``cratevit attention``);
+* :mod:`.pca_maps`: PCA of patch features as RGB maps over image files (``cratevit pca``);
+* :mod:`.layerwise_report`: the per-layer CSV, JSON and figures of ``cratevit analyze``;
+* :mod:`.activations`: one layer's activations by site name (``ista_in``, ``code`` ...), and splicing them;
+* :mod:`.sae`, :mod:`.sae_train`, :mod:`.sae_run`: sparse autoencoders, their streaming trainer, ``cratevit sae``;
+* :mod:`.codes`: metrics of any sparse code (L0, FVE, dead/dense, loss recovered, probe, monosemanticity).
 """
 
 from .layerwise import (

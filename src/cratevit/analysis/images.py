@@ -30,6 +30,7 @@ __all__ = [
     "check_size",
     "eval_transform",
     "find_images",
+    "image_size",
     "load_image",
     "prepare",
     "to_rgb",
@@ -62,6 +63,21 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
         raise UserError(f"{path} is not a readable image file ({reason}); pass a PNG, JPEG or other image") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it; errors name the file, in one line."""
+    path = Path(path)
+    if not path.is_file():
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; pass image files (or use the folder option of the command)")
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.width, img.height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable image file ({reason}); pass a PNG, JPEG or other image") from None
 
 
 def find_images(folder: str | Path) -> list[Path]:

@@ -177,6 +177,7 @@ DEFINITIONS = MappingProxyType(
         "N, as the official sparsity plot; code_sparsity likewise); 0 for one image",
     }
 )
+"""Measure name -> its definition, as written into ``layerwise.json``."""
 # Degrees-of-freedom correction of each measure's standard deviation (see DEFINITIONS["std"]).
 STD_CORRECTION = MappingProxyType(
     {"rc_in": 1, "rc_half": 1, "sparsity": 0, "code_sparsity": 0, "pi_entropy": 0, "second_moment": 0}

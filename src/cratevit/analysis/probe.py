@@ -39,12 +39,14 @@ __all__ = [
     "L2_GRID",
     "LinearProbeResult",
     "cached_features",
+    "embed_splits",
     "extract_features",
     "knn_classifier",
     "linear_probe",
     "model_fingerprint",
     "pooled_features",
     "probe_datasets",
+    "score_probes",
     "topk_accuracy",
 ]
 
@@ -343,3 +345,62 @@ def probe_datasets(
         st = Path(path).stat()
         listing.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns};".encode())
     return train, val, f"{key}:{listing.hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------- both probes
+def embed_splits(
+    model: nn.Module,
+    splits: dict[str, Dataset],
+    data_key: str,
+    layer: int | None = None,
+    pool: str = "cls",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, tuple[Tensor, Tensor, bool]]:
+    """``{split: (features, labels, from_cache)}`` of each dataset (:func:`extract_features`), kept in
+    ``cache_dir`` when given (:func:`cached_features`, keyed by ``data_key:split``)."""
+    out = {}
+    for split, ds in splits.items():
+
+        def compute(ds: Dataset = ds) -> tuple[Tensor, Tensor]:
+            return extract_features(model, ds, layer, pool, batch_size, device, workers, log=log)
+
+        if cache_dir is not None:
+            out[split] = cached_features(cache_dir, model, f"{data_key}:{split}", layer, pool, compute)
+        else:
+            out[split] = (*compute(), False)
+    return out
+
+
+def score_probes(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    l2_grid: Sequence[float] = L2_GRID,
+) -> tuple[dict[str, Any], LinearProbeResult]:
+    """Both probes of frozen features: ``({"knn": {k, temperature, top1, top5}, "linear": {...}, "seconds":
+    {knn, linear}}, the linear probe)`` (weighted cosine k-NN as DINO; a logistic regression choosing its L2
+    strength from ``l2_grid`` on a held-out part of the training features)."""
+    import time
+
+    start = time.perf_counter()
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    scores = knn_classifier(train_features, train_labels, val_features, k, temperature, num_classes)
+    knn = topk_accuracy(scores, val_labels)
+    t_knn = time.perf_counter() - start
+    lin = linear_probe(
+        train_features, train_labels, val_features, val_labels, l2_grid=tuple(l2_grid), num_classes=num_classes
+    )
+    t_lin = time.perf_counter() - start - t_knn
+    record = {
+        "knn": {"k": k, "temperature": temperature, "top1": knn[1], "top5": knn[5]},
+        "linear": lin.to_dict(),
+        "seconds": {"knn": t_knn, "linear": t_lin},
+    }
+    return record, lin

@@ -46,6 +46,7 @@ __all__ = [
     "model_geometry",
     "multishapes_samples",
     "patch_features",
+    "random_copy",
     "shapes_samples",
 ]
 
@@ -157,6 +158,24 @@ def load_vision_model(spec: str, arch: str | None = None, heads: int | None = No
         if timm.is_model(spec) and not spec.lower().startswith("crate"):
             return timm.create_model(spec, pretrained=False)
     return load_model(spec, arch=arch, heads=heads)
+
+
+def random_copy(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with freshly initialised weights (seeded): a family's own ``build``, or a timm
+    ViT's own initialisation (which leaves its norms alone, so those are reset here)."""
+    import copy
+
+    from ..registry import family_for
+
+    torch.manual_seed(seed)
+    if is_family_model(model):
+        return family_for(model).build(model.config)
+    fresh = copy.deepcopy(model)
+    fresh.init_weights()
+    for module in fresh.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+    return fresh
 
 
 def _timm_from_checkpoint(obj: dict[str, Any], path: Path) -> nn.Module:

@@ -1,7 +1,8 @@
 """Reading and writing weights: every released CRATE checkpoint family loads with one call.
 
 * :mod:`.keys`: one key table per architecture family (reference layout <-> ours), both directions derived;
-* :mod:`.read`: the only ``torch.load`` and safetensors read of cratevit; tells the file families apart;
+* :mod:`.read`: the only ``torch.load`` and safetensors read of cratevit; tells the file kinds apart;
+  :func:`peek` answers what a file is (kind, family, layout, configurations) in one read;
 * :mod:`.infer`: tensor shapes -> configuration (for files that do not record it);
 * :mod:`.write`: atomic writes of checkpoints, safetensors files and Hugging Face folders;
 * :mod:`.load`: the one front door (:func:`load_model`: preset name, file or folder -> model), used by
@@ -25,9 +26,12 @@ from .load import (
 )
 from .read import (
     FAMILIES,
+    FILE_KINDS,
     FORMAT,
+    Peek,
     check_hub_config,
     load_file,
+    peek,
     read_checkpoint,
     read_folder,
     stored_preprocessing,
@@ -36,10 +40,12 @@ from .write import atomic_path, atomic_save, checkpoint_dict, hub_config, save_c
 
 __all__ = [
     "FAMILIES",
+    "FILE_KINDS",
     "FORMAT",
     "HEAD_KEYS",
     "KEY_TABLES",
     "CheckpointError",
+    "Peek",
     "atomic_path",
     "atomic_save",
     "check_hub_config",
@@ -56,6 +62,7 @@ __all__ = [
     "load_model",
     "load_state_dict_strict",
     "non_finite_keys",
+    "peek",
     "pretrained_cfg_from_meta",
     "read_checkpoint",
     "read_folder",

@@ -15,6 +15,7 @@ from ..errors import CheckpointError, UserError
 __all__ = ["HUB_PREFIX", "hub_file", "is_hub_file", "parse_hub_file"]
 
 HUB_PREFIX = "hf-hub:"
+"""The prefix of a Hub file address, ``hf-hub:OWNER/REPO[@REVISION]/PATH``."""
 
 
 def is_hub_file(spec: object) -> bool:
@@ -29,6 +30,11 @@ def parse_hub_file(spec: str) -> tuple[str, str, str | None]:
     repo, _, revision = repo.partition("@")
     if not owner or not repo or not path or not all(path):
         raise UserError(f"{spec!r} is not a Hub file address; write hf-hub:OWNER/REPO/PATH/IN/REPO[.pth]")
+    if any(part in (".", "..") for part in (owner, repo, *path)):
+        raise UserError(
+            f"{spec!r}: a Hub file path cannot hold '.' or '..' segments; write the file's path inside the "
+            f"repository, hf-hub:OWNER/REPO/PATH/IN/REPO[.pth]"
+        )
     return f"{owner}/{repo}", "/".join(path), revision or None
 
 

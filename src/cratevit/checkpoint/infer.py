@@ -111,7 +111,17 @@ def infer_config(
     where = f"{source}: " if source else ""
     pos = _need(state, "pos_embed", 3, where, name_in_file)
     proj = _need(state, "patch_embed.proj.weight", 2, where, name_in_file)
-    qkv = _need(state, "blocks.0.mssa.subspace_proj.weight", 2, where, name_in_file)
+    # The emergence paper's ablations: MHSA instead of MSSA (timm's attn.qkv), an MLP or nothing instead of ISTA.
+    attention = "mhsa" if "blocks.0.attn.qkv.weight" in state else "mssa"
+    if attention == "mssa":
+        qkv = _need(state, "blocks.0.mssa.subspace_proj.weight", 2, where, name_in_file)
+        inner, out_proj = qkv.shape[0], "blocks.0.mssa.out_proj.weight" in state
+    else:
+        qkv = _need(state, "blocks.0.attn.qkv.weight", 2, where, name_in_file)
+        inner, out_proj = qkv.shape[0] // 3, True
+    feedforward = (
+        "ista" if "blocks.0.ista.dictionary" in state else "mlp" if "blocks.0.mlp.fc1.weight" in state else "none"
+    )
     dim, num_patches = pos.shape[2], pos.shape[1] - 1
     split = _split_patch_dim(proj.shape[1])
     grid = math.isqrt(max(num_patches, 0))
@@ -125,12 +135,16 @@ def infer_config(
     dims = {
         "dim": dim,
         "depth": _depth(state, where, name_in_file),
-        "inner_dim": qkv.shape[0],
-        "out_proj": "blocks.0.mssa.out_proj.weight" in state,
+        "inner_dim": inner,
+        "out_proj": out_proj,
         "head_hidden_dim": state["pre_logits.weight"].shape[0] if "pre_logits.weight" in state else None,
     }
     n_heads = _head_count(dims, heads, presets, source)
+    extra: dict[str, Any] = {"attn_kind": attention, "feedforward": feedforward}
+    if feedforward == "mlp":
+        extra["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     cfg = CRATEConfig(
+        **extra,
         image_size=grid * patch,
         patch_size=patch,
         channels=channels,

@@ -177,6 +177,7 @@ KEY_TABLES: dict[str, KeyTable] = {
     "crate_mae": CRATE_MAE_KEYS,
     "tost": TOST_KEYS,
 }
+"""Family name -> its :class:`KeyTable` of (reference name, cratevit name) pairs."""
 
 
 def _covers(table: KeyTable, keys: list[str], to_ours: bool) -> bool:
@@ -224,10 +225,12 @@ def _convert(state: Mapping[str, Tensor], rules: list[Rule], what: str) -> dict[
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """The state dict without the DDP ``module.`` prefix (or another ``prefix``) on its keys."""
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def is_reference_state(state: Mapping[str, Any], family: str = "crate") -> bool:
+    """Whether a state dict uses the reference code's key names for that family."""
     markers = _table(family).reference_markers
     return any(k.removeprefix("module.").startswith(markers) for k in state)
 

@@ -1,7 +1,9 @@
-"""The one front door from "a name, a file, a folder or a Hub id" to a model with its weights.
+"""The one front door from "a name, a file or a folder" to a model with its weights.
 
-* :func:`load_model`: a preset name (random weights), a checkpoint file of any family of
-  :data:`~cratevit.checkpoint.read.FAMILIES`, a ``save_pretrained`` folder, or a Hub id ``user/repo``;
+* :func:`load_model`: a preset name (random weights), a checkpoint file of any kind of
+  :data:`~cratevit.checkpoint.read.FILE_KINDS` (also a Hub *file* ``hf-hub:OWNER/REPO/PATH``, read through
+  huggingface_hub's cache), or a ``save_pretrained`` folder. A Hub *repository* ``user/repo`` is not read here:
+  ``CRATE.from_pretrained("user/repo")`` (:mod:`cratevit.interop.hub`) downloads it and calls :func:`load_folder`;
 * :func:`load_checkpoint`: a checkpoint file (``arch=``/``heads=`` for files that do not record their architecture);
 * :func:`create_model`: a preset, optionally with other sizes and a checkpoint's weights (fine-tuning);
 * :func:`load_folder`: a ``save_pretrained`` folder (``CRATE.from_pretrained`` uses it).
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")
+"""The classifier's tensors, replaced when a checkpoint is loaded for another class count."""
 
 
 def load_state_dict_strict(

@@ -1,6 +1,7 @@
 """Reading checkpoint files: the only ``torch.load`` and the only safetensors read of cratevit.
 
-Families of files, recognised from the file's own structure (``meta["family"]`` after :func:`read_checkpoint`):
+Kinds of files, recognised from the file's own structure (``meta["kind"]`` after :func:`read_checkpoint`; the
+older key ``meta["family"]`` holds the same value; "family" alone means the architecture, ``meta["model_family"]``):
 
 * ``cratevit``: ``torch.save`` of ``{"format": "cratevit", "config": {...}, "model": state_dict, ...}``;
 * ``cratevit-safetensors``: our ``.safetensors`` export (the config is kept in the file's metadata);
@@ -30,6 +31,7 @@ import json
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,15 @@ from .keys import from_reference_keys, state_family, strip_prefix
 __all__ = [
     "CONFIG_NAME",
     "FAMILIES",
+    "FILE_KINDS",
     "FORMAT",
     "WEIGHTS_NAME",
+    "Peek",
     "check_hub_config",
     "check_zip_records",
     "config_from_dict",
     "load_file",
+    "peek",
     "read_checkpoint",
     "read_folder",
     "read_safetensors",
@@ -56,10 +61,13 @@ __all__ = [
 ]
 
 FORMAT = "cratevit"
+"""The format tag of cratevit's own checkpoint files (``obj["format"]``)."""
 CONFIG_NAME = "config.json"  # huggingface_hub's constants.CONFIG_NAME
+"""The configuration file of a ``save_pretrained`` folder."""
 WEIGHTS_NAME = "model.safetensors"  # huggingface_hub's constants.SAFETENSORS_SINGLE_FILE
+"""The weights file of a ``save_pretrained`` folder."""
 
-FAMILIES: dict[str, str] = {
+FILE_KINDS: dict[str, str] = {
     "cratevit": "cratevit checkpoint: format tag, configuration, weights",
     "cratevit-safetensors": "cratevit .safetensors export (configuration in the metadata)",
     "cratevit-state-dict": "bare state_dict in the cratevit key layout",
@@ -72,6 +80,9 @@ FAMILIES: dict[str, str] = {
     "tost-official": "official ToST main.py (DeiT/XCiT style): model, optimizer, lr_scheduler, epoch, args",
     "tost-state-dict": "bare state_dict in the official ToST key layout (tost_vision/tost.py)",
 }
+"""The kinds of checkpoint file :func:`load_checkpoint` recognises: kind -> what such a file holds."""
+# The older name of the file kinds, kept for callers written before "family" came to mean the architecture only.
+FAMILIES = FILE_KINDS
 
 
 def config_from_dict(d: Mapping[str, Any], family: str = "crate") -> Any:
@@ -229,15 +240,21 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
     """Read any supported file -> (state_dict in our key layout, stored config or None, the rest of the file).
 
     The returned ``meta`` dict holds what else the file carried (``epoch``, ``arch``, ``optimizer``,
-    ``pretrained_cfg`` ...), ``"family"`` (a key of :data:`FAMILIES`), ``"layout"`` (``"reference"`` or
+    ``pretrained_cfg`` ...), ``"kind"`` (a key of :data:`FILE_KINDS`; also under its older name ``"family"``),
+    ``"layout"`` (``"reference"`` or
     ``"cratevit"``: the file's key layout), ``"key_prefix"`` (``"module."`` or ``""``) and ``"model_family"``
-    (the architecture family, ``"crate"`` for files that do not say).
+    (the architecture family, ``"crate"`` for files that do not say). ``mmap``: torch files stay on disk (their
+    tensors are read when used).
     """
-    path = Path(path)
+    state, cfg, meta = _read(Path(path), mmap)
+    return state, cfg, {"kind": meta["family"], **meta}
+
+
+def _read(path: Path, mmap: bool) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
     if path.suffix == ".safetensors":
         state, meta = read_safetensors(path)
         rest: dict[str, Any] = {k: v for k, v in meta.items() if k != "config"}
@@ -246,7 +263,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         rest.setdefault("model_family", "crate")
         cfg = config_from_dict(json.loads(meta["config"]), rest["model_family"]) if "config" in meta else None
         return _to_ours(state), cfg, {"family": "cratevit-safetensors", **rest, **_layout(state)}
-    obj = load_file(path)
+    obj = load_file(path, mmap=mmap)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
     if obj.get("format") == FORMAT:
@@ -260,6 +277,65 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Any, dict[str,
         None,
         {"model_family": state_family(weights)[0], **meta, "family": family, **_layout(weights)},
     )
+
+
+# --------------------------------------------------------------------------------------------- peek
+@dataclass(frozen=True)
+class Peek:
+    """What a model file or folder is, from one read that leaves its tensors on disk (:func:`peek`)."""
+
+    path: str
+    kind: str  # the file kind, a key of FILE_KINDS ("cratevit", "reference", "mae-pretrain", ...)
+    family: str  # the architecture family ("crate", "crate_alpha", "crate_mae")
+    layout: str  # the key layout: "cratevit" or "reference"
+    key_prefix: str  # "module." (DataParallel) or ""
+    config: dict[str, Any] | None  # the stored configuration (None: the loader infers it from the shapes)
+    train_config: dict[str, Any] | None  # the training run's settings, where the file records them
+    pretrained_cfg: dict[str, Any] | None  # timm's per-weight metadata, where the file records it
+    epoch: int | None  # the last completed epoch, where recorded
+    num_tensors: int
+
+
+def peek(path: str | Path) -> Peek:
+    """Kind, family, layout, configuration, training configuration and ``pretrained_cfg`` of a checkpoint file, a
+    ``.safetensors`` file or a ``save_pretrained`` folder, in one read: torch files are memory-mapped, safetensors
+    files give their header only."""
+    path = Path(path)
+    if path.is_dir():
+        data = read_folder_config(path)
+        return Peek(str(path), "cratevit-safetensors", data["model_type"], "cratevit", "", dict(data["model_args"]),
+                    None, data.get("pretrained_cfg"), None, len(_safetensors_keys(path / WEIGHTS_NAME)))  # fmt: skip
+    if path.suffix == ".safetensors":
+        meta = read_safetensors_metadata(path)
+        keys = _safetensors_keys(path)
+        family, layout = state_family(dict.fromkeys(keys))
+        prefix = "module." if keys and all(k.startswith("module.") for k in keys) else ""
+        return Peek(str(path), "cratevit-safetensors", meta.get("model_family", family), layout, prefix,
+                    json.loads(meta["config"]) if "config" in meta else None, None,
+                    json.loads(meta["pretrained_cfg"]) if "pretrained_cfg" in meta else None, None, len(keys))  # fmt: skip
+    state, cfg, meta = read_checkpoint(path, mmap=True)
+    epoch = meta.get("epoch")
+    return Peek(
+        str(path),
+        meta["kind"],
+        meta["model_family"],
+        meta["layout"],
+        meta["key_prefix"],
+        cfg.to_dict() if cfg is not None else None,
+        dict(meta["train_config"]) if isinstance(meta.get("train_config"), Mapping) else None,
+        dict(meta["pretrained_cfg"]) if isinstance(meta.get("pretrained_cfg"), Mapping) else None,
+        int(epoch) if isinstance(epoch, int) else None,
+        len(state),
+    )
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 # --------------------------------------------------------------------------------------------- folders

@@ -6,6 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._args import (
+    add_arch_heads_arguments,
+    add_batch_size_argument,
+    add_max_pixels_argument,
+    add_output_argument,
+    add_seed_argument,
+    positive_float,
+    positive_int,
+    say_random_weights,
+)
+
 HELP = "per-layer coding rate R^c and sparsity of a CRATE over images (CSV, JSON, plots: Figure 3)"
 
 
@@ -16,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="checkpoint files or preset names (random weights); all are drawn on the same axes",
     )
-    p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    add_output_argument(
+        p, "output folder (default: analysis/ next to the first checkpoint file, else ./analysis)", default=None
+    )
     p.add_argument(
         "--with-random",
         action="store_true",
@@ -37,17 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(Resize(size / crop_pct) + CenterCrop, its interpolation: Resize(256) + CenterCrop(224), bilinear, for the "
         "224-px presets, as the reference evaluation); 'direct' = resize straight to the model's size",
     )
-    from .attention import add_max_pixels_argument
-
     add_max_pixels_argument(p)
-    p.add_argument("--num-images", type=int, default=256, help="at most this many images (a seeded random subset)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", default=None, help="preset of checkpoints that do not record their architecture")
     p.add_argument(
-        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
+        "--num-images", type=positive_int, default=256, help="at most this many images (a seeded random subset)"
     )
-    p.add_argument("--eps", type=float, default=0.01, help="eps of the coding rate")
+    add_batch_size_argument(p, 64)
+    add_seed_argument(p, "seed of the image subset and of --with-random")
+    add_arch_heads_arguments(p)
+    p.add_argument("--eps", type=positive_float, default=0.01, help="eps of the coding rate (above 0)")
     p.add_argument(
         "--plot-rc",
         choices=("rc_in", "rc_half"),
@@ -70,10 +80,6 @@ def _label(spec: str, used: set[str]) -> str:
 def _subset(n: int, limit: int, seed: int) -> list[int]:
     import numpy as np
 
-    from ..errors import UserError
-
-    if limit <= 0:
-        raise UserError(f"--num-images must be positive, got {limit}")
     if n <= limit:
         return list(range(n))
     return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
@@ -108,8 +114,6 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
     else:
         files = list(args.images) if args.images is not None else find_images(args.data)
         files = [files[i] for i in _subset(len(files), args.num_images, args.seed)]
-        if args.max_pixels < 0:
-            raise UserError(f"--max-pixels must be 0 (no limit) or a positive pixel count, got {args.max_pixels}")
         pils = [load_image(f, args.max_pixels or None) for f in files]
         mean, std = input_normalization(spec)
         if args.resize == "crop":
@@ -120,24 +124,29 @@ def load_images(args: argparse.Namespace, model: Any, spec: str) -> tuple[Any, s
     return torch.stack([prepare(im, size, patch, mode="model", mean=mean, std=std).tensor for im in pils]), what
 
 
-def run(args: argparse.Namespace) -> int:
-    import csv
-    import json
+def default_output(first: str) -> Path:
+    """``analysis/`` next to the first checkpoint file (``RUN/last.pt`` -> ``RUN/analysis``), else ``./analysis``."""
+    path = Path(first)
+    return path.parent / "analysis" if path.is_file() else Path("analysis")
 
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis import layerwise_stats, load_model
     from ..analysis.layerwise import MAE_DECODER_DEFINITIONS
-    from ..analysis.visualize import layerwise_figure, save_figure
+    from ..analysis.layerwise_report import write_layerwise_report
+    from ..analysis.segmentation import random_copy
     from ..registry import is_autoencoder
 
     torch.manual_seed(args.seed)
     models = [(spec, load_model(spec, arch=args.arch, heads=args.heads)) for spec in args.models]
+    for spec in args.models:
+        say_random_weights(spec, args.seed)
     if args.with_random:
-        first = models[0][1]
-        torch.manual_seed(args.seed)
-        models.append(("random init", type(first)(config=first.config)))
-    args.out.mkdir(parents=True, exist_ok=True)
+        models.append(("random init", random_copy(models[0][1], args.seed)))
+    args.output = args.output or default_output(args.models[0])
+    args.output.mkdir(parents=True, exist_ok=True)
     results, used = {}, set()
     for spec, model in models:
         label = "random init" if spec == "random init" else _label(spec, used)
@@ -165,45 +174,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
                 f"non-zeros {last['sparsity_mean']:.3f}{code}"
             )
-    rows = [{"model": label, **row} for label, stats in results.items() for row in stats.rows()]
-    with (args.out / "layerwise.csv").open("w", newline="") as f:
-        fields = list(dict.fromkeys(k for row in rows for k in row))  # CRATE-alpha's rows add code_sparsity
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "layerwise.json").write_text(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
-    series = {label: stats.rows() for label, stats in results.items()}
-    where = "Z^l (MSSA input)" if args.plot_rc == "rc_in" else "Z^{l+1/2} (after MSSA)"
-    save_figure(
-        layerwise_figure(
-            series, args.plot_rc, f"compression R^c of {where}", "coding rate per layer (lower: more compressed)"
-        ),
-        args.out / "compression",
-    )
-    save_figure(
-        layerwise_figure(
-            series, "sparsity", "fraction of non-zeros of Z^{l+1}", "sparsity of the ISTA output (lower: sparser)"
-        ),
-        args.out / "sparsity",
-    )
-    written = "compression.png/pdf, sparsity.png/pdf"
-    coded = {label: rows for label, rows in series.items() if "code_sparsity_mean" in rows[0]}
-    if coded:  # CRATE-alpha: the sparse code A_2 is what its ISTA steps make sparse
-        save_figure(
-            layerwise_figure(
-                coded, "code_sparsity", "fraction of non-zeros of A_2", "sparsity of the sparse code (lower: sparser)"
-            ),
-            args.out / "code_sparsity",
-        )
-        written += ", code_sparsity.png/pdf"
-    tssa = {label: rows for label, rows in series.items() if any("pi_entropy_mean" in r for r in rows)}
-    if tssa:  # ToST: the TSSA statistics of each TSSA block (its class-attention blocks have none)
-        tssa = {label: [r for r in rows if "pi_entropy_mean" in r] for label, rows in tssa.items()}
-        for key, title, ylabel in (
-            ("pi_entropy", "entropy of the head membership Pi / log(heads)", "TSSA membership (0: one head per token)"),
-            ("second_moment", "mean TSSA statistic s_k", "second moment (1 / (1 + s) scales the tokens)"),
-        ):
-            save_figure(layerwise_figure(tssa, key, title, ylabel), args.out / key)
-        written += ", pi_entropy.png/pdf, second_moment.png/pdf"
-    print(f"wrote {args.out}/layerwise.csv, layerwise.json, {written}")
+    written = write_layerwise_report(results, args.output, args.plot_rc)
+    print(f"wrote {args.output}/{', '.join(written)}")
     return 0

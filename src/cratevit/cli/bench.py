@@ -11,14 +11,18 @@ import argparse
 from types import ModuleType
 from typing import Any
 
+from ._args import add_output_argument, nonneg_int, positive_int
+
 HELP = "benchmark inference and training against the reference formulation and timm ViTs (Markdown table)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="CRATE preset to time (default crate_tiny; crate_base with --gpu)")
-    p.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the preset's)")
-    p.add_argument("--batch", type=int, default=None, help="inference batch size (default 32; 256 with --gpu)")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch size (default 16; 256 with --gpu)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="input size in pixels (default: the preset's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="inference batch size (default 32; 256 with --gpu)")
+    p.add_argument(
+        "--train-batch", type=positive_int, default=None, help="training batch size (default 16; 256 with --gpu)"
+    )
     p.add_argument(
         "--dtype",
         nargs="+",
@@ -37,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-compile", action="store_true", help="drop the cratevit+compile row (and its torch.compile time)"
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per model (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per model (median reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=None, help="untimed warm-up rounds")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the training peak-memory probes")
     p.add_argument("--no-coding-rate", action="store_true", help="skip the R^c timing")
     p.add_argument(
@@ -48,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the GPU comparison: CRATE-B, bfloat16, batch 256, vs the reference and ViT-B/16, with MFU",
     )
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run on the debug preset")
-    p.add_argument("--out", default=None, help="also write bench.md and bench.json into this directory")
+    add_output_argument(p, "also write bench.md and bench.json into this directory")
 
 
 def harness() -> ModuleType:
@@ -125,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         table = f"{smoke}.\n\n{table}"
     print(table)
-    if args.out:
-        out = Path(args.out)
+    if args.output:
+        out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.md").write_text(table + "\n")
         (out / "bench.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import add_output_argument
+
 HELP = "class-agnostic COCO AP, AP50, AP75 of detections (boxes and masks) with pycocotools"
 
 
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="COCO results: a list of {image_id, bbox and/or segmentation (RLE), score} (results.json "
         "of cratevit maskcut)",
     )
-    p.add_argument("-o", "--out", type=Path, default=None, help="write the figures as JSON here")
+    add_output_argument(p, "write the figures as JSON to this file")
     p.add_argument(
         "--only-result-images",
         action="store_true",
@@ -34,17 +36,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..analysis.detection import coco_ap
-    from ..data.coco import load_annotations, mask_api
-    from ..errors import UserError
+    from ..data.coco import load_annotations, load_results, mask_api
 
     mask_api()  # a one-line error naming the extra when pycocotools is missing
     gt = load_annotations(args.gt)
-    try:
-        results = json.loads(args.results.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{args.results}: not a readable COCO results file ({e})") from None
-    if not isinstance(results, list):
-        raise UserError(f"{args.results}: COCO results are a JSON list of detections")
+    results = load_results(args.results)
     if args.only_result_images:
         ids = {int(r["image_id"]) for r in results}
         gt["images"] = [im for im in gt["images"] if int(im["id"]) in ids]
@@ -54,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     print("| | AP | AP50 | AP75 |\n|---|---|---|---|")
     for kind, s in scores.items():
         print(f"| {kind} | {100 * s['AP']:.1f} | {100 * s['AP50']:.1f} | {100 * s['AP75']:.1f} |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"gt": str(args.gt), "results": str(args.results), **scores}, indent=2))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"gt": str(args.gt), "results": str(args.results), **scores}, indent=2))
     return 0

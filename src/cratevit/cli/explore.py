@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import add_arch_heads_arguments, port_number, positive_int
+
 HELP = "look inside a model in the browser: attention, masks, PCA, per-layer curves, dictionary atoms (127.0.0.1)"
 DEFAULT_MODEL = "crate_nano"
 
@@ -26,13 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint file, a preset name (random weights) or a timm ViT name")  # fmt: skip
     p.add_argument("--images", type=Path, default=None,
                    help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
-    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--port", type=port_number, default=8000, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
-    p.add_argument("--arch", default=None, help="preset of a checkpoint that does not record its architecture")
-    p.add_argument(
-        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
-    )
+    add_arch_heads_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_arch_heads_arguments, add_output_argument, int_range, nonneg_float
+
 HELP = "convert a training checkpoint (ours or the reference's) to safetensors, a Hugging Face folder, or ONNX"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.safetensors) or a save_pretrained folder")
-    p.add_argument("--output", "-o", required=True, help="output file (.safetensors, .onnx) or folder (hf)")
+    add_output_argument(p, "output file (.safetensors, .onnx) or folder (hf)", required=True, type=str)
     p.add_argument(
         "--format",
         choices=("safetensors", "onnx", "hf"),
         default=None,
         help="output format; inferred from --output when omitted (a name without suffix: hf)",
     )
-    p.add_argument(
-        "--arch", default=None, help="preset of a checkpoint that does not record its configuration (reference files)"
-    )
-    p.add_argument(
-        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
-    )
+    add_arch_heads_arguments(p)
     p.add_argument(
         "--reference-keys", action="store_true", help="safetensors: write the reference implementation's key names"
     )
-    p.add_argument("--batch-size", type=int, default=2, help="onnx: example batch the graph is traced with")
-    p.add_argument("--opset", type=int, default=18, help="onnx: opset version")
     p.add_argument(
-        "--atol", type=float, default=1e-4, help="onnx: largest max |onnxruntime - PyTorch| logit difference accepted"
+        "--batch-size",
+        type=int_range(2),
+        default=2,
+        help="onnx: example batch the graph is traced with (2 or more, so the batch axis stays symbolic)",
+    )
+    # torch's dynamo exporter builds opset 18 graphs and converts them up to torch.onnx's newest (23 in torch 2.14)
+    p.add_argument("--opset", type=int_range(18, 23), default=18, help="onnx: opset version (18..23)")
+    p.add_argument(
+        "--atol",
+        type=nonneg_float,
+        default=1e-4,
+        help="onnx: largest max |onnxruntime - PyTorch| logit difference accepted",
     )
     p.add_argument("--no-verify", action="store_true", help="onnx: skip the onnxruntime comparison")
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_arch_heads_arguments, nonneg_int, positive_int
+
 HELP = "print a preset's configuration, parameter count and forward GFLOPs per image"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", help="preset name (crate_tiny, CRATE_small, ...) or a checkpoint file")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--num-classes", type=nonneg_int, default=None, help="classes of the head (0: no head)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="input size in pixels")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="patch size in pixels")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument(
-        "--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it (6x128 vs 12x64)"
-    )
+    add_arch_heads_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import family_for
 
     if Path(args.preset).is_file():
-        model = load_checkpoint(args.preset, heads=args.heads)
+        model = load_checkpoint(args.preset, arch=args.arch, heads=args.heads)
     else:
         model = create_model(
             args.preset, num_classes=args.num_classes, image_size=args.image_size, patch_size=args.patch_size

@@ -13,15 +13,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._args import add_arch_heads_arguments, positive_int, say_random_weights
+
 HELP = "classify images with a checkpoint: the top-5 classes of each, with names and probabilities"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file, save_pretrained folder, or a preset name (random weights)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
-    p.add_argument("--top-k", "-k", dest="top_k", type=int, default=5, help="classes shown per image")
-    p.add_argument("--arch", default=None, help="preset of checkpoints that do not record their architecture")
-    p.add_argument("--heads", type=int, default=None, help="head count, where the file's shapes cannot tell it")
+    p.add_argument("--top-k", "-k", dest="top_k", type=positive_int, default=5, help="classes shown per image")
+    add_arch_heads_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
 
 
@@ -48,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..errors import UserError
 
-    if args.top_k <= 0:
-        raise UserError(f"--top-k must be positive, got {args.top_k}")
     model = load_model(args.checkpoint, arch=args.arch, heads=args.heads).eval()
     if not getattr(model, "num_classes", 0):
         raise UserError(f"{args.checkpoint} has no classifier (num_classes 0); predict needs a classification head")
@@ -57,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     transform, how = eval_transform(model)
     k = min(args.top_k, model.num_classes)
     if not args.json:
-        print(f"{args.checkpoint}: {model.num_classes} classes, names from {source}; images: {how}")
+        say_random_weights(args.checkpoint)
+        names_from = f"class names from {source}" if names else f"classes shown by index ({source})"
+        print(f"{args.checkpoint}: {model.num_classes} classes, {names_from}")
+        print(f"preprocessing: {how}")
     for path in args.images:
         x = transform(load_image(path).convert("RGB"))[None]
         with torch.inference_mode():

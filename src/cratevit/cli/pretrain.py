@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import open_unit_float, positive_float, unit_float
 from .train import add_config_arguments, run_command
 
 HELP = "MAE-pretrain a CRATE-MAE (default: mae_crate_digits on the built-in digits, a few minutes on 2 CPU cores)"
@@ -20,15 +21,17 @@ S = argparse.SUPPRESS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     m = p.add_argument_group("masked autoencoding")
-    m.add_argument("--blr", type=float, default=S, help="base learning rate: lr = blr x batch / 256 (unless --lr)")
-    m.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"), help="AdamW betas (0.9 0.95)")
+    m.add_argument(
+        "--blr", type=positive_float, default=S, help="base learning rate: lr = blr x batch / 256 (unless --lr)"
+    )
+    m.add_argument("--betas", type=unit_float, nargs=2, default=S, metavar=("B1", "B2"), help="AdamW betas (0.9 0.95)")
     m.add_argument(
         "--mask-ratio",
         "--mask_ratio",
         dest="mask_ratio",
-        type=float,
+        type=open_unit_float,
         default=S,
-        help="fraction of patches masked (the preset's, 0.75)",
+        help="fraction of patches masked, in (0, 1) (the preset's, 0.75)",
     )
     m.add_argument(
         "--norm-pix-loss",

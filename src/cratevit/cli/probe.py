@@ -13,6 +13,18 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import (
+    add_batch_size_argument,
+    add_device_argument,
+    add_layer_argument,
+    add_output_argument,
+    add_seed_argument,
+    add_workers_argument,
+    positive_float,
+    positive_int,
+    say_random_weights,
+)
+
 HELP = "linear-probe and k-NN accuracy of a model's frozen features (built-in data or an image folder)"
 
 
@@ -24,35 +36,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="digits, shapes, cifar10, cifar100, flower, pets, or a folder with train/ and val/",
     )
     p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="folder of the torchvision sets")
-    p.add_argument("--layer", type=int, default=None, help="probe the mean patch token of this layer (-1: last)")
+    add_layer_argument(p, default=None, extra="; default: the model's final features")
     p.add_argument(
         "--pool",
         choices=("cls", "mean"),
         default="mean",
         help="CRATE-MAE final features: class token or mean patch token",
     )
-    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(cos / T) (DINO: 0.07)")
+    p.add_argument("--k", type=positive_int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
+    p.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=0.07,
+        help="k-NN vote weight exp(cos / T), T above 0 (DINO: 0.07)",
+    )
     p.add_argument(
         "--l2",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=None,
         metavar="L2",
-        help="L2 strengths the linear probe chooses from (default 1e-6 ... 1e-1, six values)",
+        help="L2 strengths (above 0) the linear probe chooses from (default 1e-6 ... 1e-1, six values)",
     )
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", "-j", type=int, default=0, help="data loading processes")
-    p.add_argument("--seed", type=int, default=0, help="weights of a preset or timm name (random init)")
+    add_batch_size_argument(p, 128)
+    add_workers_argument(p)
+    add_seed_argument(p, "weights of a preset or timm name (random init)")
     p.add_argument("--timm-pretrained", action="store_true", help="download timm's pretrained weights")
-    p.add_argument(
-        "--output",
-        "-o",
-        default=None,
-        help="folder for probe.jsonl and the feature cache (default: next to the checkpoint, else runs/probe-MODEL)",
+    add_output_argument(
+        p,
+        "folder for probe.jsonl and the feature cache (default: next to the checkpoint, else runs/probe-MODEL)",
+        type=str,
     )
     p.add_argument("--no-cache", dest="cache", action="store_false", help="always recompute the features")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    add_device_argument(p)
 
 
 def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
@@ -73,65 +89,41 @@ def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
     except UserError:
         is_preset = False
     if Path(spec).exists() or is_preset or not timm.is_model(spec):
-        return load_model(spec).eval()  # its errors name what is wrong
-    return timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
+        model = load_model(spec).eval()  # its errors name what is wrong
+    else:
+        model = timm.create_model(spec, pretrained=timm_pretrained, num_classes=0).eval()
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     import time
-    from pathlib import Path
 
-    from ..analysis.probe import (
-        L2_GRID,
-        cached_features,
-        extract_features,
-        knn_classifier,
-        linear_probe,
-        probe_datasets,
-        topk_accuracy,
-    )
+    from ..analysis.probe import L2_GRID, embed_splits, probe_datasets, score_probes
     from ..train.distributed import cleanup, init_distributed
 
     dist = init_distributed(args.device)
     try:
         model = load_probe_model(args.model, args.seed, args.timm_pretrained).to(dist.device)
+        if dist.is_main and not args.timm_pretrained:
+            say_random_weights(args.model, args.seed)
         pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         size = int(pcfg.get("input_size", (3, 224, 224))[-1])
         mean, std = pcfg.get("mean", (0.485, 0.456, 0.406)), pcfg.get("std", (0.229, 0.224, 0.225))
         train_ds, val_ds, data_key = probe_datasets(args.data, size, mean, std, args.data_dir, args.seed)
-        source = Path(args.model)
-        out = (
-            Path(args.output)
-            if args.output
-            else (
-                source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
-            )
-        )
+        out = _output_folder(args)
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if dist.is_main else None
         t0 = time.perf_counter()
-        feats = {}
-        for split, ds in (("train", train_ds), ("val", val_ds)):
-
-            def compute(ds=ds):
-                return extract_features(model, ds, args.layer, args.pool, args.batch_size, dist.device, args.workers)
-
-            if args.cache:
-                f, y, hit = cached_features(
-                    out / "features", model, f"{data_key}:{split}", args.layer, args.pool, compute
-                )
-            else:
-                (f, y), hit = compute(), False
-            feats[split] = (f, y, hit)
+        feats = embed_splits(
+            model, {"train": train_ds, "val": val_ds}, data_key, args.layer, args.pool, args.batch_size,
+            dist.device, args.workers, out / "features" if args.cache else None, log,
+        )  # fmt: skip
         t_features = time.perf_counter() - t0
         if not dist.is_main:
             return 0
         (xf, xy, hit_train), (vf, vy, hit_val) = feats["train"], feats["val"]
-        t1 = time.perf_counter()
-        num_classes = int(max(xy.max(), vy.max())) + 1
-        knn = topk_accuracy(knn_classifier(xf, xy, vf, args.k, args.temperature, num_classes), vy)
-        t_knn = time.perf_counter() - t1
-        lin = linear_probe(xf, xy, vf, vy, l2_grid=tuple(args.l2 or L2_GRID), num_classes=num_classes)
-        t_lin = time.perf_counter() - t1 - t_knn
+        scores, lin = score_probes(xf, xy, vf, vy, args.k, args.temperature, args.l2 or L2_GRID)
         record = {
             "model": args.model,
             "data": args.data,
@@ -140,21 +132,35 @@ def run(args: argparse.Namespace) -> int:
             "features": list(xf.shape),
             "val_images": len(vy),
             "cached": hit_train and hit_val,
-            "knn": {"k": args.k, "temperature": args.temperature, "top1": knn[1], "top5": knn[5]},
-            "linear": lin.to_dict(),
-            "seconds": {"features": t_features, "knn": t_knn, "linear": t_lin},
+            **scores,
+            "seconds": {"features": t_features, **scores["seconds"]},
         }
         out.mkdir(parents=True, exist_ok=True)
         with (out / "probe.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        where = "final features" if args.layer is None else f"layer {args.layer} (mean patch token)"
-        print(f"{args.model} on {args.data} ({where}, {xf.shape[1]}-d, {len(xy)} train / {len(vy)} val images):")
-        print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {knn[1]:.2f}%")
-        print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")
-        print(
-            f"  features {t_features:.1f} s{' (cached)' if record['cached'] else ''}, k-NN {t_knn:.1f} s, "
-            f"linear {t_lin:.1f} s; results appended to {out / 'probe.jsonl'}"
-        )
+        _print_record(args, record, lin, out)
         return 0
     finally:
         cleanup(dist)
+
+
+def _output_folder(args: argparse.Namespace):
+    """``-o``, else ``probe/`` next to a checkpoint file, else ``runs/probe-MODEL``."""
+    from pathlib import Path
+
+    source = Path(args.model)
+    if args.output:
+        return Path(args.output)
+    return source.parent / "probe" if source.is_file() else Path("runs") / f"probe-{source.name.replace('/', '_')}"
+
+
+def _print_record(args: argparse.Namespace, record: dict, lin, out) -> None:
+    where = "final features" if args.layer is None else f"layer {args.layer} (block index, 0-based; mean patch token)"
+    (n_train, dim), seconds = record["features"], record["seconds"]
+    print(f"{args.model} on {args.data} ({where}, {dim}-d, {n_train} train / {record['val_images']} val images):")
+    print(f"  k-NN (k={args.k}, T={args.temperature}, cosine, weighted votes): top-1 {record['knn']['top1']:.2f}%")
+    print(f"  linear probe: top-1 {lin.top1:.2f}%  ({lin.recipe})")
+    print(
+        f"  features {seconds['features']:.1f} s{' (cached)' if record['cached'] else ''}, k-NN {seconds['knn']:.1f} s, "
+        f"linear {seconds['linear']:.1f} s; results appended to {out / 'probe.jsonl'}"
+    )

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_device_argument, add_output_argument, add_seed_argument, open_unit_float
+
 HELP = "masked reconstruction figure of a CRATE-MAE checkpoint on image files (PNG + PDF)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a CRATE-MAE checkpoint (ours, or the official MAE-pretrain layout)")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument(
-        "--output", "-o", default=None, help="folder of the figure (default: CHECKPOINT's folder/reconstruct)"
-    )
+    add_output_argument(p, "folder of the figure (default: CHECKPOINT's folder/reconstruct)", type=str)
     p.add_argument("--name", default="reconstruction", help="file name of the figure, without suffix")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
-    p.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None, help="default: the model's (0.75)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_seed_argument(p, "seed of the random masks")
+    p.add_argument(
+        "--mask-ratio",
+        dest="mask_ratio",
+        type=open_unit_float,
+        default=None,
+        help="fraction of patches masked, in (0, 1) (default: the model's, 0.75)",
+    )
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
             f"{args.checkpoint} holds a {type(model).__name__}, not a CRATE-MAE; pass a checkpoint "
             f"written by cratevit pretrain or the official CRATE-MAE release"
         )
-    if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     model = model.to(pick_device(args.device)).eval()
     cfg, pcfg = model.config, model.pretrained_cfg
     mean, std = tuple(pcfg["mean"]), tuple(pcfg["std"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._args import nonneg_int
+
 HELP = "train a model (default: a small CRATE on the built-in digits data, ~30 s on 2 quiet CPU cores)"
 
 S = argparse.SUPPRESS  # options not given keep the configuration's value (recipe, --config or --resume)
@@ -184,8 +186,10 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str = "train") -> 
         help="recompute activations in the backward pass to save memory",
     )
     r = p.add_argument_group("run")
-    r.add_argument("--output", "-o", dest="output", default=S, help="run directory (default runs/DATA-ARCH-TIME)")
-    r.add_argument("--seed", type=int, default=S)
+    r.add_argument(
+        "--output", "-o", "--out", dest="output", default=S, help="run directory (default runs/DATA-ARCH-TIME)"
+    )
+    r.add_argument("--seed", type=nonneg_int, default=S, help="seed of the weights, data order and augmentation")
     r.add_argument("--print-freq", "-p", dest="print_freq", type=int, default=S, help="log every N steps")
     r.add_argument(
         "--steps-per-epoch",

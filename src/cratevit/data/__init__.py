@@ -210,6 +210,8 @@ class SeededDataset(Dataset):
 
 @dataclass
 class Batch:
+    """One batch of images and targets, with the count of unreadable files dropped from it."""
+
     images: Tensor
     targets: Tensor
     skipped: int  # unreadable files dropped from this batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,19 @@ from ..errors import UserError, require
 __all__ = [
     "FOREGROUND",
     "CocoImage",
+    "check_annotations",
+    "check_results",
     "class_agnostic",
     "decode_mask",
     "encode_mask",
     "load_annotations",
+    "load_results",
     "mask_annotation",
     "read_coco_folder",
 ]
 
 FOREGROUND = {"id": 1, "name": "foreground", "supercategory": "foreground"}
+"""The one category of class-agnostic results and ground truth."""
 
 
 def mask_api() -> Any:
@@ -88,24 +93,132 @@ def class_agnostic(gt: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_annotations(path: str | Path) -> dict[str, Any]:
-    """Read a COCO instances file, with a one-line error when it is not one."""
+    """Read a COCO instances file, with a one-line error when it is not one (unreadable, not JSON, or JSON of the
+    wrong shape: see :func:`check_annotations`)."""
     path = Path(path)
-    try:
-        gt = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable COCO annotation file ({e})") from None
-    missing = [k for k in ("images", "annotations") if k not in gt]
-    if missing or not isinstance(gt.get("images"), list):
-        raise UserError(
-            f"{path}: not a COCO instances file (missing {missing or ['images']}); expected the "
-            "'images', 'annotations' and 'categories' lists of e.g. instances_val2017.json"
-        )
+    gt = _read_json(path, "COCO annotation file")
+    check_annotations(gt, path)
     gt.setdefault("categories", [])
     return gt
 
 
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Read a COCO results file (a list of detections), with a one-line error when it is not one (see
+    :func:`check_results`)."""
+    path = Path(path)
+    results = _read_json(path, "COCO results file")
+    check_results(results, path)
+    return results
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise UserError(f"{path}: not a readable {what} ({e})") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _box_problem(box: Any) -> str | None:
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return f"'bbox' must be [x, y, width, height] of 4 finite numbers, got {json.dumps(box)[:60]}"
+    if box[2] < 0 or box[3] < 0:
+        return f"'bbox' has a negative width or height: {box}"
+    return None
+
+
+def _segmentation_problem(seg: Any) -> str | None:
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)):
+            return f"RLE 'segmentation' needs 'size': [height, width], got {json.dumps(size)[:60]}"
+        if not isinstance(counts, (str, list)):
+            return "RLE 'segmentation' needs 'counts' (a string or a list of run lengths)"
+        return None
+    if isinstance(seg, list) and all(isinstance(p, list) and all(_is_number(v) for v in p) for p in seg):
+        return None  # polygons
+    return f"'segmentation' must be RLE {{size, counts}} or a list of polygons, got {json.dumps(seg)[:60]}"
+
+
+def _problem(path: Path, what: str, index: int, problem: str) -> UserError:
+    return UserError(f"{path}: {what} {index}: {problem}; fix the file (COCO format: cocodataset.org/#format-data)")
+
+
+def check_annotations(gt: Any, path: str | Path = "the ground truth") -> None:
+    """A COCO instances file's shape: ``images`` (each with an integer ``id``), ``annotations`` (each with an
+    integer ``id`` and ``image_id``, a ``bbox`` [x, y, w, h] of finite numbers, an optional ``segmentation``) and
+    an optional ``categories`` list. Raises one :class:`UserError` naming the first bad record and field."""
+    path = Path(path)
+    if (
+        not isinstance(gt, dict)
+        or not isinstance(gt.get("images"), list)
+        or not isinstance(gt.get("annotations"), list)
+    ):
+        got = type(gt).__name__ if not isinstance(gt, dict) else f"keys {sorted(gt)[:6]}"
+        raise UserError(
+            f"{path}: not a COCO instances file (got {got}); expected an object with the 'images', 'annotations' "
+            "and 'categories' lists of e.g. instances_val2017.json"
+        )
+    if not isinstance(gt.get("categories", []), list):
+        raise UserError(f"{path}: 'categories' must be a list")
+    for i, im in enumerate(gt["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            raise _problem(path, "image", i, f"needs an integer 'id', got {json.dumps(im)[:80]}")
+    for i, ann in enumerate(gt["annotations"]):
+        if not isinstance(ann, dict):
+            raise _problem(path, "annotation", i, f"must be an object, got {json.dumps(ann)[:60]}")
+        for key in ("id", "image_id"):
+            if not _is_int(ann.get(key)):
+                raise _problem(path, "annotation", i, f"needs an integer {key!r}, got {json.dumps(ann.get(key))}")
+        problem = _box_problem(ann.get("bbox"))
+        if problem is None and "segmentation" in ann:
+            problem = _segmentation_problem(ann["segmentation"])
+        if problem is None and "area" in ann and not _is_number(ann["area"]):
+            problem = f"'area' must be a finite number, got {json.dumps(ann['area'])}"
+        if problem is not None:
+            raise _problem(path, "annotation", i, problem)
+
+
+def check_results(results: Any, path: str | Path = "the results") -> None:
+    """A COCO results list's shape: each detection an object with an integer ``image_id``, a finite ``score`` and
+    a ``bbox`` [x, y, w, h] and/or an RLE ``segmentation``. A NaN score is refused (it would rank as any other
+    and report a meaningless AP). Raises one :class:`UserError` naming the first bad detection and field."""
+    path = Path(path)
+    if not isinstance(results, list):
+        raise UserError(
+            f"{path}: COCO results are a JSON list of detections {{image_id, bbox and/or segmentation, score}}, "
+            f"got {type(results).__name__}"
+        )
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise _problem(path, "detection", i, f"must be an object, got {json.dumps(r)[:60]}")
+        if not _is_int(r.get("image_id")):
+            raise _problem(path, "detection", i, f"needs an integer 'image_id', got {json.dumps(r.get('image_id'))}")
+        score = r.get("score")
+        if not _is_number(score):
+            raise _problem(path, "detection", i, f"needs a finite number 'score', got {json.dumps(score)}")
+        if "bbox" not in r and "segmentation" not in r:
+            raise _problem(path, "detection", i, "needs a 'bbox' or a 'segmentation'")
+        problem = _box_problem(r["bbox"]) if "bbox" in r else None
+        if problem is None and "segmentation" in r:
+            problem = _segmentation_problem(r["segmentation"])
+        if problem is not None:
+            raise _problem(path, "detection", i, problem)
+
+
 @dataclass
 class CocoImage:
+    """One image of a COCO-format folder: its id, file and size."""
+
     id: int
     path: Path
     width: int
@@ -125,6 +238,9 @@ def read_coco_folder(folder: str | Path, annotations: str | Path | None = None) 
         raise FileNotFoundError(f"no COCO annotation file at {ann_path}: pass --annotations FILE")
     gt = load_annotations(ann_path)
     base = folder / "images" if (folder / "images").is_dir() else folder
+    for i, im in enumerate(gt["images"]):
+        if not (isinstance(im.get("file_name"), str) and _is_int(im.get("width")) and _is_int(im.get("height"))):
+            raise _problem(ann_path, "image", i, "needs 'file_name' (text), 'width' and 'height' (integers)")
     images = [
         CocoImage(int(im["id"]), base / im["file_name"], int(im["width"]), int(im["height"])) for im in gt["images"]
     ]

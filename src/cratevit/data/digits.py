@@ -15,6 +15,7 @@ from ..errors import UserError
 __all__ = ["CLASSES", "DigitsDataset"]
 
 CLASSES = [str(i) for i in range(10)]
+"""The class names, ``"0"`` ... ``"9"``."""
 HELD_OUT = 0.2  # fraction kept for validation (stratified, always the same images)
 SPLIT_SEED = 0
 

@@ -23,8 +23,11 @@ from ..errors import UserError
 __all__ = ["CLASSES", "NUM_CLASSES", "SPLITS", "ShapesDataset", "render"]
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
+"""The shape classes, in label order."""
 NUM_CLASSES = len(CLASSES)
+"""The number of shape classes (6)."""
 SPLITS = ("train", "val", "test")  # disjoint random streams
+"""The splits, each a disjoint random stream of scenes."""
 
 
 def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

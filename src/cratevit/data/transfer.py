@@ -69,6 +69,7 @@ TRANSFER: dict[str, TransferSpec] = {
         "oxford-iiit-pet/ (images/*.jpg, annotations/trainval.txt, annotations/test.txt)",
     ),
 }
+"""The transfer data sets ``--data`` accepts (torchvision's), by name."""
 
 
 def make_transfer(

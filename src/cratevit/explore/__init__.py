@@ -19,6 +19,7 @@ SET_IMAGES = 96  # images of the built-in data indexed for the atoms view
 # CPU threads for the page's work (one image at a time, mostly small operations). Measured on 2 cores shared with
 # other jobs: a second thread made a crate_digits view ~5x and a crate_tiny (224 px) view ~30x slower.
 THREADS = 1
+"""CPU threads for the page's work (``--threads``); a second thread made views 5-30x slower on 2 busy cores."""
 
 
 def training_data(spec: str | Path) -> str | None:

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 FORMATS = ("safetensors", "onnx", "hf")
+"""The formats ``cratevit export`` writes (``--format``; by default the output name's suffix decides)."""
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PRETRAINED_FILES = ("config.json", "model.safetensors", "README.md")  # what save_pretrained writes

@@ -39,6 +39,7 @@ __all__ = [
 
 
 def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An int or a pair as ``(height, width)``; a one-line :class:`~cratevit.errors.UserError` for anything else."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise UserError(f"expected an int or a pair (height, width), got {x!r}")

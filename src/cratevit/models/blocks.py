@@ -308,12 +308,7 @@ class MHSA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv_heads(x)
-        p = self.attn_drop.p if self.training else 0.0
-        if use_fused_attention(q, self.attn_impl):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-        else:
-            attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-            out = F.dropout(attn, p=p, training=True) @ v if p > 0.0 else attn @ v
+        out = qkv_attention(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, self.attn_impl)
         return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
     def trace(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,6 +319,18 @@ class MHSA(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         out = (F.dropout(attn, p=p, training=True) if p > 0.0 else attn) @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2))), k, attn
+
+
+def qkv_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, impl: str) -> Tensor:
+    """``softmax(q k^T * scale) v`` per head, (b, h, n, d): the fused kernel or the explicit softmax
+    (:func:`use_fused_attention`); torch.fx records it as one call (it branches on the device and dtype)."""
+    if use_fused_attention(q, impl):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return (F.dropout(attn, p=dropout_p, training=True) if dropout_p > 0.0 else attn) @ v
+
+
+torch.fx.wrap("qkv_attention")
 
 
 class MLP(nn.Module):

@@ -20,7 +20,7 @@ The patch embedding is LayerNorm(patch) -> Linear -> LayerNorm, a learned class 
 embedding; the head is LayerNorm -> Linear on the class token (or the mean token).
 
 Ablations ("Emergence of Segmentation with Minimalistic White-Box Transformers", Yu et al. 2023, Table 2; and
-attention-only transformers): ``attention`` (``"mssa"`` | ``"mhsa"``) and ``feedforward`` (``"ista"`` | ``"mlp"``
+attention-only transformers): ``attn_kind`` (``"mssa"`` | ``"mhsa"``) and ``feedforward`` (``"ista"`` | ``"mlp"``
 | ``"none"``) choose the two halves of every layer (:class:`~.blocks.WhiteBoxBlock`), so CRATE (MSSA + ISTA),
 CRATE-MLP (MSSA + MLP), CRATE-MHSA (MHSA + ISTA), a ViT (MHSA + MLP) and attention-only stacks share this one
 configuration and one backbone.
@@ -98,7 +98,7 @@ class CRATEConfig(BackboneConfig):
     ista: float = 0.1  # ISTA step size eta
     lambd: float = 0.1  # sparsity penalty lambda
     patch_embed: Literal["linear", "conv"] = "linear"  # conv: a strided convolution, as CRATE-MAE's encoder
-    attention: Literal["mssa", "mhsa"] = "mssa"  # MSSA: CRATE's; MHSA: the ViT's q/k/v attention
+    attn_kind: Literal["mssa", "mhsa"] = "mssa"  # MSSA: CRATE's; MHSA: the ViT's q/k/v attention
     feedforward: Literal["ista", "mlp", "none"] = "ista"  # ISTA: CRATE's; MLP: the ViT's; none: attention only
     mlp_ratio: float = 4.0  # hidden width / dim of the MLP (feedforward="mlp" only)
 
@@ -106,8 +106,8 @@ class CRATEConfig(BackboneConfig):
         super().__post_init__()
         if self.patch_embed not in ("linear", "conv"):
             raise UserError(f"patch_embed must be 'linear' or 'conv', got {self.patch_embed!r}")
-        if self.attention not in ("mssa", "mhsa"):
-            raise UserError(f"attention must be 'mssa' or 'mhsa', got {self.attention!r}")
+        if self.attn_kind not in ("mssa", "mhsa"):
+            raise UserError(f"attn_kind must be 'mssa' or 'mhsa', got {self.attn_kind!r}")
         if self.feedforward not in ("ista", "mlp", "none"):
             raise UserError(f"feedforward must be 'ista', 'mlp' or 'none', got {self.feedforward!r}")
         if self.feedforward == "mlp" and not float(self.mlp_ratio) > 0:
@@ -124,13 +124,13 @@ class CRATEConfig(BackboneConfig):
     @property
     def variant(self) -> str:
         """The emergence paper's name of this composition (CRATE, CRATE-MLP, CRATE-MHSA, ViT, ...)."""
-        return VARIANTS[(self.attention, self.feedforward)]
+        return VARIANTS[(self.attn_kind, self.feedforward)]
 
     def make_block(self, drop_path: float) -> WhiteBoxBlock:
         return CRATEBlock(self, drop_path)
 
     def attention_flops(self, n: int) -> int:
-        if self.attention == "mhsa":  # W_qkv x, q k^T, attn v, output projection
+        if self.attn_kind == "mhsa":  # W_qkv x, q k^T, attn v, output projection
             return (
                 2 * n * self.dim * 3 * self.inner_dim
                 + 2 * 2 * self.heads * n * n * self.dim_head
@@ -168,7 +168,7 @@ class CRATEBlock(WhiteBoxBlock):
             cfg.dim,
             cfg.heads,
             cfg.dim_head,
-            cfg.attention,
+            cfg.attn_kind,
             cfg.feedforward,
             dropout=cfg.dropout,
             attn_impl=cfg.attn_impl,
@@ -241,7 +241,7 @@ def activation_bytes(cfg: Any, amp: str | None, checkpointing: bool = False) -> 
     plus one layer's activations recomputed at a time); calibrated on CRATE (MSSA + ISTA), None for the ablations.
     Per layer, with ``n`` tokens, width ``d``, ``h`` heads and inner width ``i``: float32 ``4 (6 n d + 3 n i)``,
     bf16/fp16 ``26 n d + 6 n i + 2 h n^2`` bytes."""
-    if getattr(cfg, "attention", "mssa") != "mssa" or getattr(cfg, "feedforward", "ista") != "ista":
+    if getattr(cfg, "attn_kind", "mssa") != "mssa" or getattr(cfg, "feedforward", "ista") != "ista":
         return None
     n = cfg.grid_size[0] * cfg.grid_size[1] + 1
     d, heads, inner = cfg.dim, cfg.heads, cfg.heads * cfg.dim_head

@@ -138,6 +138,7 @@ MAE_PRESETS: dict[str, CRATEMAEConfig] = {
     "mae_crate_base": _preset("mae_crate_base", 768, 12, 12),
     "mae_crate_large": _preset("mae_crate_large", 1024, 24, 16),
 }
+"""The CRATE-MAE configurations: the official sizes (tiny ... large) and the small digits and shapes models."""
 
 
 # ---------------------------------------------------------------------------------------------- pure functions

@@ -79,6 +79,9 @@ class Transformer(nn.Module):
 
 
 class ReferenceCRATE(nn.Module):
+    """CRATE exactly as the reference code writes it (three-matmul ISTA, explicit softmax attention): the oracle the
+    fast :class:`~cratevit.models.CRATE` is tested against, with the same parameter names and shapes."""
+
     def __init__(
         self,
         *,

@@ -72,6 +72,9 @@ class _Transformer(nn.Module):
 
 
 class ReferenceCRATEAlpha(nn.Module):
+    """CRATE-alpha exactly as the official code writes it (two literal ISTA steps and the decoder): the oracle the fast
+    :class:`~cratevit.models.CRATEAlpha` is tested against."""
+
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, dim_head=64, channels=3):
         super().__init__()
         grid = image_size // patch_size

@@ -905,6 +905,7 @@ TOST_PRESETS: dict[str, dict[str, Any]] = {
     "tost_shapes": {"image_size": 32, "patch_size": 4, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
     "tost_debug": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "heads": 2, "num_classes": 10},
 }
+"""The official ToST constructors by name (``tost_cab_{tiny,small}_{12,24}_p{16,8}``, ``tost_cab_{medium,large}_24_p{16,8}``) and the digits/shapes-scale configurations: :class:`ToSTConfig` fields."""
 
 
 def tost_preset(name: str, **changes: Any) -> ToSTConfig:

@@ -145,6 +145,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "transfer": {"arch": "crate_tiny", "epochs": 200, "batch_size": 256, "optimizer": "adamw", "lr": 5e-5,
                  "warmup_epochs": 5.0},
 }  # fmt: skip
+"""The training recipe of each kind of data (digits, shapes, folder, transfer, dummy); explicit options always win."""
 RECIPES["dummy"] = {**RECIPES["folder"], "warmup_epochs": 0.0}  # a loop benchmark: a few steps at full --lr
 
 # The MAE pre-training recipe (He et al. 2022, FAIR's main_pretrain.py and PRETRAIN.md; the CRATE-MAE README trains
@@ -246,9 +247,12 @@ COMMAND_BASES: dict[str, dict[str, Any]] = {
     "finetune": {"data": "cifar10"},
     "pretrain": {"objective": "mae", "clip_grad": None, "label_smoothing": 0.0},  # MAE clips no gradients
 }
+"""What each command (``train``, ``finetune``, ``pretrain``) starts from, before ``--config``/``--resume`` and the
+options."""
 
 
 def base_config(command: str) -> TrainConfig:
+    """The :class:`TrainConfig` a command starts from (:data:`COMMAND_BASES`)."""
     return TrainConfig(**COMMAND_BASES[command])
 
 
