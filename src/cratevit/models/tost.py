@@ -252,7 +252,15 @@ class _TSSAFunction(torch.autograd.Function):
 
 
 def tssa_output(w: Tensor, temperature: Tensor) -> Tensor:
-    """``-(Pi w) / (1 + s)`` for ``w`` (b, n, h, p), with the memory-lean backward of :class:`_TSSAFunction`."""
+    """``-(Pi w) / (1 + s)`` for ``w`` (b, n, h, p), with the memory-lean backward of :class:`_TSSAFunction`
+    (TorchScript, which has no custom autograd functions, compiles the plain formulation instead)."""
+    if torch.jit.is_scripting():
+        return token_statistics_attention(w, temperature)[0]
+    return _lean_tssa(w, temperature)
+
+
+@torch.jit.ignore
+def _lean_tssa(w: Tensor, temperature: Tensor) -> Tensor:
     return _TSSAFunction.apply(w, temperature)
 
 
@@ -970,6 +978,12 @@ def to_official_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
             off = re.sub(r"^class_blocks\.", "cls_attn_blocks.", off)
         out[off] = v
     return out
+
+
+# torch.fx writes a traced graph's signature from the annotations, which this file's ``from __future__ import
+# annotations`` leaves as strings ("Tensor") that TorchScript cannot resolve: give the traced entry points the types.
+for _method in (ToST.forward, ToST.forward_features):
+    _method.__annotations__ = {"x": Tensor, "return": Tensor}
 
 
 # ---------------------------------------------------------------------------------------------- the family record
