@@ -16,7 +16,12 @@ from cratevit.models.blocks import DropPath
 from cratevit.presets import PRESETS
 from cratevit.registry import families, family_for, objective
 
-SMALLEST = {"crate": "crate_debug", "crate_alpha": "crate_alpha_debug", "crate_mae": "mae_crate_digits"}
+SMALLEST = {
+    "crate": "crate_debug",
+    "crate_alpha": "crate_alpha_debug",
+    "crate_mae": "mae_crate_digits",
+    "tost": "tost_debug",
+}
 
 
 def test_every_family_has_a_small_preset_here():

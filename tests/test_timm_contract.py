@@ -14,6 +14,7 @@ FX + TorchScript. There each preset keeps its patch size, head count, pooling, c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,7 +26,7 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 
 import cratevit  # noqa: F401  (registers the presets with timm)
 from cratevit.presets import PRESET_INFO, PRESETS, classifier_presets, timm_name
-from cratevit.registry import get_family
+from cratevit.registry import get_family, layer_count
 
 BATCH = 2
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -47,7 +48,7 @@ def test_every_registered_preset_is_covered():
     autoencoders = {p for p, info in PRESET_INFO.items() if not get_family(info.family).classifier}
     assert set(PRESET_NAMES) == set(PRESET_INFO) - autoencoders and len(PRESET_NAMES) >= 16
     assert not {timm_name(p) for p in autoencoders} & set(timm.list_models("*"))  # not timm models
-    assert {timm_name(p) for p in PRESET_NAMES} <= set(timm.list_models("crate_*"))
+    assert {timm_name(p) for p in PRESET_NAMES} <= set(timm.list_models("crate_*")) | set(timm.list_models("tost_*"))
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -90,7 +91,8 @@ def test_features_head_intermediates_and_reset_classifier(preset):
         torch.testing.assert_close(final, features)
         assert len(inter) == model.config.depth
         assert inter[-1].shape == (BATCH, model.num_features, gh, gw)
-        torch.testing.assert_close(inter[-1].flatten(2).transpose(1, 2), features[:, 1:])
+        if layer_count(model) == len(model.blocks):  # ToST's class-attention blocks follow its last block (XCiT's)
+            torch.testing.assert_close(inter[-1].flatten(2).transpose(1, 2), features[:, 1:])
         model.reset_classifier(0)
         pooled = model(x)
     assert pooled.shape == (BATCH, model.head_hidden_size)
@@ -111,7 +113,9 @@ def small_kwargs(name: str) -> dict:
         "dim": cfg.heads * 8,
         "img_size": (cfg.patch_size[0] * 4, cfg.patch_size[1] * 4),
     }
-    if cfg.head_hidden_dim:  # crate_base_demo's two-stage head, hidden width = dim as in the preset
+    if "dim_head" not in {f.name for f in dataclasses.fields(cfg)}:  # ToST: the head width is dim / heads
+        del kwargs["dim_head"]
+    if getattr(cfg, "head_hidden_dim", None):  # crate_base_demo's two-stage head, hidden width = dim as in the preset
         kwargs["head_hidden_dim"] = kwargs["dim"] * cfg.head_hidden_dim // cfg.dim
     return kwargs
 
@@ -150,7 +154,8 @@ def create_fx_model(model: torch.nn.Module, train: bool = False) -> torch.nn.Mod
 
 
 def test_every_classifier_preset_is_in_the_contract():
-    assert len(NAMES) == len(PRESET_NAMES) and set(NAMES) <= set(timm.list_models("crate_*"))
+    assert len(NAMES) == len(PRESET_NAMES)
+    assert set(NAMES) <= set(timm.list_models("crate_*")) | set(timm.list_models("tost_*"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,6 @@
-"""Official ToST files (bare state_dicts and DeiT/XCiT training checkpoints) load strictly, weights_only, and the
-loaded model computes what the literal formulation computes with the same official-layout weights."""
+"""Official ToST files (bare state_dicts and DeiT/XCiT training checkpoints) load with ``load_checkpoint(path)`` and
+``load_model(path)`` and no other arguments, strictly, weights_only, and the loaded model computes what the literal
+formulation computes with the same official-layout weights."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import pytest
 import torch
 
-from cratevit.checkpoint.tost import load_official_tost, official_tost_config
+from cratevit.checkpoint import load_checkpoint, load_model, read_checkpoint
 from cratevit.errors import CheckpointError
 from cratevit.models.reference_tost import ReferenceToST
 
@@ -51,8 +52,11 @@ def test_training_checkpoint_loads_and_matches_the_literal_formulation(tmp_path,
     ref = official_model()
     path = tmp_path / "checkpoint.pth"
     torch.save(deit_file(ref, prefix), path)
-    model, meta = load_official_tost(path)
+    model = load_checkpoint(path)
+    _, _, meta = read_checkpoint(path)
+    assert meta["family"] == "tost-official" and meta["model_family"] == "tost"
     assert meta["epoch"] == 12 and meta["args"]["drop_path"] == 0.05 and "optimizer" in meta
+    assert meta["key_prefix"] == prefix
     cfg = model.config
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.num_classes, cfg.image_size) == (
         32, 2, 4, (8, 8), 10, (32, 32)
@@ -60,26 +64,32 @@ def test_training_checkpoint_loads_and_matches_the_literal_formulation(tmp_path,
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
-    ema, _ = load_official_tost(path, entry="model_ema")
-    assert not torch.equal(ema.cls_token, model.cls_token)
+    again = load_model(str(path))
+    torch.testing.assert_close(again(x), model(x))
 
 
 def test_bare_state_dict_of_an_official_preset_loads(tmp_path):
     ref = official_model(seed=1, patch_size=16, dim=64, depth=3, heads=2, num_classes=5, eta=1e-5)
     path = tmp_path / "weights.pth"
     torch.save(ref.state_dict(), path)
-    model, meta = load_official_tost(path)
-    assert meta == {}
+    model = load_checkpoint(path)
+    assert read_checkpoint(path)[2]["family"] == "tost-state-dict"
     assert (model.config.patch_size, model.config.depth, model.config.class_blocks) == ((16, 16), 3, 2)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_named_preset_is_checked_against_the_tensors():
-    state = official_model().state_dict()
-    with pytest.raises(CheckpointError, match="differ from that preset"):
-        official_tost_config(state, {"model": "tost_cab_tiny_12_p16"})
+def test_a_named_official_preset_is_built_and_checked_against_the_tensors(tmp_path):
+    ref = official_model()
+    args = argparse.Namespace(model="tost_debug", input_size=32)
+    named = tmp_path / "named.pth"
+    torch.save({"model": ref.state_dict(), "epoch": 1, "args": args}, named)
+    with pytest.raises(CheckpointError, match="does not fit") as err:  # tost_debug has 2 heads, the file 4
+        load_checkpoint(named)
+    assert "\n" not in str(err.value) and "arch='auto'" in str(err.value)
+    model = load_checkpoint(named, arch="auto")
+    assert model.config.heads == 4
 
 
 def test_files_of_other_families_and_broken_files_get_one_line(tmp_path):
@@ -87,8 +97,8 @@ def test_files_of_other_families_and_broken_files_get_one_line(tmp_path):
 
     crate = tmp_path / "crate.pth"
     torch.save({"model": CRATE(image_size=32, patch_size=8, dim=32, depth=1, heads=2, dim_head=16).state_dict()}, crate)
-    with pytest.raises(CheckpointError, match="is not an official ToST checkpoint") as err:
-        load_official_tost(crate)
+    with pytest.raises(CheckpointError, match="does not fit") as err:
+        load_checkpoint(crate, arch="tost_debug")
     assert "\n" not in str(err.value)
 
     state = official_model().state_dict()
@@ -96,13 +106,13 @@ def test_files_of_other_families_and_broken_files_get_one_line(tmp_path):
     partial = tmp_path / "partial.pth"
     torch.save(state, partial)
     with pytest.raises(CheckpointError, match=r"missing \['blocks.1.mlp.fc2.bias'\]"):
-        load_official_tost(partial)
+        load_checkpoint(partial)
 
     truncated = tmp_path / "truncated.pth"
     torch.save(official_model().state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        load_official_tost(truncated)
+        load_checkpoint(truncated)
 
     with pytest.raises(CheckpointError, match="not found"):
-        load_official_tost(tmp_path / "nothing.pth")
+        load_checkpoint(tmp_path / "nothing.pth")

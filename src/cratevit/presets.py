@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
-from .models import MAE_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig
+from .models import MAE_PRESETS, TOST_PRESETS, CRATEAlphaConfig, CRATEConfig, CRATEMAEConfig, ToSTConfig
 from .registry import family_for, get_family
 
 __all__ = [
@@ -256,6 +256,19 @@ register_preset(
     ),
     preprocessing=HALF,
 )
+
+
+# ToST (Wu et al., ICLR 2025; family tost): the official registered names and sizes (tost_vision/tost.py: 224 px,
+# 1000 classes), evaluated as the official datasets.py does (short side 256 bicubic, centre crop 224, ImageNet
+# mean/std); tost_digits / tost_shapes for the built-in data (crate_digits' and crate_nano's sizes: 16 and 64 tokens).
+TOST_BICUBIC = Preprocessing(interpolation="bicubic")
+for _name, _fields in TOST_PRESETS.items():
+    _small = _name in ("tost_digits", "tost_shapes")
+    register_preset(
+        _name,
+        ToSTConfig(**_fields),
+        preprocessing=HALF if _small else TOST_BICUBIC if _fields.get("image_size", 224) >= 128 else IMAGENET_NO_CROP,
+    )
 
 
 def resolve_name(name: str) -> str:

@@ -19,22 +19,27 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .models import crate, crate_alpha, crate_mae
+from .models import crate, crate_alpha, crate_mae, tost
 from .models.family import Card, Family
 
 __all__ = [
     "Card",
     "Family",
     "code_kind",
+    "ddp_prepare",
     "families",
     "family_for",
     "get_family",
     "is_autoencoder",
     "is_family_model",
+    "layer_count",
+    "layer_description",
+    "layer_label",
     "mask_sampler",
     "objective",
     "register_family",
     "to_classifier",
+    "trace_blocks",
     "trace_method",
 ]
 
@@ -116,11 +121,44 @@ def mask_sampler(model: nn.Module) -> Any:
     return family.mask_sampler
 
 
+def ddp_prepare(model: nn.Module, device_type: str) -> nn.Module:
+    """The model made ready for DistributedDataParallel on ``device_type`` ("cuda", "cpu" ...) by its family (ToST:
+    its BatchNorm becomes SyncBatchNorm on accelerators); other models unchanged."""
+    return family_for(model).ddp_prepare(model, device_type) if is_family_model(model) else model
+
+
+def trace_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks whose layers the model's trace records, in order: ``trace.layers[i]`` is block ``i``'s (CRATE:
+    ``model.blocks``; ToST: its TSSA blocks, then its class-attention blocks)."""
+    return list(family_for(model).trace_blocks(model))
+
+
+def layer_count(model: nn.Module) -> int:
+    """How many layers the analysis can read (``--layer`` ranges over them): the trace's blocks for a family model
+    (ToST: its TSSA blocks and its class-attention blocks), ``len(model.blocks)`` for a timm ViT."""
+    return len(trace_blocks(model)) if is_family_model(model) else len(model.blocks)
+
+
+def layer_description(model: nn.Module, layer: int) -> str:
+    """The family's words for layer ``layer`` (0-based, negative from the end), as ``"; blocks.3, TSSA: ..."`` to
+    append after a layer number, or ``""`` where the family has none (every layer is a block ``blocks.i``)."""
+    describe = family_for(model).layer_label if is_family_model(model) else None
+    return f"; {describe(model, layer % layer_count(model))}" if describe else ""
+
+
+def layer_label(model: nn.Module, layer: int) -> str:
+    """What layer ``layer`` is and what its attention map shows, for titles: ``"layer 3 (0-based)"``, or with the
+    family's own words (ToST: ``"layer 3 (0-based; blocks.3, TSSA: head membership Pi)"``)."""
+    index = layer % layer_count(model)
+    describe = family_for(model).layer_label if is_family_model(model) else None
+    return f"layer {index} (0-based{'; ' + describe(model, index) if describe else ''})"
+
+
 def code_kind(model: nn.Module) -> str | None:
     """Where the model's sparse code is: ``"output"`` (the layer's output, CRATE's ISTA), ``"trace"``
     (``LayerTrace.code``, CRATE-alpha's ``A_2``) or None (no ISTA step: MLP or attention-only ablations)."""
     return family_for(model).code_kind(model.config)
 
 
-for _record in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY):
+for _record in (crate.FAMILY, crate_alpha.FAMILY, crate_mae.FAMILY, tost.FAMILY):
     register_family(_record)

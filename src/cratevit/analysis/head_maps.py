@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
+from ..registry import layer_description
 from .images import ResizeMode, prepare
 from .segmentation import attention_maps, model_geometry
 from .visualize import head_grid_figure, mass_mask, overlay, save_figure, to_uint8, upsample
@@ -68,7 +69,8 @@ def write_head_maps(
             Image.fromarray((mask_up[k] * 255).astype(np.uint8), mode="L").save(folder / f"mask-head{k}.png")
             overlay(image, heat[k]).save(folder / f"overlay-head{k}.png")
         part = "decoder layer" if decoder else "layer"
-        title = f"{path.name}: {part} {layer} (0-based), top {threshold:.0%} of attention mass"
+        note = "" if decoder else layer_description(model, layer)  # ToST: a TSSA membership or class attention
+        title = f"{path.name}: {part} {layer} (0-based{note}), top {threshold:.0%} of attention mass"
         save_figure(head_grid_figure(image, heat, mask_up, title, random_weights, threshold), folder / "heads")
         records.append(
             {

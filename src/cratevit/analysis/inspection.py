@@ -40,7 +40,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..registry import code_kind, family_for, is_autoencoder, is_family_model
+from ..registry import (
+    code_kind,
+    family_for,
+    is_autoencoder,
+    is_family_model,
+    layer_count,
+    trace_blocks,
+)
 from .facets import paper_pca
 from .layers import LayerRecord, is_timm_vit, layer_record, read_layers
 from .layerwise import compression, sparsity
@@ -144,12 +151,15 @@ class WhiteBoxFamily:
         return int(model.config.heads)
 
     def resizable(self, model: nn.Module) -> bool:
-        # the backbone's learned positions (every classifier family); an autoencoder's sine-cosine table and masks
-        # are fixed to its image size
-        return hasattr(model, "interpolate_pos_embed") and not is_autoencoder(model)
+        # learned positions interpolate (every classifier of the backbone), ToST's Fourier encoding fits any grid;
+        # an autoencoder's sine-cosine table and masks are fixed to its image size
+        fits_any = hasattr(model, "interpolate_pos_embed") or not family_for(model).pretrained_cfg(model.config).get(
+            "fixed_input_size", True
+        )
+        return fits_any and not is_autoencoder(model)
 
     def depth(self, model: nn.Module) -> int:
-        return len(model.blocks)
+        return layer_count(model)  # the trace's blocks (ToST: its TSSA blocks, then its class-attention blocks)
 
     @staticmethod
     def _logits(model: nn.Module, z: Tensor) -> Tensor | None:
@@ -165,7 +175,7 @@ class WhiteBoxFamily:
     def intervene(
         self, model: nn.Module, before: Inspection, layer: int, edit: Callable[[Tensor], Tensor]
     ) -> tuple[list[LayerRecord], Tensor | None]:
-        blocks = model.blocks
+        blocks = trace_blocks(model)
         record = before.layer(layer)
         block = blocks[layer]
         if "code" not in record.facets:

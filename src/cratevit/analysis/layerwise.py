@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..checkpoint import load_model as _load_model
 from ..checkpoint import stored_preprocessing
 from ..errors import UserError
 from ..presets import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, data_preprocessing, get_config, preprocessing_for
-from ..registry import is_autoencoder, trace_method
+from ..registry import is_autoencoder, trace_blocks, trace_method
 
 __all__ = [
     "MAE_DECODER_DEFINITIONS",
@@ -107,6 +108,8 @@ class LayerwiseStats:
     sparsity: Tensor  # fraction of non-zeros of Z^{l+1} (the ISTA output)
     eps: float = EPS
     code_sparsity: Tensor | None = None  # CRATE-alpha: fraction of non-zeros of the sparse code A_2
+    pi_entropy: Tensor | None = None  # ToST: entropy of each token's head membership Pi (NaN: class blocks)
+    second_moment: Tensor | None = None  # ToST: mean Pi-weighted second moment s_k (NaN: class blocks)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,10 +126,12 @@ class LayerwiseStats:
         rows = []
         for i in range(self.depth):
             row: dict[str, float] = {"layer": i}
-            for name in ("rc_in", "rc_half", "sparsity", "code_sparsity"):
+            for name in ("rc_in", "rc_half", "sparsity", "code_sparsity", "pi_entropy", "second_moment"):
                 if getattr(self, name) is None:
                     continue
                 col = getattr(self, name)[:, i]
+                if name in ("pi_entropy", "second_moment") and bool(col.isnan().all()):
+                    continue  # a ToST class-attention block: no TSSA statistics
                 row[f"{name}_mean"] = float(col.mean())
                 row[f"{name}_std"] = float(col.std(correction=STD_CORRECTION[name]) if len(col) > 1 else 0.0)
             rows.append(row)
@@ -163,6 +168,10 @@ DEFINITIONS = MappingProxyType(
         "sparsity": "fraction of non-zero entries of Z^{l+1} = ISTA(LN2(Z^{l+1/2})), the output of layer l",
         "code_sparsity": "CRATE-alpha only: fraction of non-zero entries of the sparse code A_2 (b, n, 4 dim) of the "
         "two ISTA steps on LN2(Z^{l+1/2}); its layer output Z^{l+1} = Z^{l+1/2} + A_2 D_hat^T is a residual sum",
+        "pi_entropy": "ToST only: entropy of each token's head membership Pi[:, i] (a softmax over the heads), divided "
+        "by log(heads) and averaged over the patch tokens: 0 = every token in one head, 1 = spread evenly",
+        "second_moment": "ToST only: the TSSA statistics s_k[j] = sum_i Pi[k, i] w[i, j]^2 / sum_i Pi[k, i], "
+        "averaged over heads k and coordinates j; TSSA scales head k's coordinate j by 1 / (1 + s_k[j])",
         "std": "standard deviation over images, in the reference code's convention for each measure: rc_in and "
         "rc_half unbiased (divide by N - 1: torch.std, as the official CodingRate), sparsity population (divide by "
         "N, as the official sparsity plot; code_sparsity likewise); 0 for one image",
@@ -170,7 +179,9 @@ DEFINITIONS = MappingProxyType(
 )
 """Measure name -> its definition, as written into ``layerwise.json``."""
 # Degrees-of-freedom correction of each measure's standard deviation (see DEFINITIONS["std"]).
-STD_CORRECTION = MappingProxyType({"rc_in": 1, "rc_half": 1, "sparsity": 0, "code_sparsity": 0})
+STD_CORRECTION = MappingProxyType(
+    {"rc_in": 1, "rc_half": 1, "sparsity": 0, "code_sparsity": 0, "pi_entropy": 0, "second_moment": 0}
+)
 
 
 MAE_DECODER_DEFINITIONS = MappingProxyType(
@@ -198,7 +209,7 @@ def layerwise_stats(
     was_training = model.training
     model.eval()
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
-    rc_in, rc_half, sparse, code = [], [], [], []
+    rc_in, rc_half, sparse, code, entropy, moment = [], [], [], [], [], []
     try:
         for batch in batches:
             if is_autoencoder(model):
@@ -207,7 +218,7 @@ def layerwise_stats(
                     (trace.encoder, model.blocks) if part == "encoder" else (trace.decoder, model.decoder_blocks)
                 )
             else:
-                layers, blocks = trace_method(model)(batch).layers, model.blocks
+                layers, blocks = trace_method(model)(batch).layers, trace_blocks(model)
             rc_in.append(torch.stack([compression(t.proj, eps) for t in layers], dim=1))
             after = [t.z_half if part == "encoder" else t.z_out for t in layers]
             project = _project if part == "encoder" else _project_decoder
@@ -219,6 +230,9 @@ def layerwise_stats(
             sparse.append(torch.stack([sparsity(t.z_out) for t in layers], dim=1))
             if all(getattr(t, "code", None) is not None for t in layers):
                 code.append(torch.stack([sparsity(t.code) for t in layers], dim=1))
+            if any(getattr(t, "membership", None) is not None for t in layers):  # ToST's TSSA statistics
+                entropy.append(torch.stack([_membership_entropy(t, len(batch)) for t in layers], dim=1))
+                moment.append(torch.stack([_mean_second_moment(t, len(batch)) for t in layers], dim=1))
     finally:
         model.train(was_training)
     if not rc_in:
@@ -229,7 +243,24 @@ def layerwise_stats(
         torch.cat(sparse),
         eps=eps,
         code_sparsity=torch.cat(code) if code else None,
+        pi_entropy=torch.cat(entropy) if entropy else None,
+        second_moment=torch.cat(moment) if moment else None,
     )
+
+
+def _membership_entropy(t: Any, b: int) -> Tensor:
+    """Per image: the mean over tokens of the entropy of Pi[:, i] over the heads, / log(heads); NaN without Pi."""
+    pi = getattr(t, "membership", None)  # (b, heads, n), softmax over the heads
+    if pi is None:
+        return torch.full((b,), float("nan"))
+    h = -(pi.double() * pi.double().clamp_min(1e-30).log()).sum(dim=1)  # b n
+    return (h / math.log(pi.shape[1]) if pi.shape[1] > 1 else h).mean(dim=1).float()
+
+
+def _mean_second_moment(t: Any, b: int) -> Tensor:
+    """Per image: the mean of the TSSA statistics s_k[j] over heads and coordinates; NaN without them."""
+    s = getattr(t, "second_moment", None)  # (b, heads, p)
+    return torch.full((b,), float("nan")) if s is None else s.float().mean(dim=(1, 2))
 
 
 def _project_decoder(block: torch.nn.Module, z: Tensor) -> Tensor:

@@ -53,6 +53,21 @@ def write_layerwise_report(results: dict[str, LayerwiseStats], out: Path, plot_r
             "fraction of non-zeros of A_2",
             "sparsity of the sparse code (lower: sparser)",
         )
+    tssa = {label: [r for r in rows if "pi_entropy_mean" in r] for label, rows in series.items()}
+    tssa = {label: rows for label, rows in tssa.items() if rows}
+    if tssa:  # ToST: the TSSA statistics of its TSSA blocks (its class-attention blocks have none)
+        figures["pi_entropy"] = (
+            tssa,
+            "pi_entropy",
+            "entropy of the head membership Pi / log(heads)",
+            "TSSA membership (0: each token in one head)",
+        )
+        figures["second_moment"] = (
+            tssa,
+            "second_moment",
+            "mean TSSA statistic s_k",
+            "second moments (1 / (1 + s_k) scales head k)",
+        )
     for name, (data, key, ylabel, title) in figures.items():
         save_figure(layerwise_figure(data, key, ylabel, title), out / name)
     return ["layerwise.csv", "layerwise.json", *(f"{name}.png/pdf" for name in figures)]

@@ -265,6 +265,16 @@ def _mae_args(cfg: Any, meta: Mapping[str, Any]) -> Any:
     return cfg.replace(**changes) if changes else cfg
 
 
+def _input_size(cfg: Any, meta: Mapping[str, Any]) -> Any:
+    """The image size a DeiT/XCiT-style file's ``args`` record (``input_size``, official ToST's main.py), for a
+    family that takes any size (ToST: any multiple of its patch)."""
+    args = meta.get("args")
+    size = args.get("input_size") if isinstance(args, Mapping) else None
+    if get_family(meta.get("model_family", "crate")).shape_reader is None or not isinstance(size, int):
+        return cfg
+    return cfg.replace(image_size=size)
+
+
 def _with_heads(cfg: CRATEConfig, heads: int, where: str) -> CRATEConfig:
     if heads <= 0 or cfg.inner_dim % heads:
         raise CheckpointError(f"{where}heads={heads} does not divide the {cfg.inner_dim}-wide subspace projection")
@@ -297,7 +307,7 @@ def resolve_config(
     if arch == "auto" or (arch is None and stored is None and recorded_preset(meta) is None):
         reader = get_family(family).shape_reader
         if reader is not None:  # the family's own reader (its record)
-            return reader(state, heads)
+            return _input_size(reader(state, heads), meta)
         if family == "crate_mae":
             return _mae_args(infer_mae_config(state, heads=heads, source=str(path), name_in_file=namer), meta)
         infer = infer_alpha_config if family == "crate_alpha" else infer_config
@@ -312,9 +322,9 @@ def resolve_config(
         cfg = cfg.replace(
             heads=heads, dim_head=cfg.dim // heads, decoder_heads=heads, decoder_dim_head=cfg.dim // heads
         )
-    elif heads is not None:
+    elif heads is not None and get_family(family).shape_reader is None:  # (ToST's heads are in its shapes)
         cfg = _with_heads(cfg, heads, where)
-    cfg = _mae_args(cfg, meta)
+    cfg = _input_size(_mae_args(cfg, meta), meta)
     if "head.weight" in state and cfg.num_classes != state["head.weight"].shape[0]:
         cfg = cfg.replace(num_classes=state["head.weight"].shape[0])
     return cfg

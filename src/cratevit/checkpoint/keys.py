@@ -31,7 +31,11 @@ __all__ = [
 KeyNamer = Callable[[str], str]
 Rule = tuple[str, str]  # (pattern, template) for re.fullmatch / re.sub
 
-_PLACEHOLDERS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)"}
+_PLACEHOLDERS = {
+    "i": r"(?P<i>\d+)",
+    "p": r"(?P<p>weight|bias)",
+    "b": r"(?P<b>weight|bias|running_mean|running_var|num_batches_tracked)",  # a BatchNorm's tensors
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class KeyTable:
 
 def _rule(source: str, target: str) -> Rule:
     pattern = re.escape(source).replace(r"\{", "{").replace(r"\}", "}").format(**_PLACEHOLDERS)
-    template = target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")
+    template = target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>").replace("{b}", r"\g<b>")
     return pattern, template
 
 
@@ -128,7 +132,51 @@ CRATE_MAE_KEYS = KeyTable(
     reference_unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
 )
 
-KEY_TABLES: dict[str, KeyTable] = {"crate": CRATE_KEYS, "crate_alpha": CRATE_ALPHA_KEYS, "crate_mae": CRATE_MAE_KEYS}
+# ToST as its official code names it (tost_vision/tost.py; DeiT/XCiT-style main.py saves ``model``): the stem is a
+# Sequential of (conv, BatchNorm) pairs with GELUs between, so stage s is ``proj.{2s}`` (up to patch 64 here); the
+# TSSA layer is ``attn`` (``qkv`` = U, ``temp`` = tau, ``to_out.0``), LayerScale ``gamma1``/``gamma2``; the
+# class-attention blocks are ``cls_attn_blocks`` with ``attn.proj`` as their output projection.
+TOST_KEYS = KeyTable(
+    body=(
+        ("cls_token", "cls_token"),
+        *(
+            pair
+            for s in range(6)
+            for pair in (
+                (f"patch_embed.proj.{2 * s}.0.weight", f"patch_embed.stages.{s}.conv.weight"),
+                (f"patch_embed.proj.{2 * s}.1.{{b}}", f"patch_embed.stages.{s}.norm.{{b}}"),
+            )
+        ),
+        ("pos_embeder.token_projection.{p}", "pos_embed.proj.{p}"),
+        ("blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+        ("blocks.{i}.attn.qkv.{p}", "blocks.{i}.tssa.subspace_proj.{p}"),
+        ("blocks.{i}.attn.temp", "blocks.{i}.tssa.temperature"),
+        ("blocks.{i}.attn.to_out.0.{p}", "blocks.{i}.tssa.out_proj.{p}"),
+        ("blocks.{i}.gamma1", "blocks.{i}.gamma_attn"),
+        ("blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+        ("blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+        ("blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+        ("blocks.{i}.gamma2", "blocks.{i}.gamma_mlp"),
+        ("cls_attn_blocks.{i}.norm1.{p}", "class_blocks.{i}.norm1.{p}"),
+        ("cls_attn_blocks.{i}.attn.qkv.{p}", "class_blocks.{i}.attn.qkv.{p}"),
+        ("cls_attn_blocks.{i}.attn.proj.{p}", "class_blocks.{i}.attn.out_proj.{p}"),
+        ("cls_attn_blocks.{i}.gamma1", "class_blocks.{i}.gamma_attn"),
+        ("cls_attn_blocks.{i}.norm2.{p}", "class_blocks.{i}.norm2.{p}"),
+        ("cls_attn_blocks.{i}.mlp.fc1.{p}", "class_blocks.{i}.mlp.fc1.{p}"),
+        ("cls_attn_blocks.{i}.mlp.fc2.{p}", "class_blocks.{i}.mlp.fc2.{p}"),
+        ("cls_attn_blocks.{i}.gamma2", "class_blocks.{i}.gamma_mlp"),
+        ("norm.{p}", "norm.{p}"),
+        ("head.{p}", "head.{p}"),
+    ),
+    reference_markers=("cls_attn_blocks.", "pos_embeder."),
+)
+
+KEY_TABLES: dict[str, KeyTable] = {
+    "crate": CRATE_KEYS,
+    "crate_alpha": CRATE_ALPHA_KEYS,
+    "crate_mae": CRATE_MAE_KEYS,
+    "tost": TOST_KEYS,
+}
 """Family name -> its :class:`KeyTable` of (reference name, cratevit name) pairs."""
 
 

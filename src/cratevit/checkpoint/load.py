@@ -33,7 +33,7 @@ from ..presets import (
     pretrained_cfg_for,
     resolve_name,
 )
-from ..registry import get_family
+from ..registry import family_for, get_family
 from .hubfile import hub_file, is_hub_file
 from .infer import recorded_preset, resolve_config
 from .keys import KeyNamer, key_namer
@@ -184,8 +184,13 @@ def load_checkpoint(path: str | Path, arch: Any = None, heads: int | None = None
         cfg = cfg.replace(**overrides)
     family = meta.get("model_family", "crate")
     with torch.device("meta"):  # the file provides every tensor: skip the random initialisation
-        model = _build(cfg, family)
+        model = family_for(cfg).build(cfg)  # the configuration's family (arch= may name another than the file's)
     hint = _misfit_hint(arch, stored, meta)
+    if family != family_for(cfg).name:
+        hint = (
+            f"the file holds a {family} model, not a {family_for(cfg).name} one; load it without arch= (the file "
+            "says what it is)"
+        )
     namer = key_namer(meta, state, family)
     load_state_dict_strict(model, state, source=str(path), name_in_file=namer, hint=hint, assign=True)
     warn_non_finite(state, path)

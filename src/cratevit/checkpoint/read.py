@@ -77,6 +77,8 @@ FILE_KINDS: dict[str, str] = {
     "mae-pretrain": "FAIR MAE main_pretrain.py (the released CRATE-MAE-B): model, optimizer, epoch, scaler, args",
     "mae-state-dict": "bare state_dict in the official CRATE-MAE key layout",
     "reference-state-dict": "bare state_dict in the reference key layout (also CRATE-alpha's released .pth files)",
+    "tost-official": "official ToST main.py (DeiT/XCiT style): model, optimizer, lr_scheduler, epoch, args",
+    "tost-state-dict": "bare state_dict in the official ToST key layout (tost_vision/tost.py)",
 }
 """The kinds of checkpoint file :func:`load_checkpoint` recognises: kind -> what such a file holds."""
 # The older name of the file kinds, kept for callers written before "family" came to mean the architecture only.
@@ -222,6 +224,8 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
         weights = _tensors(obj["model"], path, "model")
         if state_family(weights) == ("crate_mae", "reference"):
             return "mae-pretrain", "model", weights
+        if state_family(weights) == ("tost", "reference"):
+            return "tost-official", "model", weights
         if not _is_reference(weights):
             return "cratevit-state-dict", "model", weights
         prefixed = _layout(weights)["key_prefix"] == "module."
@@ -229,6 +233,7 @@ def _weights_entry(obj: Mapping[str, Any], path: Path) -> tuple[str, str, Mappin
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         family = "reference-state-dict" if _is_reference(obj) else "cratevit-state-dict"
         family = "mae-state-dict" if state_family(obj) == ("crate_mae", "reference") else family
+        family = "tost-state-dict" if state_family(obj) == ("tost", "reference") else family
         return family, "", obj
     raise CheckpointError(
         f"{path} is not a CRATE checkpoint: expected a cratevit checkpoint, a reference checkpoint with "

@@ -72,7 +72,7 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path], int
     CRATE-MAE (a fixed sine-cosine table) get their training size (``--resize model``)."""
     from ..analysis.segmentation import load_vision_model
     from ..errors import UserError
-    from ..registry import is_family_model
+    from ..registry import is_family_model, layer_count, layer_description
 
     spec, files = split_inputs(args)
     model = load_vision_model(spec, arch=args.arch, heads=args.heads).eval()
@@ -89,10 +89,11 @@ def load_for_images(args: argparse.Namespace) -> tuple[Any, str, list[Path], int
     elif args.resize != "model":
         print(f"{spec}: a timm model; images are resized to its training size (--resize model)")
         args.resize = "model"
-    depth = len(model.decoder_blocks if args.decoder else model.blocks)
+    depth = len(model.decoder_blocks) if args.decoder else layer_count(model)  # ToST: + its class-attention blocks
     layer = check_layer(args.layer, depth)
     part = "decoder layer" if args.decoder else "layer"
-    print(f"{spec}: {part} {layer} (block index, 0-based, of {depth})", flush=True)
+    note = "" if args.decoder else layer_description(model, layer)
+    print(f"{spec}: {part} {layer} (block index, 0-based, of {depth}){note}", flush=True)
     return model, spec, files, layer
 
 

@@ -164,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
             code = (
                 f", non-zeros of the code A_2 {last['code_sparsity_mean']:.3f}" if "code_sparsity_mean" in last else ""
             )
+            tssa = [r for r in stats.rows() if "pi_entropy_mean" in r]
+            if tssa:  # ToST: the last TSSA block's statistics
+                code += (
+                    f"; TSSA layer {tssa[-1]['layer']} (0-based): membership entropy "
+                    f"{tssa[-1]['pi_entropy_mean']:.3f}, mean s_k {tssa[-1]['second_moment_mean']:.3g}"
+                )
             print(
                 f"{name}: {what}; last layer R^c {last['rc_in_mean']:.2f} +- {last['rc_in_std']:.2f}, "
                 f"non-zeros {last['sparsity_mean']:.3f}{code}"

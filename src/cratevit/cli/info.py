@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import create_model, load_checkpoint
     from ..models import forward_flops
+    from ..registry import family_for
 
     if Path(args.preset).is_file():
         model = load_checkpoint(args.preset, arch=args.arch, heads=args.heads)
@@ -32,13 +33,22 @@ def run(args: argparse.Namespace) -> int:
             args.preset, num_classes=args.num_classes, image_size=args.image_size, patch_size=args.patch_size
         )
     cfg = model.config
+    family_flops = family_for(cfg).forward_flops  # a family's own count (ToST); None: the white-box backbone's
+    flops = (
+        {"gflops_per_image": family_flops(cfg) / 1e9}
+        if family_flops is not None
+        else {
+            "gflops_per_image": forward_flops(cfg) / 1e9,
+            "gflops_per_image_reference": forward_flops(cfg, ista_matmuls=3) / 1e9,
+        }
+    )
     info = {
         "name": cfg.name or args.preset,
+        "family": family_for(cfg).name,
         **cfg.to_dict(),
         "num_patches": cfg.num_patches,
         "params": model.num_params(),
-        "gflops_per_image": forward_flops(cfg) / 1e9,
-        "gflops_per_image_reference": forward_flops(cfg, ista_matmuls=3) / 1e9,
+        **flops,
     }
     if args.json:
         print(json.dumps(info, indent=2))

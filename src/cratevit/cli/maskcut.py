@@ -129,6 +129,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, str]:
     """The model (``--random-init``: its architecture re-initialised), its name; checks --layer and --size."""
     from ..analysis.segmentation import load_vision_model, random_copy
     from ..errors import UserError
+    from ..registry import layer_count
 
     if not args.inputs:
         raise UserError("give a checkpoint (or preset): cratevit maskcut CKPT IMAGE... or CKPT --data DIR")
@@ -141,7 +142,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, str]:
         print(f"{spec}: its architecture with random weights seeded with {args.seed} (--random-init)", flush=True)
     else:
         say_random_weights(spec)
-    layer = check_layer(args.layer, len(model.blocks))
+    layer = check_layer(args.layer, layer_count(model))
     print(f"{spec}: {args.facet} features of layer {layer} (block index, 0-based)", flush=True)
     patch = model.config.patch_size if hasattr(model, "config") else tuple(model.patch_embed.patch_size)
     if args.size % patch[0] or args.size % patch[1]:

@@ -159,10 +159,10 @@ def _evaluation_geometry(model: Any, args: argparse.Namespace) -> tuple[tuple[in
     the multi-shapes scenes at their own 48 px; checks ``--layer``."""
     from ..analysis.segmentation import model_geometry
     from ..errors import UserError
-    from ..registry import is_family_model
+    from ..registry import is_family_model, layer_count
 
     size, patch = model_geometry(model)
-    layer = check_layer(args.layer, len(model.blocks))
+    layer = check_layer(args.layer, layer_count(model))
     if args.image_size is not None and args.data not in ("shapes", "multishapes"):
         if not is_family_model(model):
             raise UserError("--image-size works for CRATE models only (timm ViTs are evaluated at their size)")

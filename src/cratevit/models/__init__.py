@@ -10,6 +10,8 @@ no timm).
 * :mod:`.crate_alpha`: CRATE-alpha (Yang et al., 2024): overcomplete two-step ISTA, decoupled decoder, residual;
 * :mod:`.crate_mae`: CRATE-MAE (Pai et al., ICLR 2024), the white-box masked autoencoder;
 * :mod:`.reference_alpha`: the literal formulation of CRATE-alpha, in the official release's module names;
+* :mod:`.tost`: ToST (Wu et al., ICLR 2025): Token Statistics Self-Attention, linear in the tokens, with
+  class-attention blocks; :mod:`.reference_tost` its literal formulation in the official module names;
 * :mod:`.family`: the record each model file ends with (``FAMILY``), registered by :mod:`cratevit.registry`.
 
 Hub methods (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) are attached to every family's class by
@@ -37,6 +39,7 @@ from .crate_alpha import AlphaLayerTrace, CRATEAlpha, CRATEAlphaConfig, alpha_fo
 from .crate_mae import CRATEMAE, MAE_PRESETS, CRATEMAEConfig, CRATEMAETrace
 from .reference import ReferenceCRATE
 from .reference_alpha import ReferenceCRATEAlpha
+from .tost import TOST_PRESETS, ToST, ToSTConfig
 
 __all__ = [
     "CRATE",
@@ -46,6 +49,7 @@ __all__ = [
     "MHSA",
     "MLP",
     "MSSA",
+    "TOST_PRESETS",
     "AlphaLayerTrace",
     "BackboneConfig",
     "CRATEAlpha",
@@ -60,6 +64,8 @@ __all__ = [
     "PatchEmbed",
     "ReferenceCRATE",
     "ReferenceCRATEAlpha",
+    "ToST",
+    "ToSTConfig",
     "WhiteBoxBackbone",
     "WhiteBoxBlock",
     "WhiteBoxTrace",

@@ -19,6 +19,10 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
 * ``mask_sampler(batch, num_patches, mask_ratio, generator)``: an autoencoder's random patch mask (b, n) of
   booleans, True where a patch is masked (the training objective draws its seeded masks with it).
+* ``ddp_prepare(model, device_type)``: the model made ready for DistributedDataParallel (ToST: SyncBatchNorm);
+* ``forward_flops(cfg)``: analytic forward FLOPs per image (None: CRATE's, :func:`cratevit.models.forward_flops`);
+* ``layer_label(model, index)``: what a traced layer is and what its attention map shows (None: the default);
+* ``trace_blocks(model)``: the modules whose layers the trace records, in order (the analysis' layer indices).
 """
 
 from __future__ import annotations
@@ -99,6 +103,15 @@ class Family:
     to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
     # An autoencoder's random mask: (batch, num_patches, mask_ratio, generator=...) -> (b, n) bool; None elsewhere.
     mask_sampler: Callable[..., Any] | None = None
+    # Before DistributedDataParallel wraps the model (the engine's multi-process runs): (model, device type such
+    # as "cuda" or "cpu") -> the model to wrap.
+    ddp_prepare: Callable[[nn.Module, str], nn.Module] = lambda model, device_type: model
+    # Analytic forward FLOPs per image of a configuration; None: the white-box backbone's (models.forward_flops).
+    forward_flops: Callable[[Any], int] | None = None
+    # The blocks the trace's layers come from, in order (``trace.layers[i]`` is ``trace_blocks(model)[i]``'s).
+    trace_blocks: Callable[[nn.Module], Any] = lambda model: model.blocks
+    # For titles: (model, 0-based layer index) -> "blocks.3, TSSA: head membership Pi"; None: nothing to add.
+    layer_label: Callable[[nn.Module, int], str] | None = None
 
     def build(self, config: Any) -> nn.Module:
         return self.model_cls(config=config)

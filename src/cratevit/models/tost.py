@@ -50,9 +50,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
+from .family import Card, Family
 
 __all__ = [
+    "FAMILY",
     "TOST_PRESETS",
     "TSSA",
     "CausalTSSA",
@@ -65,6 +67,8 @@ __all__ = [
     "ToSTConfig",
     "ToSTLayerTrace",
     "ToSTTrace",
+    "TracedLayer",
+    "TracedLayers",
     "causal_token_statistics_attention",
     "fourier_features",
     "from_official_keys",
@@ -248,7 +252,15 @@ class _TSSAFunction(torch.autograd.Function):
 
 
 def tssa_output(w: Tensor, temperature: Tensor) -> Tensor:
-    """``-(Pi w) / (1 + s)`` for ``w`` (b, n, h, p), with the memory-lean backward of :class:`_TSSAFunction`."""
+    """``-(Pi w) / (1 + s)`` for ``w`` (b, n, h, p), with the memory-lean backward of :class:`_TSSAFunction`
+    (TorchScript, which has no custom autograd functions, compiles the plain formulation instead)."""
+    if torch.jit.is_scripting():
+        return token_statistics_attention(w, temperature)[0]
+    return _lean_tssa(w, temperature)
+
+
+@torch.jit.ignore
+def _lean_tssa(w: Tensor, temperature: Tensor) -> Tensor:
     return _TSSAFunction.apply(w, temperature)
 
 
@@ -443,6 +455,10 @@ class ToSTBlock(nn.Module):
         z = z + self.drop_path(self.gamma_attn * self.tssa(self.norm1(z)))
         return z + self.drop_path(self.gamma_mlp * self.mlp(self.norm2(z)))
 
+    def project(self, z: Tensor) -> Tensor:
+        """``U_k^T LN1(z)``: (b, n, dim) -> (b, heads, n, p) (the analysis' subspace coordinates)."""
+        return self.tssa.project(self.norm1(z)).transpose(1, 2)
+
     def trace(self, z: Tensor) -> tuple[Tensor, ToSTLayerTrace]:
         out, w, pi, s = self.tssa.trace(self.norm1(z))
         z_half = z + self.drop_path(self.gamma_attn * out)
@@ -503,19 +519,39 @@ class ClassAttentionBlock(nn.Module):
         self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dropout)
         self.gamma_mlp = nn.Parameter(torch.full((cfg.dim,), float(cfg.eta)))
 
-    def _update(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _update(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = self.norm1(x)
         cls, attn = self.attn.attend(a)
-        x = x + self.gamma_attn * torch.cat([self.attn.proj_drop(self.attn.out_proj(cls)), a[:, 1:]], dim=1)
-        x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
-        return x + torch.cat([self.gamma_mlp * self.mlp(x[:, :1]), x[:, 1:]], dim=1), attn
+        half = x + self.gamma_attn * torch.cat([self.attn.proj_drop(self.attn.out_proj(cls)), a[:, 1:]], dim=1)
+        x = self.norm2(half) if self.tokens_norm else torch.cat([self.norm2(half[:, :1]), half[:, 1:]], dim=1)
+        return x + torch.cat([self.gamma_mlp * self.mlp(x[:, :1]), x[:, 1:]], dim=1), attn, half
 
     def forward(self, x: Tensor) -> Tensor:
         return self._update(x)[0]
 
     def trace(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(output, the class token's attention weights (b, h, n) over [cls; patches])."""
-        return self._update(x)
+        out, attn, _ = self._update(x)
+        return out, attn
+
+    def project(self, x: Tensor) -> Tensor:
+        """The keys of ``LN1(x)``: (b, n, dim) -> (b, heads, n, p) (the analysis' subspace coordinates)."""
+        b, n, c = x.shape
+        a = self.norm1(x)
+        bias = None if self.attn.qkv.bias is None else self.attn.qkv.bias[c : 2 * c]
+        return F.linear(a, self.attn.qkv.weight[c : 2 * c], bias).view(b, n, self.attn.heads, -1).transpose(1, 2)
+
+    def trace_layer(self, x: Tensor) -> tuple[Tensor, TracedLayer]:
+        """(output, the layer as the analysis reads it: :class:`TracedLayer` with the class token's row)."""
+        out, attn, half = self._update(x)
+        return out, TracedLayer(
+            kind="class-attention",
+            z_in=x,
+            proj=self.project(x),
+            attn=_row_as_matrix(attn),
+            z_half=half,
+            z_out=out,
+        )
 
 
 @dataclass
@@ -539,6 +575,45 @@ class ToSTTrace:
     class_attention: list[Tensor]  # per class-attention block: the class token's weights (b, h, 1 + n)
     features: Tensor  # forward_features: LN of [cls; patches] after the class blocks, (b, 1 + n, dim)
     grid_size: tuple[int, int]
+
+
+@dataclass
+class TracedLayer:
+    """One layer as the analysis reads every white-box family's (``z_in``, ``proj``, ``attn``, ``z_half``,
+    ``z_out``, the class token first), for ToST's TSSA blocks and class-attention blocks alike.
+
+    TSSA has no ``n x n`` attention. Its ``attn`` is the matrix of what it does: the class token's row holds each
+    head's membership ``Pi[k, :]`` over the patch tokens, normalised to sum 1 (the class token is not in the TSSA
+    stack: it waits, unchanged, and enters at the class blocks), and each patch token's row is the identity (its
+    output reads only itself and the heads' global statistics ``s_k``). A class-attention block's ``attn`` has the
+    class token's softmax attention as row 0 and the identity below (the patch tokens are only normalised)."""
+
+    kind: str  # "tssa" or "class-attention"
+    z_in: Tensor  # (b, 1 + n, dim): the class token first (for TSSA layers: the learned one, waiting)
+    proj: Tensor  # (b, h, 1 + n, p): U_k^T LN1(z) (TSSA) or the keys of LN1(z) (class attention)
+    attn: Tensor  # (b, h, 1 + n, 1 + n): see the class docstring
+    z_half: Tensor  # (b, 1 + n, dim): after the attention step
+    z_out: Tensor  # (b, 1 + n, dim): the block's output
+    membership: Tensor | None = None  # TSSA: Pi (b, h, n), softmax over heads
+    second_moment: Tensor | None = None  # TSSA: s_k (b, h, p)
+
+
+@dataclass
+class TracedLayers:
+    """Result of :meth:`ToST.trace_layers`: the TSSA blocks, then the class-attention blocks (layer indices
+    ``0 .. depth-1`` are ``blocks.*``, ``depth ..`` are ``class_blocks.*``)."""
+
+    layers: list[TracedLayer]
+    features: Tensor  # forward_features, (b, 1 + n, dim)
+    grid_size: tuple[int, int]
+
+
+def _row_as_matrix(row: Tensor) -> Tensor:
+    """The class token's weights (b, h, 1 + n) -> (b, h, 1 + n, 1 + n): that row first, the identity below."""
+    b, h, n = row.shape
+    out = torch.eye(n, dtype=row.dtype, device=row.device).expand(b, h, n, n).clone()
+    out[:, :, 0] = row
+    return out
 
 
 def _check_images(x: Tensor, channels: int, patch: int) -> tuple[int, int]:
@@ -675,6 +750,47 @@ class ToST(nn.Module):
             maps.append(attn)
         return ToSTTrace(embedding=z0, layers=traces, class_attention=maps, features=self.norm(h), grid_size=grid)
 
+    def trace_layers(self, x: Tensor, layers: list[int] | None = None) -> TracedLayers:
+        """Every layer as the analysis reads it (:class:`TracedLayer`): the TSSA blocks (indices ``0 ..
+        depth-1``), then the class-attention blocks (``depth .. depth + class_blocks - 1``). ``layers`` selects
+        indices over that sequence (negative from the end: ``-1`` is the last class-attention block)."""
+        total = len(self.blocks) + len(self.class_blocks)
+        if layers is not None and any(not -total <= i < total for i in layers):
+            raise UserError(f"layer indices {list(layers)} must lie in -{total}..{total - 1} ({total} layers)")
+        keep = set(range(total)) if layers is None else {i % total for i in layers}
+        z, grid = self.embed(x)
+        cls = self.cls_token.expand(z.shape[0], -1, -1).to(z.dtype)
+        out: list[TracedLayer] = []
+        for i, block in enumerate(self.blocks):
+            if i not in keep:
+                z = block(z)
+                continue
+            z_next, t = block.trace(z)
+            pi = t.membership / t.membership.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # b h n, sums to 1
+            row = torch.cat([pi.new_zeros(*pi.shape[:2], 1), pi], dim=-1)
+            proj = torch.cat([block.project(cls), t.proj], dim=2)
+            out.append(
+                TracedLayer(
+                    kind="tssa",
+                    z_in=torch.cat([cls, z], dim=1),
+                    proj=proj,
+                    attn=_row_as_matrix(row),
+                    z_half=torch.cat([cls, t.z_half], dim=1),
+                    z_out=torch.cat([cls, z_next], dim=1),
+                    membership=t.membership,
+                    second_moment=t.second_moment,
+                )
+            )
+            z = z_next
+        h = torch.cat([cls, z], dim=1)
+        for j, block in enumerate(self.class_blocks):
+            if len(self.blocks) + j in keep:
+                h, t = block.trace_layer(h)
+                out.append(t)
+            else:
+                h = block(h)
+        return TracedLayers(layers=out, features=self.norm(h), grid_size=grid)
+
     # ----------------------------------------------------------------------------------------------- timm features
     def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
         depth = len(self.blocks)
@@ -791,9 +907,10 @@ TOST_PRESETS: dict[str, dict[str, Any]] = {
         for size, (dim, heads) in {"medium": (512, 8), "large": (768, 16)}.items()
         for patch in (16, 8)
     },
-    # The built-in data: digits (32 px, 16 tokens, like crate_digits) and shapes (64 px, 64 tokens).
+    # The built-in data: digits (32 px, patch 8, 16 tokens, like crate_digits) and shapes (32 px, patch 4, 64
+    # tokens, like crate_nano, the shapes recipe's CRATE).
     "tost_digits": {"image_size": 32, "patch_size": 8, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
-    "tost_shapes": {"image_size": 64, "patch_size": 8, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
+    "tost_shapes": {"image_size": 32, "patch_size": 4, "dim": 96, "depth": 6, "heads": 3, "num_classes": 10},
     "tost_debug": {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, "heads": 2, "num_classes": 10},
 }
 """The official ToST constructors by name (``tost_cab_{tiny,small}_{12,24}_p{16,8}``, ``tost_cab_{medium,large}_24_p{16,8}``) and the digits/shapes-scale configurations: :class:`ToSTConfig` fields."""
@@ -861,3 +978,122 @@ def to_official_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
             off = re.sub(r"^class_blocks\.", "cls_attn_blocks.", off)
         out[off] = v
     return out
+
+
+# torch.fx writes a traced graph's signature from the annotations, which this file's ``from __future__ import
+# annotations`` leaves as strings ("Tensor") that TorchScript cannot resolve: give the traced entry points the types.
+for _method in (ToST.forward, ToST.forward_features):
+    _method.__annotations__ = {"x": Tensor, "return": Tensor}
+
+
+# ---------------------------------------------------------------------------------------------- the family record
+def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfig:
+    """The :class:`ToSTConfig` of a state dict in our key layout, read off its tensor shapes (``heads`` is not
+    needed: the temperatures are (heads, 1)). The image size is the official 224 (any multiple of the patch runs;
+    a file's recorded ``input_size`` replaces it)."""
+    del heads
+    need = ("cls_token", "blocks.0.tssa.temperature", "blocks.0.mlp.fc1.weight", "pos_embed.proj.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]} is missing, so the ToST architecture cannot be read from the shapes; the file "
+            "is truncated or not a ToST checkpoint"
+        )
+    dim = state["cls_token"].shape[-1]
+    head = state.get("head.weight")
+    return ToSTConfig(
+        dim=dim,
+        depth=1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
+        heads=state["blocks.0.tssa.temperature"].shape[0],
+        patch_size=2 ** len({m.group(1) for k in state if (m := re.match(r"patch_embed\.stages\.(\d+)\.conv", k))}),
+        class_blocks=len({m.group(1) for k in state if (m := re.match(r"class_blocks\.(\d+)\.", k))}),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.tssa.subspace_proj.bias" in state,
+        pos_dim=state["pos_embed.proj.weight"].shape[1] // 2,
+        channels=state["patch_embed.stages.0.conv.weight"].shape[1],
+        num_classes=0 if head is None else head.shape[0],
+    )
+
+
+def tost_forward_flops(cfg: ToSTConfig) -> int:
+    """Analytic forward FLOPs per image (2 per multiply-add of every matrix product and convolution; TSSA's own
+    statistics are ``O(n dim)`` elementwise work and not counted). With ``n`` patch tokens and width ``d``: the
+    stem's 3x3 convolutions, the positional projection ``2 n (2 pos_dim) d``, per TSSA block ``4 n d^2`` (U and
+    the output projection) plus the MLP ``4 n d (r d)``, per class block the keys and values of all ``1 + n``
+    tokens ``4 (1 + n) d^2``, the class token's query, attention, projection and MLP, and the head."""
+    h, w = cfg.image_size
+    flops, c_in = 0, cfg.channels
+    for c_out in cfg.stem_widths:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        flops += 2 * 9 * c_in * c_out * h * w
+        c_in = c_out
+    n, d, hidden = h * w, cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    flops += 2 * n * 2 * cfg.pos_dim * d
+    flops += cfg.depth * (4 * n * d * d + 4 * n * d * hidden)
+    per_class_block = 4 * (1 + n) * d * d + 2 * d * d + 4 * (1 + n) * d + 2 * d * d + 4 * d * hidden
+    return flops + cfg.class_blocks * per_class_block + 2 * d * max(cfg.num_classes, 0)
+
+
+def _sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """The stem's BatchNorm as SyncBatchNorm (the official code's), before DistributedDataParallel wraps it. PyTorch
+    synchronises BatchNorm only on accelerators: CPU processes (gloo) keep per-process statistics."""
+    if device_type == "cpu":
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def tost_geometry(cfg: ToSTConfig) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` geometry: any multiple of the patch runs (the Fourier encoding has no table)."""
+    return {
+        "input_size": (int(cfg.channels), *cfg.image_size),
+        "fixed_input_size": False,
+        "num_classes": int(cfg.num_classes),
+        "pool_size": None,
+        "first_conv": "patch_embed.stages.0.conv",
+        "classifier": "head" if cfg.num_classes > 0 else None,
+    }
+
+
+FAMILY = Family(
+    name="tost",
+    model_cls=ToST,
+    config_cls=ToSTConfig,
+    description="ToST: linear-time Token Statistics Self-Attention via variational rate reduction (Wu et al., "
+    "ICLR 2025)",
+    trace="trace_layers",
+    paper={
+        "license": "mit",  # the repository's LICENSE; tost_vision/ also ships XCiT's Apache-2.0 LICENSE.txt
+        "paper_name": "Token Statistics Transformer: Linear-Time Attention via Variational Rate Reduction",
+        "paper_ids": "arXiv:2412.17810",
+        "origin_url": "https://github.com/RobinWu218/ToST",
+    },
+    card=Card(
+        title="a ToST white-box vision transformer",
+        paper_url="https://arxiv.org/abs/2412.17810",
+        blurb="ToST, the Token Statistics Transformer: its attention (TSSA) is one gradient step on a variational "
+        "form of the coding rate, rescaling each projected token by its head's second-moment statistics, so time "
+        "and memory grow linearly with the number of tokens; class-attention blocks read out the class token.",
+        license="mit",
+        tags=("image-classification", "vision", "white-box", "tost"),
+        loader="ToST",
+    ),
+    code_kind=lambda cfg: None,  # TSSA + a GELU MLP: no ISTA step, so no sparse code (no atoms or interventions)
+    pretrained_cfg=tost_geometry,
+    timm_kwargs={
+        "in_chans": "channels",
+        "img_size": "image_size",
+        "drop_rate": "dropout",
+        "proj_drop_rate": "dropout",
+        "attn_drop_rate": "attn_dropout",
+        "global_pool": "pool",
+    },
+    shape_reader=read_shapes,
+    forward_flops=tost_forward_flops,
+    ddp_prepare=_sync_batchnorm,
+    trace_blocks=lambda model: [*model.blocks, *model.class_blocks],
+    layer_label=lambda model, i: (
+        f"blocks.{i}, TSSA: each head's membership Pi over the tokens"
+        if i < len(model.blocks)
+        else f"class_blocks.{i - len(model.blocks)}, the class token's attention"
+    ),
+)

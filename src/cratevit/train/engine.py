@@ -38,7 +38,7 @@ from ..checkpoint import atomic_save, load_state_dict_strict
 from ..data import Batch, data_info
 from ..errors import UserError, require
 from ..presets import data_preprocessing, pretrained_cfg_for
-from ..registry import is_family_model
+from ..registry import ddp_prepare, is_family_model
 from .build import (
     build_loaders,
     build_model,
@@ -122,6 +122,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = self._model(resume)
+        if dist.enabled:  # what the family needs before DistributedDataParallel (ToST: SyncBatchNorm on GPUs)
+            self.model = ddp_prepare(self.model, dist.device.type)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if not evaluate_only:  # a run the machine cannot hold says so now, not after the kernel kills it
