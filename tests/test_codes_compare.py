@@ -29,7 +29,7 @@ def test_render_table_formats_every_column():
     )
 
 
-def test_codes_compare_writes_the_report(tmp_path, capsys):
+def test_codes_compare_writes_the_report(tmp_path, capsys, torch_threads):  # --threads sets torch's count
     out = tmp_path / "cmp"
     argv = ["codes", "compare", "crate_debug", "vit_tiny_patch16_224", "--layer", "0", "--images", "24"]
     assert main([*argv, "--steps", "3", "-b", "64", "--threads", "1", "-o", str(out)]) == 0
