@@ -29,6 +29,7 @@ from .layers import read_layer
 __all__ = ["FACETS", "PaperPCA", "facet_features", "paper_pca"]
 
 FACETS = ("key", "attn", "token", "code")
+"""The facets :func:`facet_features` reads: ``key``, ``attn``, ``token`` and ``code`` (see the module text)."""
 
 
 def _check_facet(facet: str) -> None:

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+"""File suffixes (lower case, with the dot) taken for images when a folder is listed."""
 ResizeMode = Literal["keep-aspect", "model"]
 
 

@@ -83,7 +83,10 @@ __all__ = [
 ]
 
 FACETS = ("token", "key", "attn", "code")
+"""The facets a white-box family's layers offer (:data:`cratevit.analysis.facets.FACETS`)."""
 MASK_PROTOCOLS = ("mass", "entries", "pca", "paper-pca")
+"""The foreground-mask protocols of :func:`segmentation_mask`: attention ``mass`` or ``entries`` kept, or a PCA
+(``pca``, ``paper-pca``)."""
 
 
 # --------------------------------------------------------------------------------------------- the record

@@ -191,6 +191,7 @@ MAE_DECODER_DEFINITIONS = MappingProxyType(
         "sparsity": "fraction of non-zero entries of Z^{l+1}, the output of decoder layer l",
     }
 )
+"""Measure name -> its definition for a CRATE-MAE's decoder layers (``part="decoder"``), as in ``layerwise.json``."""
 
 
 @torch.no_grad()

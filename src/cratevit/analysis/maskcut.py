@@ -57,6 +57,8 @@ EPS = 1e-5
 
 @dataclass
 class MaskCutMask:
+    """One object mask found by MaskCut: its round, its boolean mask and its score ``(n - round) / n``."""
+
     round: int  # 0-based round that found it
     mask: np.ndarray  # bool: (rows, cols) from :func:`maskcut`, (H, W) from :func:`maskcut_image`
     score: float

@@ -51,8 +51,11 @@ __all__ = [
 ]
 
 KNN_K = 20
+"""Neighbours that vote in :func:`knn_classifier` (DINO's 20)."""
 KNN_TEMPERATURE = 0.07
+"""Temperature ``T`` of the k-NN vote weights ``exp(similarity / T)`` (DINO's 0.07)."""
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+"""L2 strengths the linear probe tries; the one with the best held-out top-1 is kept."""
 
 
 # ---------------------------------------------------------------------------------------------- k-NN
@@ -95,6 +98,9 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
 # ---------------------------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearProbeResult:
+    """A linear probe's test accuracies (top-1 and top-5, %), the chosen L2 strength and every strength's held-out
+    top-1."""
+
     top1: float  # on the test features, %
     top5: float
     l2: float  # the chosen L2 strength

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 PROTOCOLS = ("paper", "dino", "cratevit")
+"""The scoring protocols: ``paper``, ``dino`` and ``cratevit`` (see the module text)."""
 IGNORE = 255
 ThresholdKind = Literal["entries", "mass"]
 

@@ -16,7 +16,8 @@ from ..errors import UserError
 
 __all__ = ["MAX_PIXELS", "ImageTooLarge", "check_size", "to_rgb"]
 
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (~89.5 Mpx): --max-pixels
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+"""PIL's decompression-bomb limit (~89.5 Mpx): images with more pixels are refused (``--max-pixels``)."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

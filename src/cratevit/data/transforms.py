@@ -85,6 +85,7 @@ def transfer_train(
 
 
 def transfer_eval(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """Evaluation transform of the transfer data sets: resize to ``size x size``, then to a normalised tensor."""
     return v2.Compose([v2.Resize((size, size), antialias=True), *_to_tensor(mean, std)])
 
 
@@ -97,4 +98,5 @@ def digits_train(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> 
 
 
 def digits_eval(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Evaluation transform of the digits: 3 channels, then normalisation by ``mean`` and ``std``."""
     return v2.Compose([v2.RGB(), v2.Normalize(mean, std)])

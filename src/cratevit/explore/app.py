@@ -33,8 +33,10 @@ from .session import Explorer
 __all__ = ["HOST", "TOKEN_HEADER", "create_app", "refusal", "serve"]
 
 HOST = "127.0.0.1"
+"""The only address the explore page listens on and answers for (loopback; other ``Host`` headers are refused)."""
 MAX_UPLOAD = 32 * 2**20  # bytes
 TOKEN_HEADER = "X-Cratevit-Token"
+"""The request header that must carry the page's session token."""
 log = logging.getLogger("cratevit.explore")
 
 

@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 __all__ = ["DIVERGING", "SEQUENTIAL", "Scale", "heat_overlay", "paint", "stops"]
 
 SEQUENTIAL = "inferno"
+"""Matplotlib colour map of non-negative values (attention, activations)."""
 DIVERGING = "RdBu_r"
+"""Matplotlib colour map of signed values (differences), symmetric about 0 (white)."""
 
 
 @dataclass(frozen=True)

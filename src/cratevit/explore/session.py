@@ -49,7 +49,6 @@ SWEEP = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # clamp values of the sweep, 
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "clock")
 
 
-# What each number of the page means (shown on hover); the page and docs/explore.md say the same.
 DEFINITIONS = {
     "layer": "layers are block indices, 0-based: 0 is the first block, depth-1 the last (as in timm's blocks.N)",
     "rc": "R^c, the compression term (nats): sum over heads k of 1/2 logdet(I + p/(n eps) Z_k^T Z_k), "
@@ -77,10 +76,13 @@ DEFINITIONS = {
     "fraction of its energy in each head's subspace of the same layer, ||Q_k^T d||^2 / ||d||^2 with Q_k an "
     "orthonormal basis of head k's U_k (chance: p / dim)",
 }
+"""What each number of the page means (shown on hover); the page and ``docs/explore.md`` say the same."""
 
 
 @dataclass
 class ImageItem:
+    """An image of the page: its name and the RGB picture as opened."""
+
     name: str
     image: Image.Image  # RGB, as opened
 

@@ -15,10 +15,14 @@ from ..errors import UserError
 
 __all__ = ["MAX_ASPECT", "MAX_PIXELS", "MAX_SIDE", "UPLOAD_FORMATS", "check_geometry", "read_upload"]
 
-MAX_PIXELS = 40_000_000  # larger uploads are refused with a message (decompression bombs included)
-MAX_SIDE = 8192  # pixels on the long side of an upload (checked in the file's header, before decoding)
-MAX_ASPECT = 10.0  # long side / short side of an upload
-UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # the only decoders an upload reaches
+MAX_PIXELS = 40_000_000
+"""Most pixels of an upload; larger ones are refused with a message (decompression bombs included)."""
+MAX_SIDE = 8192
+"""Most pixels on the long side of an upload (checked in the file's header, before decoding)."""
+MAX_ASPECT = 10.0
+"""Largest aspect ratio (long side / short side) of an upload."""
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+"""The PIL formats an upload may have: the only decoders an upload reaches."""
 
 
 def check_geometry(width: int, height: int, name: str) -> None:

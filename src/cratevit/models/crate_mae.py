@@ -276,6 +276,9 @@ class DecoderBlock(nn.Module):
 
 
 class MAEOutput(NamedTuple):
+    """A CRATE-MAE forward pass: the masked MSE ``loss`` (scalar), the predicted pixels ``pred``
+    ``(b, n_patches, patch_dim)`` and the ``mask`` ``(b, n_patches)``, True where a patch was masked."""
+
     loss: Tensor  # masked MSE, a scalar
     pred: Tensor  # predicted pixels of every patch, (b, n_patches, patch_dim) (normalised if norm_pix_loss)
     mask: Tensor  # (b, n_patches) booleans, True where the patch was masked

@@ -16,6 +16,8 @@ __all__ = ["Attention", "FeedForward", "PreNorm", "ReferenceCRATE", "Transformer
 
 
 class PreNorm(nn.Module):
+    """LayerNorm, then the wrapped module ``fn``."""
+
     def __init__(self, dim, fn):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -26,6 +28,8 @@ class PreNorm(nn.Module):
 
 
 class FeedForward(nn.Module):  # the ISTA step
+    """The ISTA step: ``relu(x + eta (x D - x D^T D) - eta lambda)``, three matrix products."""
+
     def __init__(self, dim, step_size=0.1, lambd=0.1):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, dim))
@@ -42,6 +46,8 @@ class FeedForward(nn.Module):  # the ISTA step
 
 
 class Attention(nn.Module):  # MSSA
+    """MSSA as the reference writes it: one shared projection ``W`` per head, ``softmax(W W^T / sqrt(d)) W``."""
+
     def __init__(self, dim, heads, dim_head, dropout=0.0):
         super().__init__()
         inner_dim = dim_head * heads
@@ -62,6 +68,8 @@ class Attention(nn.Module):  # MSSA
 
 
 class Transformer(nn.Module):
+    """``depth`` CRATE layers: ``z = x + MSSA(LN(x))``, then ``x = ISTA(LN(z))``."""
+
     def __init__(self, dim, depth, heads, dim_head, dropout=0.0, ista=0.1):
         super().__init__()
         self.layers = nn.ModuleList(

@@ -1097,3 +1097,4 @@ FAMILY = Family(
         else f"class_blocks.{i - len(model.blocks)}, the class token's attention"
     ),
 )
+"""ToST's family record (registered by :mod:`cratevit.registry`)."""

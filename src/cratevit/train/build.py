@@ -42,7 +42,8 @@ __all__ = [
     "trains_as_autoencoder",
 ]
 
-DUMMY_VAL_STEPS_PER_BATCH = 10  # --dummy validates one batch per this many training steps (at most 1,000 images)
+DUMMY_VAL_STEPS_PER_BATCH = 10
+"""``--dummy`` validates one batch per this many training steps (at most 1,000 images)."""
 
 
 # --------------------------------------------------------------------------------------------------- families
@@ -79,6 +80,7 @@ def classifier_from_autoencoder(cfg: TrainConfig, num_classes: int) -> nn.Module
 
 # --------------------------------------------------------------------------------------------------- model
 def is_crate_arch(arch: str) -> bool:
+    """Whether ``arch`` names a cratevit preset (rather than a timm model)."""
     try:
         resolve_name(arch)
     except UserError:
@@ -136,6 +138,7 @@ def model_from_checkpoint(state: dict[str, Any], cfg: TrainConfig, num_classes: 
 
 
 def model_image_size(model: nn.Module) -> int:
+    """The input side (pixels) a model expects: a cratevit family's config, else timm's patch embedding or config."""
     if is_family_model(model):
         return model.config.image_size[0]
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -183,6 +186,8 @@ class Loaders:
 def build_loaders(
     cfg: TrainConfig, info: DataInfo, image_size: int, dist: DistInfo, local_batch: int, evaluate_only: bool
 ) -> Loaders:
+    """The training and validation loaders and their samplers, sharded over the ranks (``evaluate_only``: the
+    validation split alone)."""
     if evaluate_only:  # the validation split alone (a folder may be the val folder itself)
         train_ds, val_ds = None, build_eval_dataset(info, image_size, cfg.data_dir, cfg.download, cfg.seed)
     else:

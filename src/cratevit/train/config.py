@@ -131,8 +131,9 @@ def _check_type(name: str, annotation: str, value: Any, source: str) -> None:
         raise UserError(f"option {name!r} in {source} must be {want}, got {value!r} ({type(value).__name__})")
 
 
-# Without --save-every, last.pt is also written within an epoch this often (a kill -9 loses at most this much).
 SAVE_EVERY_MINUTES = 10.0
+"""Without ``--save-every``, ``last.pt`` is also written within an epoch this often (minutes; a ``kill -9``
+loses at most this much)."""
 
 # The recipe of each kind of data; explicit options always win.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -148,10 +149,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 """The training recipe of each kind of data (digits, shapes, folder, transfer, dummy); explicit options always win."""
 RECIPES["dummy"] = {**RECIPES["folder"], "warmup_epochs": 0.0}  # a loop benchmark: a few steps at full --lr
 
-# The MAE pre-training recipe (He et al. 2022, FAIR's main_pretrain.py and PRETRAIN.md; the CRATE-MAE README trains
-# with it): AdamW with betas (0.9, 0.95), base lr 1.5e-4 scaled by batch/256, weight decay 0.05, cosine decay after
-# a 40-epoch warmup, 800 epochs of batch 4096, no gradient clipping. The built-in data use it with fewer, shorter
-# epochs and a larger base lr (6e-3: lr 1.5e-3 at batch 64), so that a run takes minutes.
 MAE_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "betas": [0.9, 0.95],
@@ -160,6 +157,10 @@ MAE_RECIPE: dict[str, Any] = {
     "batch_size": 4096,
     "warmup_epochs": 40.0,
 }
+"""The MAE pre-training recipe (He et al. 2022, FAIR's ``main_pretrain.py`` and ``PRETRAIN.md``; the CRATE-MAE
+README trains with it): AdamW with betas (0.9, 0.95), base lr 1.5e-4 scaled by batch/256, weight decay 0.05,
+cosine decay after a 40-epoch warmup, 800 epochs of batch 4096, no gradient clipping. The built-in data use it
+with fewer, shorter epochs and a larger base lr (6e-3: lr 1.5e-3 at batch 64), so that a run takes minutes."""
 PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "folder": {"arch": "mae_crate_base", **MAE_RECIPE},
     "transfer": {"arch": "mae_crate_base", **MAE_RECIPE, "epochs": 200, "batch_size": 256, "warmup_epochs": 10.0},
@@ -168,8 +169,11 @@ PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "shapes": {"arch": "mae_crate_shapes", **MAE_RECIPE, "blr": 6e-3, "epochs": 5, "batch_size": 64,
                "warmup_epochs": 1.0},
 }  # fmt: skip
+"""The MAE pre-training recipe of each kind of data (:data:`MAE_RECIPE`, scaled down for the built-in data);
+explicit options always win."""
 PRETRAIN_RECIPES["dummy"] = {**PRETRAIN_RECIPES["folder"], "warmup_epochs": 0.0}
 OBJECTIVES = ("classification", "mae")
+"""The values of ``--objective``: supervised ``classification`` or masked autoencoding (``mae``)."""
 
 
 # (option, test, what it must be): every number a run takes; None (the recipe's or "off") always passes

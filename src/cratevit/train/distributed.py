@@ -41,6 +41,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run: rank, local rank, world size, device and every rank's (host, pid)."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -99,6 +101,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Tear down the process group, if any (errors of a group that lost a process are ignored)."""
     if info.enabled and dist.is_initialized():
         with suppress(RuntimeError):  # a group that lost a process cannot always be torn down cleanly
             dist.destroy_process_group()
@@ -157,6 +160,7 @@ def peers_watched(info: DistInfo, run_dir: str | None = None) -> Iterator[None]:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing for one process)."""
     if info.enabled:
         dist.barrier()
 

@@ -20,7 +20,8 @@ from .rundir import writing
 
 __all__ = ["PROGRESS_EVERY_S", "MetricsLog", "Progress", "RunningWindow", "plot_curves"]
 
-PROGRESS_EVERY_S = 30.0  # without a terminal, a progress line at least this often (slow steps still show life)
+PROGRESS_EVERY_S = 30.0
+"""Without a terminal, a progress line at least this often (seconds; slow steps still show life)."""
 
 
 @dataclass

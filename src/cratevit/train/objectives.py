@@ -58,6 +58,8 @@ class Objective:
 
 
 class Classification(Objective):
+    """Cross-entropy on the labels, with label smoothing and optional mixup / cutmix; scored by top-1."""
+
     name = "classification"
 
     def __init__(
@@ -105,6 +107,8 @@ class Classification(Objective):
 
 
 class MaskedAutoencoding(Objective):
+    """The masked-patch MSE of an autoencoder under seeded random masks; scored by the negative validation loss."""
+
     name = "masked autoencoding"
     classifies = False
     score_name = "neg_loss"

@@ -34,8 +34,10 @@ __all__ = [
     "writing",
 ]
 
-LOCK_NAME = ".lock"  # the run directory's lock file (fcntl.flock, held for the run's lifetime)
+LOCK_NAME = ".lock"
+"""The run directory's lock file (``fcntl.flock``, held for the run's lifetime)."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals that stop a run cleanly (``SIGTERM``, ``SIGINT``)."""
 
 
 def choose_run_dir(
@@ -110,6 +112,7 @@ def stop_signals_held() -> Iterator[None]:
 
 
 def signal_name(signum: int) -> str:
+    """A signal number with its name for messages, e.g. ``"15 (SIGTERM)"``."""
     try:
         return f"{signum} ({signal.Signals(signum).name})"
     except ValueError:

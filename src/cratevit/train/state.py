@@ -34,8 +34,9 @@ __all__ = [
     "set_rng_state",
 ]
 
-# Options that fix the model a run trains: they cannot change on --resume (the checkpoint's model is continued).
 MODEL_OPTIONS = ("arch", "image_size", "patch_size", "model_kwargs", "objective")
+"""Options that fix the model a run trains: they cannot change on ``--resume`` (the checkpoint's model is
+continued)."""
 
 
 def resume_path(path: str | Path, option: str = "--resume") -> Path:
@@ -146,11 +147,13 @@ def _differences(a: dict[str, Any], b: dict[str, Any], limit: int = 4) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """Torch's CPU and CUDA random number generator states (for ``last.pt``)."""
     cuda = [s.cpu() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states of :func:`rng_state` (CUDA's only where both have it)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
