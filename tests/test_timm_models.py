@@ -28,7 +28,7 @@ def test_preset_names_follow_timm_style():
 
 def test_every_preset_is_registered_from_cratevit_and_nothing_of_timm_is_overwritten():
     ours = {timm_name(p) for p in classifier_presets()}
-    assert ours <= set(timm.list_models("crate_*"))
+    assert ours <= set(timm.list_models("crate_*")) | set(timm.list_models("tost_*"))
     assert set(timm.list_models(module="timm_models")) == ours
     # timm's own model names are untouched: none of ours is registered by a timm module
     assert not ours & {m for mod in timm.list_modules() if mod != "timm_models" for m in timm.list_models(module=mod)}
@@ -41,13 +41,18 @@ def test_every_preset_has_pretrained_metadata(preset):
     meta = timm.models.get_pretrained_cfg(timm_name(preset)).to_dict()
     assert meta["input_size"] == (cfg.channels, *cfg.image_size)
     # the digits preset carries its data's normalisation, 0.5/0.5 (cratevit.presets; issue #10); the rest ImageNet's
-    digits = preset.endswith("_digits")  # crate_digits, crate_alpha_digits and the ablations (crate_mlp_digits, ...)
+    tost = preset.startswith("tost_")  # ToST: bicubic as its official evaluation; any multiple of the patch fits
+    # crate_digits, crate_alpha_digits and the ablations (crate_mlp_digits, ...); ToST's shapes preset too
+    digits = preset.endswith("_digits") or preset == "tost_shapes"
     mean, std = ((0.5, 0.5, 0.5),) * 2 if digits else (IMAGENET_MEAN, IMAGENET_STD)
     assert meta["mean"] == mean and meta["std"] == std
     assert meta["classifier"] == "head" and meta["num_classes"] == cfg.num_classes
-    assert meta["interpolation"] == "bilinear" and meta["fixed_input_size"] is True
-    assert meta["crop_pct"] == (0.875 if cfg.image_size[0] >= 224 else 1.0)
+    large = cfg.image_size[0] >= 224
+    assert meta["interpolation"] == ("bicubic" if tost and large else "bilinear")
+    assert meta["fixed_input_size"] is (not tost)
+    assert meta["crop_pct"] == (0.875 if large else 1.0)
     paper = "arXiv:2405.20299" if preset.startswith("crate_alpha") else "arXiv:2306.01129"  # CRATE-alpha / CRATE
+    paper = "arXiv:2412.17810" if tost else paper  # ToST
     assert meta["architecture"] == timm_name(preset) and meta["paper_ids"] == paper
 
 
