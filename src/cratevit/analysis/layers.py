@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..registry import code_kind, family_for, is_autoencoder, is_family_model, trace_method
+from ..registry import code_kind, family_for, is_autoencoder, is_family_model, layer_count, trace_method
 
 __all__ = ["LayerRecord", "LayersRead", "is_timm_vit", "layer_record", "read_layer", "read_layers"]
 
@@ -179,6 +179,8 @@ def read_layer(model: nn.Module, x: Tensor, layer: int = -1, decoder: bool = Fal
     """One layer's record (and the read it came from, for ``grid`` and ``prefix``)."""
     blocks = getattr(model, "decoder_blocks" if decoder else "blocks", None)
     depth = len(blocks) if isinstance(blocks, nn.ModuleList) else None
+    if not decoder and is_family_model(model):
+        depth = layer_count(model)  # the trace's layers (ToST: its TSSA blocks, then its class-attention blocks)
     if depth is not None and not -depth <= layer < depth:
         raise UserError(f"layer {layer} is out of range for a {depth}-layer model; use 0..{depth - 1} (0-based)")
     read = read_layers(model, x, [layer], decoder)
