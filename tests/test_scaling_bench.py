@@ -10,7 +10,7 @@ import pytest
 import scaling  # benchmarks/ is on sys.path (tests/conftest.py)
 
 
-def test_quick_run_writes_table_plot_and_json(tmp_path):
+def test_quick_run_writes_table_plot_and_json(tmp_path, torch_threads):  # the script sets --threads
     result = scaling.main(["--quick", "--models", "tost", "crate", "--reps", "1", "--out", str(tmp_path)])
     for name in ("scaling.md", "scaling.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
