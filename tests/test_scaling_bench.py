@@ -23,7 +23,7 @@ def test_quick_run_writes_table_plot_and_json(tmp_path, torch_threads):  # the s
     assert "| 64 |" in table and "ToST (TSSA)" in table and "Fitted exponents" in table
 
 
-def test_a_model_stops_before_it_would_exceed_the_memory_limit(tmp_path):
+def test_a_model_stops_before_it_would_exceed_the_memory_limit(tmp_path, torch_threads):  # sets --threads
     result = scaling.main(
         ["--quick", "--models", "crate_explicit", "--max-mem-gb", "1e-9", "--no-memory", "--out", str(tmp_path)]
     )
