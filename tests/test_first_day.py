@@ -105,7 +105,11 @@ def test_from_pretrained_mistyped_local_folder_fails_at_once(tmp_path, monkeypat
     assert cratevit.CRATE.from_pretrained("my-crate").num_classes == 10
 
 
-def test_save_pretrained_writes_a_model_card(tmp_path):
+def test_save_pretrained_writes_a_model_card(tmp_path, monkeypatch):
+    from cratevit.checkpoint import write
+
+    # the project link comes from the installed package metadata; pin it so the card reads the same everywhere
+    monkeypatch.setattr(write, "_project_url", lambda: "https://github.com/cratevit/cratevit")
     model = create_model("crate_debug")
     model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [f"c{i}" for i in range(10)]}
     model.save_pretrained(tmp_path / "m")
@@ -114,7 +118,10 @@ def test_save_pretrained_writes_a_model_card(tmp_path):
     assert "# crate_debug: a CRATE white-box vision transformer" in card
     assert "14,058 parameters" in card and "10 classes: c0, c1" in card
     assert "https://arxiv.org/abs/2306.01129" in card and "https://github.com/Ma-Lab-Berkeley/CRATE" in card
-    assert "Made with cratevit" in card
+    assert f"Made with [cratevit](https://github.com/cratevit/cratevit), version {cratevit.__version__}." in card
+    monkeypatch.setattr(write, "_project_url", lambda: None)  # metadata without [project.urls]
+    model.save_pretrained(tmp_path / "n")
+    assert "Made with cratevit (`pip install cratevit`), version" in (tmp_path / "n" / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ predict
