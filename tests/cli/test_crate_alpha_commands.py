@@ -10,7 +10,7 @@ from PIL import Image
 from cratevit import load_checkpoint
 from cratevit.cli import main
 from cratevit.models import CRATEAlpha
-from test_data import no_checksums, write_cifar10  # noqa: F401
+from tests.data.test_data import no_checksums, write_cifar10  # noqa: F401
 
 QUICK = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
 

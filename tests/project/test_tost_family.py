@@ -148,7 +148,7 @@ def test_finetune_from_an_official_file(tmp_path):
 
 def test_explore_page_shows_membership_and_class_attention():
     from cratevit.explore import load_explorer
-    from test_explore import _client, _open
+    from tests.explore.test_explore import _client, _open
 
     torch.manual_seed(0)
     client = _client(load_explorer("tost_debug"))
@@ -163,7 +163,7 @@ def test_explore_page_shows_membership_and_class_attention():
 
 def test_hub_folder_and_onnx_round_trip(tmp_path):
     from cratevit.interop.export import export_onnx
-    from test_onnx import run_onnx
+    from tests.interop.test_onnx import run_onnx
 
     torch.manual_seed(0)
     model = create_model("tost_debug").eval()

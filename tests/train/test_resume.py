@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cratevit.cli import main
-from test_layers import SRC, build_graph
+from tests.project.test_layers import SRC, build_graph
 
 FAST = ["--workers", "0", "--threads", "1", "--batch-size", "16", "--seed", "3"]
 # 2 epochs of 5 steps, a train record every 3 steps: a stop at step 7 falls inside the window of steps 6-8

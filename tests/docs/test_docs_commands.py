@@ -23,7 +23,7 @@ from cratevit.cli import COMMANDS, build_parser, main
 from cratevit.presets import list_models
 from cratevit.zoo import ZOO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 CHAIN = {"&&", "||", ";", "|"}

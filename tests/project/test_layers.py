@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Bottom to top. A module may import its own room and the rooms of lower layers; rooms of one layer do not import
 # each other. "__init__" is the package facade (cratevit/__init__.py), "__main__" is ``python -m cratevit``.

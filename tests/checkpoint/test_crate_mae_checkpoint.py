@@ -14,7 +14,7 @@ from cratevit.errors import CheckpointError
 from cratevit.models.crate_mae import CRATEMAE, MAE_PRESETS, random_masking
 from cratevit.presets import get_config
 from reference_crate_mae import ReferenceCRATEMAE
-from test_crate_mae import randomize
+from tests.models.test_crate_mae import randomize
 
 
 def official_file(path, ref: torch.nn.Module, args: argparse.Namespace | None) -> None:

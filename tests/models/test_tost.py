@@ -306,7 +306,7 @@ def test_fx_feature_extraction_and_torchscript():
     training graph gives every parameter a gradient) and torch.jit.script (TorchScript runs the plain TSSA)."""
     import timm
 
-    from test_timm_contract import create_fx_model
+    from tests.interop.test_timm_contract import create_fx_model
 
     model = small().eval()
     x = torch.randn(2, 3, 32, 48)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cratevit import create_model, load_checkpoint, save_checkpoint
 from cratevit.cli import main
-from test_data import write_image_folder
+from tests.data.test_data import write_image_folder
 
 QUICK = ["--workers", "0", "--print-freq", "1", "--threads", "1"]
 DROPOUT = ["--model-kwargs", '{"dropout": 0.2}']

@@ -16,7 +16,7 @@ import torch
 
 from cratevit import create_model, load_checkpoint, save_checkpoint
 from cratevit.cli import main
-from test_data import no_checksums, write_cifar10, write_image_folder, write_truncated_jpeg  # noqa: F401
+from tests.data.test_data import no_checksums, write_cifar10, write_image_folder, write_truncated_jpeg  # noqa: F401
 
 QUICK = ["--steps-per-epoch", "2", "--workers", "0", "--print-freq", "1", "--threads", "1"]
 

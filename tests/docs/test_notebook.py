@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from cratevit import create_model, save_checkpoint
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "emergence.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "emergence.ipynb"
 
 
 @pytest.mark.slow

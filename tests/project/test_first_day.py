@@ -18,7 +18,7 @@ from cratevit import create_model, load_checkpoint, save_checkpoint
 from cratevit.cli import main
 from cratevit.errors import CheckpointError, UserError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -258,7 +258,7 @@ def test_original_finetune_flags_keep_their_meaning():
 
 
 def test_bench_gpu_without_a_gpu_names_a_real_option():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import cratebench
 
     if torch.cuda.is_available():  # the message is for machines without one
@@ -274,7 +274,7 @@ def test_notebook_trains_the_small_model_it_shows_when_no_checkpoint_is_given(tm
     import nbformat
     from nbclient import NotebookClient
 
-    notebook = Path(__file__).resolve().parents[1] / "examples" / "emergence.ipynb"
+    notebook = Path(__file__).resolve().parents[2] / "examples" / "emergence.ipynb"
     monkeypatch.delenv("CRATEVIT_CHECKPOINT", raising=False)
     monkeypatch.setenv("CRATEVIT_TRAIN_EPOCHS", "1")
     monkeypatch.setenv("CRATEVIT_STEPS_PER_EPOCH", "3")  # the test's shortcut; the notebook trains 2 full epochs

@@ -128,7 +128,7 @@ def test_cratevit_info_reads_a_reference_file_without_arch(tmp_path, capsys, mod
 
 
 def test_docs_model_zoo_tables_match_the_zoo():
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     section = (docs / "zoo.md").read_text() + (docs / "crate-alpha.md").read_text()
     for row in zoo_rows():
         line = next(line for line in section.splitlines() if line.startswith(f"| `{row['name']}` |"))

@@ -1,0 +1,1 @@
+"""Tests of src/cratevit/cli/: the command line (entry points, shared options, info) and every command on CRATE-alpha."""
