@@ -6,7 +6,7 @@ defines, and a table linking the names it re-exports from a lower layer to the p
 reference follows ``__all__`` as it changes, and a public name appears on exactly one page. Names are resolved by
 importing the package (several layers import their names lazily, which a static reader cannot follow).
 
-``public_names()`` is what ``tests/test_docs_site.py`` checks: every public name has a docstring.
+``public_names()`` is what ``tests/docs/test_docs_site.py`` checks: every public name has a docstring.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """cratevit: CRATE, the white-box Coding RAte reduction TransformEr, for training, loading and looking inside.
 
-Layers, top to bottom; each imports only the layers below it (``tests/test_layers.py`` checks this)::
+Layers, top to bottom; each imports only the layers below it (``tests/project/test_layers.py`` checks this)::
 
     cli
     train | analysis | interop

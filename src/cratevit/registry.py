@@ -2,7 +2,7 @@
 family record (:class:`cratevit.models.family.Family`: classes, card, license, pretrained_cfg geometry, timm
 keywords, activation memory, trace and code kinds, training objective); this module registers those records, and
 everything above this layer (checkpoint loading, timm and Hub interop, the engine, analysis) asks it, never a model
-file and never ``isinstance`` on a family's class (``tests/test_layers.py`` enforces the first).
+file and never ``isinstance`` on a family's class (``tests/project/test_layers.py`` enforces the first).
 
 * presets (:mod:`cratevit.presets`) name their family;
 * checkpoint files record it (``"family"``; files without it are CRATE files), and :mod:`cratevit.checkpoint.keys`

@@ -14,7 +14,7 @@ HELP = "train a sparse autoencoder (ReLU-L1 or TopK) on a layer's activations an
 
 
 # The library's names (cratevit.analysis.activations.SITES, cratevit.analysis.sae.ARCHS), spelled here so that
-# `cratevit --help` imports no torch (tests/test_sae.py checks they agree).
+# `cratevit --help` imports no torch (tests/analysis/test_sae.py checks they agree).
 SITES = ("z_in", "z_half", "ista_in", "code")
 ARCHS = ("relu", "topk")
 
