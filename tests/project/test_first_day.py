@@ -75,7 +75,7 @@ def test_other_python_objects_are_refused_naming_the_global(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = str(info.value)
-    assert "stores a pickled Python object (test_first_day.Custom)" in message and "never runs code" in message
+    assert f"stores a pickled Python object ({Custom.__module__}.Custom)" in message and "never runs code" in message
     assert "\x1b" not in message and "\n" not in message and "two options" not in message
 
 
