@@ -1,5 +1,6 @@
-"""Adding an architecture family takes a model file, one registry entry, one key table and presets: a toy family,
-registered for one test, is built, saved, loaded and exported by the unchanged loaders."""
+"""Adding an architecture family takes a model file (its record holds the key table of its foreign layout and its
+shape reader), one registry entry and presets: a toy family, registered for one test, is built, saved, loaded and
+exported by the unchanged loaders."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from torch import nn
 
 from cratevit import CRATE, UserError, create_model, load_checkpoint, save_checkpoint, save_safetensors
 from cratevit.checkpoint import KEY_TABLES, from_reference_keys, load_model, to_reference_keys
-from cratevit.checkpoint.keys import KeyTable
 from cratevit.interop.hub import attach_hub_methods
+from cratevit.models import KeyTable
 from cratevit.presets import HALF, PRESET_INFO, PRESETS, register_preset
 from cratevit.registry import Family, families, family_for, get_family, is_family_model, trace_method
 
@@ -62,12 +63,9 @@ def toy_family(monkeypatch):
     import cratevit.presets as presets
     import cratevit.registry as registry
 
-    monkeypatch.setitem(registry._FAMILIES, "toy", Family("toy", ToyModel, ToyConfig, "a toy family", trace=None))
-    monkeypatch.setitem(
-        KEY_TABLES,
-        "toy",
-        KeyTable(body=(("emb.{p}", "embed.{p}"), ("fc.{p}", "head.{p}")), reference_markers=("emb.",)),
-    )
+    keys = KeyTable(body=(("emb.{p}", "embed.{p}"), ("fc.{p}", "head.{p}")), reference_markers=("emb.",))
+    toy = Family("toy", ToyModel, ToyConfig, "a toy family", trace=None, key_table=keys)
+    monkeypatch.setitem(registry._FAMILIES, "toy", toy)  # its key table comes with it (KEY_TABLES reads the registry)
     tables = (PRESETS, PRESET_INFO, presets._ALIASES)  # shared by every module: restored in place
     saved = [dict(t) for t in tables]
     register_preset("toy_small", ToyConfig(), preprocessing=HALF)
@@ -167,6 +165,7 @@ def toy_wb(monkeypatch):
     """The family ``toy_wb`` and its preset ``toy_wb_tiny``, registered for one test (the registries restored)."""
     import cratevit.presets as presets
     import cratevit.registry as registry
+    from cratevit.interop import timm_models  # first import registers every preset: before the toy's exists
 
     monkeypatch.setitem(registry._FAMILIES, "toy_wb", TOY_WB)
     tables = (PRESETS, PRESET_INFO, presets._ALIASES)
@@ -177,8 +176,6 @@ def toy_wb(monkeypatch):
     import copy
 
     import timm.models._registry as timm_registry
-
-    from cratevit.interop import timm_models
 
     timm_tables = {k: v for k, v in vars(timm_registry).items() if isinstance(v, (dict, set)) and k.startswith("_m")}
     timm_saved = {k: copy.deepcopy(v) for k, v in timm_tables.items()}

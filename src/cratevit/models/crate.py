@@ -61,6 +61,7 @@ from .blocks import (
     use_fused_attention,
 )
 from .family import Card, Family
+from .key_table import KeyTable
 
 __all__ = [
     "CRATE",
@@ -255,6 +256,32 @@ def activation_bytes(cfg: Any, amp: str | None, checkpointing: bool = False) -> 
     return cfg.depth * per_layer + image
 
 
+# The official CRATE code (model/crate.py of Ma-Lab-Berkeley/CRATE) names the layers ``transformer.layers.{i}``
+# with ``[PreNorm(Attention), PreNorm(FeedForward)]``; the emergence demo adds a second head stage ``head``.
+CRATE_KEYS = KeyTable(
+    body=(
+        ("pos_embedding", "pos_embed"),
+        ("cls_token", "cls_token"),
+        ("to_patch_embedding.1.{p}", "patch_embed.norm_in.{p}"),
+        ("to_patch_embedding.2.{p}", "patch_embed.proj.{p}"),
+        ("to_patch_embedding.3.{p}", "patch_embed.norm_out.{p}"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(("mlp_head.1.{p}", "pre_logits.{p}"), ("head.{p}", "head.{p}")),
+    reference_markers=("transformer.layers.", "to_patch_embedding."),
+    two_stage_reference_key="head.weight",
+    two_stage_our_key="pre_logits.weight",
+)
+"""CRATE's key table: the official repository's names (``transformer.layers.{i}.0.fn.qkv``, ``mlp_head``), with
+the emergence demo's two-stage head."""
+
+
 FAMILY = Family(
     name="crate",
     model_cls=CRATE,
@@ -276,5 +303,6 @@ FAMILY = Family(
     code_kind=lambda cfg: "output" if getattr(cfg, "feedforward", "ista") == "ista" else None,
     pretrained_cfg=geometry_cfg,
     activation_bytes=activation_bytes,
+    key_table=CRATE_KEYS,
 )
 """CRATE's family record (registered by :mod:`cratevit.registry`)."""

@@ -39,6 +39,7 @@ from ..errors import UserError
 from .backbone import BackboneConfig, WhiteBoxBackbone, forward_flops, geometry_cfg
 from .blocks import ConvPatchEmbed, LayerTrace, OvercompleteISTA, WhiteBoxBlock
 from .family import Card, Family
+from .key_table import KeyTable
 
 __all__ = [
     "FAMILY",
@@ -147,6 +148,30 @@ def alpha_forward_flops(cfg: CRATEAlphaConfig, image_size: tuple[int, int] | Non
 
 
 # ---------------------------------------------------------------------------------------------- the family record
+# CRATE-alpha: the released PyTorch files (Hub UCSC-VLAA/CRATE-alpha, torch/*.pth) are plain state_dicts of the
+# official torch_inference/model/crate_alpha.py. Every tensor keeps its shape (D and D1 are (dim, 4 dim) in both).
+CRATE_ALPHA_KEYS = KeyTable(
+    body=(
+        ("conv1.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("pos_embedding", "pos_embed"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.weight", "blocks.{i}.mssa.out_proj.weight"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.D", "blocks.{i}.ista.dictionary"),
+        ("transformer.layers.{i}.1.fn.D1", "blocks.{i}.ista.decoder"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(),
+    reference_markers=("conv1.", "transformer.layers."),
+    two_stage_reference_key="",
+    two_stage_our_key="",
+)
+"""CRATE-alpha's key table: the official release's names (``conv1``, ``fn.D`` / ``fn.D1``)."""
+
+
 FAMILY = Family(
     name="crate_alpha",
     model_cls=CRATEAlpha,
@@ -170,5 +195,6 @@ FAMILY = Family(
     code_kind=lambda cfg: "trace",
     code_editor=lambda block, z_half, code: block.ista.decode(code, z_half),
     pretrained_cfg=geometry_cfg,
+    key_table=CRATE_ALPHA_KEYS,
 )
 """CRATE-α's family record (registered by :mod:`cratevit.registry`)."""

@@ -50,6 +50,7 @@ from .backbone import PatchGrid, WhiteBoxBackbone, to_2tuple, trace_blocks
 from .blocks import MSSA, ConvPatchEmbed, LayerTrace, WhiteBoxBlock
 from .crate import CRATE, CRATEConfig
 from .family import Card, Family
+from .key_table import KeyTable
 
 __all__ = [
     "CRATEMAE",
@@ -507,6 +508,36 @@ def mae_crate_large(**overrides: Any) -> CRATEMAE:
 
 
 # ---------------------------------------------------------------------------------------------- the family record
+# CRATE-MAE as released (model/crate_ae/ of the CRATE repository, trained with FAIR's MAE code): timm's conv
+# PatchEmbed, encoder blocks ``[PreNorm(Attention), PreNorm(ISTA)]``, decoder blocks ``[PreNorm(D x), PreNorm(Attention)]``.
+# The official forward pass adds ``decoder_pos_embed`` to the encoder's input and never applies ``pos_embed`` or
+# ``decoder_embed``: those are checked to be there and dropped.
+CRATE_MAE_KEYS = KeyTable(
+    body=(
+        ("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("mask_token", "mask_token"),
+        ("decoder_pos_embed", "pos_embed"),
+        ("blocks.{i}.layers.0.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("blocks.{i}.layers.0.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("blocks.{i}.layers.0.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("blocks.{i}.layers.0.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("blocks.{i}.layers.0.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("norm.{p}", "norm.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.norm.{p}", "decoder_blocks.{i}.norm1.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.fn.weight", "decoder_blocks.{i}.dictionary"),
+        ("decoder_blocks.{i}.layers.0.1.norm.{p}", "decoder_blocks.{i}.norm2.{p}"),
+        ("decoder_blocks.{i}.layers.0.1.fn.qkv.weight", "decoder_blocks.{i}.mssa.subspace_proj.weight"),
+        ("decoder_blocks.{i}.layers.0.1.fn.to_out.0.{p}", "decoder_blocks.{i}.mssa.out_proj.{p}"),
+        ("decoder_norm.{p}", "decoder_norm.{p}"),
+        ("decoder_pred.{p}", "decoder_pred.{p}"),
+    ),
+    reference_markers=("blocks.0.layers.0.", "decoder_blocks.0.layers.0."),
+    reference_unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
+)
+"""CRATE-MAE's key table: the official release's names (``blocks.{i}.layers.0.*``)."""
+
+
 FAMILY = Family(
     name="crate_mae",
     model_cls=CRATEMAE,
@@ -534,5 +565,6 @@ FAMILY = Family(
     pretrained_cfg=mae_geometry_cfg,
     to_classifier=crate_classifier_from_mae,
     mask_sampler=random_masking,
+    key_table=CRATE_MAE_KEYS,
 )
 """CRATE-MAE's family record (registered by :mod:`cratevit.registry`)."""

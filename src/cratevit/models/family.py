@@ -15,6 +15,8 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``pretrained_cfg(cfg)``: the part of timm's ``pretrained_cfg`` the configuration determines;
 * ``timm_kwargs``: timm's ``create_model`` keyword -> the configuration's field;
 * ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown);
+* ``key_table``: the :class:`~.key_table.KeyTable` of the family's foreign layout (its official code's names), or
+  None where the family has no released files in another layout;
 * ``shape_reader(state, heads)``: the configuration of a bare state dict, from its tensor shapes;
 * ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
 * ``mask_sampler(batch, num_patches, mask_ratio, generator)``: an autoencoder's random patch mask (b, n) of
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .key_table import KeyTable
 
 __all__ = ["TIMM_KWARGS", "Card", "Family", "classifier_geometry"]
 
@@ -96,6 +100,8 @@ class Family:
     pretrained_cfg: Callable[[Any], dict[str, Any]] = classifier_geometry  # geometry part of timm's pretrained_cfg
     timm_kwargs: dict[str, str] = field(default_factory=lambda: dict(TIMM_KWARGS))
     activation_bytes: Callable[[Any, str | None, bool], int | None] = lambda cfg, amp, ckpt: None
+    # (official name, our name) pairs of the family's foreign layout; None: its files come in our layout only.
+    key_table: KeyTable | None = None
     # The shape reader for bare state dicts (our key layout): (state, heads) -> configuration. None: the readers of
     # the built-in families, in cratevit.checkpoint.infer (they consult the presets, above this layer).
     shape_reader: Callable[[Any, int | None], Any] | None = None
