@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -49,10 +50,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, UserError
+from ..errors import UserError
+from .blocks import DropPath
 from .contract import TimmContract
 from .family import Card, Family
 from .key_table import KeyTable
+from .shapes import ShapeError, ShapeReading
 
 __all__ = [
     "FAMILY",
@@ -362,20 +365,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth of a residual branch (b, n, dim): each sample's branch dropped with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
 
 
 class ConvStem(nn.Module):
@@ -883,21 +872,22 @@ for _method in (ToST.forward, ToST.forward_features):
 
 
 # ---------------------------------------------------------------------------------------------- the family record
-def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfig:
+def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeReading:
     """The :class:`ToSTConfig` of a state dict in our key layout, read off its tensor shapes (``heads`` is not
     needed: the temperatures are (heads, 1)). The image size is the official 224 (any multiple of the patch runs;
-    a file's recorded ``input_size`` replaces it)."""
+    a file's recorded ``input_size`` replaces it: the record's ``file_args``)."""
     del heads
-    need = ("cls_token", "blocks.0.tssa.temperature", "blocks.0.mlp.fc1.weight", "pos_embed.proj.weight")
-    missing = [k for k in need if k not in state]
+    required = ("cls_token", "blocks.0.tssa.temperature", "blocks.0.mlp.fc1.weight", "pos_embed.proj.weight")
+    missing = [k for k in required if k not in state]
     if missing:
-        raise CheckpointError(
-            f"tensor {missing[0]} is missing, so the ToST architecture cannot be read from the shapes; the file "
-            "is truncated or not a ToST checkpoint"
+        raise ShapeError(
+            "tensor {0} is missing, so the ToST architecture cannot be read from the shapes; the file is truncated "
+            "or not a ToST checkpoint",
+            missing[0],
         )
     dim = state["cls_token"].shape[-1]
     head = state.get("head.weight")
-    return ToSTConfig(
+    config = ToSTConfig(
         dim=dim,
         depth=1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
         heads=state["blocks.0.tssa.temperature"].shape[0],
@@ -909,6 +899,7 @@ def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfi
         channels=state["patch_embed.stages.0.conv.weight"].shape[1],
         num_classes=0 if head is None else head.shape[0],
     )
+    return ShapeReading(config)
 
 
 def tost_forward_flops(cfg: ToSTConfig) -> int:
@@ -1025,6 +1016,7 @@ FAMILY = Family(
         "global_pool": "pool",
     },
     shape_reader=read_shapes,
+    file_args={"input_size": "image_size"},  # DeiT/XCiT's main.py records the training size
     key_table=TOST_KEYS,
     forward_flops=tost_forward_flops,
     ddp_prepare=_sync_batchnorm,
