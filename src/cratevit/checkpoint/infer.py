@@ -53,6 +53,8 @@ def _heads_from_presets(record: Family, cfg: Any, presets: Mapping[str, Any], so
         f"presets of these shapes disagree ({', '.join(f'{n}: {h}' for n, h in sorted(same.items()))})"
         if same
         else f"no preset has {', '.join(facts[:-1])}{' and ' if len(facts) > 1 else ''}{facts[-1]}"
+        if facts
+        else f"{record.name} has no presets"
     )
     examples = [f"{h}x{inner // h}" for h in (1, 2, 3, 4, 6, 8, 12, 16) if inner % h == 0 and inner // h >= 8][-4:]
     raise CheckpointError(
@@ -92,7 +94,9 @@ def read_config(
     try:
         reading = record.shape_reader(state, heads)
         cfg = reading.config
-        if not reading.heads_read and record.with_heads is not None:
+        if not reading.heads_read:
+            if record.with_heads is None:
+                raise CheckpointError(f"{where}the shapes cannot tell the {family} head count; pass arch=")
             cfg = record.with_heads(cfg, _heads_from_presets(record, cfg, presets, source))
     except ShapeError as err:
         raise _worded(err, where, name_in_file) from None
