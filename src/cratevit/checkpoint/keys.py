@@ -60,9 +60,13 @@ KEY_TABLES: Mapping[str, KeyTable] = _KeyTables()
 
 # The built-in families' tables under their former names (each is the record's ``key_table``).
 CRATE_KEYS: KeyTable = get_family("crate").key_table
+"""CRATE's key table (``cratevit.models.crate.CRATE_KEYS``, its record's ``key_table``)."""
 CRATE_ALPHA_KEYS: KeyTable = get_family("crate_alpha").key_table
+"""CRATE-alpha's key table (``cratevit.models.crate_alpha.CRATE_ALPHA_KEYS``, its record's ``key_table``)."""
 CRATE_MAE_KEYS: KeyTable = get_family("crate_mae").key_table
+"""CRATE-MAE's key table (``cratevit.models.crate_mae.CRATE_MAE_KEYS``, its record's ``key_table``)."""
 TOST_KEYS: KeyTable = get_family("tost").key_table
+"""ToST's key table (``cratevit.models.tost.TOST_KEYS``, its record's ``key_table``)."""
 
 
 def _covers(table: KeyTable, keys: list[str], to_ours: bool) -> bool:

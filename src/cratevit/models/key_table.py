@@ -21,7 +21,8 @@ __all__ = ["KeyTable", "Rule", "rename"]
 
 Renamer = Callable[[str], "str | None"]
 
-Rule = tuple[str, str]  # (pattern, template) for re.fullmatch / re.sub
+Rule = tuple[str, str]
+"""A renaming rule: (pattern, template) for ``re.fullmatch`` / ``re.sub``."""
 
 _PLACEHOLDERS = {
     "i": r"(?P<i>\d+)",
