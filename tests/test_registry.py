@@ -116,6 +116,8 @@ from cratevit.models.shapes import (  # noqa: E402
     backbone_head_facts,
     backbone_heads,
     backbone_with_heads,
+    class_count,
+    head_split,
     layer_count,
     need,
     square_grid,
@@ -147,8 +149,9 @@ def _toy_shapes(state: dict[str, torch.Tensor], heads: int | None) -> ShapeReadi
     patch = int((state["patch_embed.proj.weight"].shape[1] // 3) ** 0.5)
     inner = need(state, "blocks.0.attn.qkv.weight", 2).shape[0] // 3
     n_heads = backbone_heads(dim, inner, True, heads)
-    cfg = ToyWBConfig(image_size=grid * patch, patch_size=patch, dim=dim, depth=layer_count(state, probe="attn.qkv.weight"),
-                      heads=n_heads or 1, dim_head=inner // (n_heads or 1), num_classes=state["head.weight"].shape[0])  # fmt: skip
+    depth = layer_count(state, probe="attn.qkv.weight")
+    cfg = ToyWBConfig(image_size=grid * patch, patch_size=patch, dim=dim, depth=depth, **head_split(inner, n_heads),
+                      num_classes=class_count(state))  # fmt: skip
     return ShapeReading(cfg, heads_read=n_heads is not None)
 
 

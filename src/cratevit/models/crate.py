@@ -71,6 +71,8 @@ from .shapes import (
     backbone_head_facts,
     backbone_heads,
     backbone_with_heads,
+    class_count,
+    head_split,
     layer_count,
     need,
     split_patch_dim,
@@ -309,10 +311,9 @@ def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeR
         channels=channels,
         dim=dim,
         depth=layer_count(state),
-        heads=n_heads or 1,
-        dim_head=inner // (n_heads or 1),
+        **head_split(inner, n_heads),
         head_hidden_dim=state["pre_logits.weight"].shape[0] if "pre_logits.weight" in state else None,
-        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        num_classes=class_count(state),
     )
     return ShapeReading(cfg, heads_read=n_heads is not None)
 

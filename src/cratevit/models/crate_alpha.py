@@ -49,6 +49,8 @@ from .shapes import (
     backbone_head_facts,
     backbone_heads,
     backbone_with_heads,
+    class_count,
+    head_split,
     layer_count,
     need,
     square_grid,
@@ -184,10 +186,9 @@ def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeR
         channels=channels,
         dim=dim,
         depth=layer_count(state),
-        heads=n_heads or 1,
-        dim_head=inner // (n_heads or 1),
+        **head_split(inner, n_heads),
         overcomplete=dictionary.shape[1] // dim,
-        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        num_classes=class_count(state),
     )
     return ShapeReading(cfg, heads_read=n_heads is not None)
 

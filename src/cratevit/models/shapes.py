@@ -30,6 +30,8 @@ __all__ = [
     "backbone_head_facts",
     "backbone_heads",
     "backbone_with_heads",
+    "class_count",
+    "head_split",
     "layer_count",
     "need",
     "split_patch_dim",
@@ -117,6 +119,18 @@ def backbone_heads(dim: int, inner: int, out_proj: bool, heads: int | None) -> i
     if not out_proj and inner == dim:
         return 1
     return None
+
+
+def head_split(inner: int, heads: int | None) -> dict[str, int]:
+    """The configuration fields ``heads`` and ``dim_head`` of an ``inner``-wide projection: ``heads`` heads, or one
+    head of the whole width when the head count is not known (the caller splits it later)."""
+    n = heads or 1
+    return {"heads": n, "dim_head": inner // n}
+
+
+def class_count(state: Mapping[str, Tensor]) -> int:
+    """The classifier's output width, from ``head.weight`` (0: no classifier)."""
+    return state["head.weight"].shape[0] if "head.weight" in state else 0
 
 
 def backbone_with_heads(cfg: Any, heads: int) -> Any:

@@ -55,7 +55,7 @@ from .blocks import DropPath
 from .contract import TimmContract
 from .family import Card, Family
 from .key_table import KeyTable
-from .shapes import ShapeError, ShapeReading
+from .shapes import ShapeError, ShapeReading, class_count
 
 __all__ = [
     "FAMILY",
@@ -886,7 +886,6 @@ def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeR
             missing[0],
         )
     dim = state["cls_token"].shape[-1]
-    head = state.get("head.weight")
     config = ToSTConfig(
         dim=dim,
         depth=1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
@@ -897,7 +896,7 @@ def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeR
         qkv_bias="blocks.0.tssa.subspace_proj.bias" in state,
         pos_dim=state["pos_embed.proj.weight"].shape[1] // 2,
         channels=state["patch_embed.stages.0.conv.weight"].shape[1],
-        num_classes=0 if head is None else head.shape[0],
+        num_classes=class_count(state),
     )
     return ShapeReading(config)
 
