@@ -26,6 +26,7 @@ from ..analysis.layerwise import EPS
 from ..analysis.visualize import to_uint8, upsample
 from ..errors import UserError
 from .colour import DIVERGING, SEQUENTIAL, Scale, heat_overlay, paint, stops
+from .sae_view import SAE_DEFINITIONS, SAEActions
 from .uploads import MAX_ASPECT, MAX_PIXELS, MAX_SIDE, UPLOAD_FORMATS, read_upload
 
 __all__ = [
@@ -129,6 +130,17 @@ def png_uri(img: Image.Image | np.ndarray, display: int | None = DISPLAY, smooth
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def histogram_json(values: torch.Tensor, bins: int = 20) -> dict[str, Any]:
+    """The histogram of the non-zero entries of ``values`` (counts, edges) and the number of zeros, for the page."""
+    values = values.flatten()
+    active = values[values > 0]
+    hist = (
+        np.histogram(active.numpy(), bins=bins) if len(active) else (np.zeros(bins, int), np.linspace(0, 1, bins + 1))
+    )
+    return {"counts": [int(c) for c in hist[0]], "edges": [round(float(e), 6) for e in hist[1]],
+            "zeros": int((values <= 0).sum())}  # fmt: skip
+
+
 @dataclass
 class Job:
     """Long work running in a thread; the page polls :meth:`Explorer.job`."""
@@ -165,7 +177,7 @@ class _Open:
         return total
 
 
-class Explorer:
+class Explorer(SAEActions):
     """One model and what the page has opened. Requests run in threads: opening images and interventions are
     serialised by a lock; the image-set index runs beside them in its own thread (a white-box forward pass keeps no
     state, and timm models, whose passes toggle hooks, have nothing to index). ``trained=False`` marks a model with
@@ -205,6 +217,7 @@ class Explorer:
         self.set_curves: dict[str, torch.Tensor] = {}
         self._set_inputs: list[Prepared] | None = None
         self._index_job: dict[int, str] = {}
+        self._init_saes()
 
     # ----------------------------------------------------------------------------------------------- info
     def info(self) -> dict[str, Any]:
@@ -226,7 +239,8 @@ class Explorer:
             "samples": list(self.samples),
             "image_set": {"label": self.image_set_label, "images": len(self.image_set)},
             "classifier": bool(self.class_names),
-            "definitions": DEFINITIONS,
+            "definitions": {**DEFINITIONS, **SAE_DEFINITIONS},
+            "saes": [{"sae": i, **s.describe()} for i, s in enumerate(self.saes)],
             "colormaps": {SEQUENTIAL: stops(SEQUENTIAL), DIVERGING: stops(DIVERGING)},
             "limits": {
                 "max_side": MAX_SIDE,
@@ -552,9 +566,6 @@ class Explorer:
             crop = insp.patch_crop(self._set_inputs[p["image"]].image, p["row"], p["col"], self.patch_size)
             patches.append({**p, "name": self.image_set[p["image"]].name, "src": png_uri(crop, display=72)})
         here = code[..., coord]
-        values = index.codes[..., coord].flatten()
-        active = values[values > 0]
-        hist = np.histogram(active.numpy(), bins=20) if len(active) else (np.zeros(20, int), np.linspace(0, 1, 21))
         scale = Scale.from_zero([here])
         return {
             "layer": layer,
@@ -562,11 +573,7 @@ class Explorer:
             "dictionary": self._dictionary_column(layer, coord),
             "stats": insp.atom_stats(index, coord),
             "patches": patches,
-            "histogram": {
-                "counts": [int(c) for c in hist[0]],
-                "edges": [round(float(e), 6) for e in hist[1]],
-                "zeros": int((values <= 0).sum()),
-            },
+            "histogram": histogram_json(index.codes[..., coord]),
             "here": {
                 "src": self._heat(item, here, scale),
                 "scale": scale.to_json(),
@@ -625,6 +632,22 @@ class Explorer:
             a0 = insp.attention_map(item.ins, later_layer)[0]
             a1 = result.attention_map_after(later_layer)[0]
             pairs.append((later_layer, *((a0.mean(0), a1.mean(0)) if head is None else (a0[head], a1[head]))))
+        out: dict[str, Any] = {"layer": layer, "coord": coord, "value": value, "head": head}
+        out.update(self._effect(item, pairs, scale, item.ins.logits, result.logits))
+        out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
+        return out
+
+    def _effect(
+        self,
+        item: _Open,
+        pairs: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+        scale: str,
+        before: torch.Tensor | None,
+        after: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """What an edit did: top classes before and after, the unedited top class's probability and the largest
+        logit change, and per later layer (``pairs``: layer, map before, map after) the before/after maps on one
+        scale (``scale``: one of :data:`SCALES`) and their difference on a symmetric one."""
         every = [m for _, s0, s1 in pairs for m in (s0, s1)]
         diffs = [s1 - s0 for _, s0, s1 in pairs]
         later = []
@@ -636,12 +659,7 @@ class Explorer:
                           "scale": sc.to_json(),
                           "difference_scale": dsc.to_json(),
                           "change": float((s1 - s0).abs().sum() / s0.abs().sum().clamp_min(1e-12))})  # fmt: skip
-        before, after = item.ins.logits, result.logits
         out: dict[str, Any] = {
-            "layer": layer,
-            "coord": coord,
-            "value": value,
-            "head": head,
             "classes_before": self._classes(before),
             "classes_after": self._classes(after),
             "later": later,
@@ -654,7 +672,6 @@ class Explorer:
                 "prob_after": float(after[0].softmax(-1)[top]),
                 "logit_change": float((after - before).abs().max()),
             }
-        out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
         return out
 
     def sweep(self, image_id: str, layer: int, coord: int) -> dict[str, Any]:
