@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -24,9 +24,8 @@ from ..analysis import inspection as insp
 from ..analysis import sae_features as sf
 from ..errors import UserError
 from .colour import Scale
-
-if TYPE_CHECKING:
-    from .session import Job
+from .jobs import INDEX_BUDGET, Job
+from .pictures import histogram_json, png_uri
 
 __all__ = ["SAE_DEFINITIONS", "SAEActions"]
 
@@ -121,8 +120,6 @@ class SAEActions:
     def start_sae_index(self, sae: int, rebuild: bool = False) -> dict[str, Any]:
         """Index the image set's SAE codes in a thread (the page's job system); the running job while one runs, a
         finished one at once when indexed unless ``rebuild``. Images beyond the memory budget are left out."""
-        from .session import INDEX_BUDGET, Job
-
         s = self._sae(sae)
         if not self.image_set:
             raise UserError("no image set to index; start the page with --images DIR")
@@ -134,7 +131,7 @@ class SAEActions:
         n = max(1, min(len(self.image_set), INDEX_BUDGET // per_image))
         label = self.image_set_label + ("" if n == len(self.image_set) else f" (the first {n}: the memory budget)")
         if not rebuild and sae in self.sae_index:
-            done = Job(uuid.uuid4().hex[:12], "index-sae", n, n, "done", f"already indexed: {n} images ({label})",
+            done = Job(uuid.uuid4().hex[:12], "sae_index", n, n, "done", f"already indexed: {n} images ({label})",
                        seconds=1e-6)  # fmt: skip
             self._remember(done)
             return done.to_json()
@@ -151,15 +148,13 @@ class SAEActions:
             self.sae_index[sae].metrics["image_set"] = label
             job.message = f"indexed SAE {sae} ({s.hook}) on {n} images ({label})"
 
-        job = self._start("index-sae", work)
+        job = self._start("sae_index", work)
         self._sae_jobs[sae] = job.id
         return job.to_json()
 
     def sae_feature(self, image_id: str, sae: int, feature: int, k: int = 12) -> dict[str, Any]:
         """One feature: its map on this image (colour bar from 0), its top patches, usage and histogram over the
         image set, its nearest ISTA atoms, and the SAE's metrics; ``{"pending": job}`` while the set is indexed."""
-        from .session import histogram_json, png_uri
-
         t0 = time.perf_counter()
         s = self._sae(sae)
         self._check_feature(s, feature)
@@ -205,14 +200,11 @@ class SAEActions:
     ) -> dict[str, Any]:
         """Clamp one SAE feature to ``value`` on every patch token at its hook point (error term kept) and run the
         network on: the prediction and the later layers' attention before and after, as :meth:`intervene`."""
-        from .session import SCALES
-
         t0 = time.perf_counter()
         s = self._sae(sae)
         self._check_clamp(s.layer, head, value)
         self._check_feature(s, feature)
-        if scale not in SCALES:
-            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+        self._check_scale(scale)
         item = self._get(image_id)
         with self.lock:
             result = sf.clamp_feature(self.model, s, item.prep.tensor[None], feature, value)

@@ -4,14 +4,12 @@ Flask app in :mod:`cratevit.explore.app` only routes requests to an :class:`Expl
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,8 @@ from ..analysis.layerwise import EPS
 from ..analysis.visualize import to_uint8, upsample
 from ..errors import UserError
 from .colour import DIVERGING, SEQUENTIAL, Scale, heat_overlay, paint, stops
+from .jobs import INDEX_BUDGET, Job
+from .pictures import DISPLAY, histogram_json, png_uri
 from .sae_view import SAE_DEFINITIONS, SAEActions
 from .uploads import MAX_ASPECT, MAX_PIXELS, MAX_SIDE, UPLOAD_FORMATS, read_upload
 
@@ -38,11 +38,9 @@ __all__ = [
     "data_samples",
 ]
 
-DISPLAY = 256  # longer side of the pictures in the page, pixels
 CLAMP_LIMIT = 1000.0  # an intervention clamps a code coordinate to a value in [-CLAMP_LIMIT, CLAMP_LIMIT]
 KEEP_JOBS = 16  # finished jobs kept for the page to poll; older ones are dropped
 OPEN_IMAGES = 8  # images kept in memory (the page's recent uploads and samples)
-INDEX_BUDGET = 256 * 2**20  # bytes of codes indexed for all layers at once; above it, one layer at a time
 TRACE_BUDGET = 768 * 2**20  # bytes of attention matrices one opened image may hold (every layer and head)
 OPEN_BUDGET = 2 * TRACE_BUDGET  # bytes of traces all open images may hold; the oldest are dropped beyond it
 SCALES = ("own", "shared")  # each map on its own colour scale, or one scale for the heads and before/after
@@ -115,48 +113,6 @@ def data_samples(data: str | None, count: int, image_size: int = 32) -> list[Ima
             items.append(ImageItem(f"{CLASSES[label]} #{i}", image))
         return items
     return []
-
-
-def png_uri(img: Image.Image | np.ndarray, display: int | None = DISPLAY, smooth: bool = False) -> str:
-    """A PNG data URI, scaled so the longer side is ``display`` pixels (nearest neighbour unless ``smooth``)."""
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    if display:
-        scale = display / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)  # fast: the page is local
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def histogram_json(values: torch.Tensor, bins: int = 20) -> dict[str, Any]:
-    """The histogram of the non-zero entries of ``values`` (counts, edges) and the number of zeros, for the page."""
-    values = values.flatten()
-    active = values[values > 0]
-    hist = (
-        np.histogram(active.numpy(), bins=bins) if len(active) else (np.zeros(bins, int), np.linspace(0, 1, bins + 1))
-    )
-    return {"counts": [int(c) for c in hist[0]], "edges": [round(float(e), 6) for e in hist[1]],
-            "zeros": int((values <= 0).sum())}  # fmt: skip
-
-
-@dataclass
-class Job:
-    """Long work running in a thread; the page polls :meth:`Explorer.job`."""
-
-    id: str
-    what: str
-    done: int = 0
-    total: int = 0
-    state: str = "running"  # running | done | error
-    message: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "what": self.what, "done": self.done, "total": self.total, "state": self.state,
-                "message": self.message, "seconds": round(self.seconds or time.perf_counter() - self.started, 3)}  # fmt: skip
 
 
 @dataclass
@@ -315,6 +271,10 @@ class Explorer(SAEActions):
         if head is not None and not 0 <= head < self.heads:
             raise UserError(f"head {head} is out of range; this model has heads 0..{self.heads - 1}")
 
+    def _check_scale(self, scale: str) -> None:
+        if scale not in SCALES:
+            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+
     # ----------------------------------------------------------------------------------------------- the view
     def _heat(self, item: _Open, values: torch.Tensor, scale: Scale, display: int = DISPLAY, **kw: Any) -> str:
         """A (rows, cols) map over the image the network saw, on ``scale``, as a data URI."""
@@ -361,8 +321,7 @@ class Explorer(SAEActions):
             )
         if protocol not in insp.MASK_PROTOCOLS:
             raise UserError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(insp.MASK_PROTOCOLS)}")
-        if scale not in SCALES:
-            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+        self._check_scale(scale)
         if not 0.0 < threshold <= 1.0:
             raise UserError(f"threshold {threshold} must lie in (0, 1]")
         item = self._get(image_id)
@@ -622,8 +581,7 @@ class Explorer(SAEActions):
         one colour scale per layer, or one for all with ``scale="shared"``) and their difference."""
         t0 = time.perf_counter()
         self._check_clamp(layer, head, value)
-        if scale not in SCALES:
-            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+        self._check_scale(scale)
         item = self._get(image_id)
         with self.lock:
             result = insp.intervene(self.model, item.ins, layer, coord, value)
