@@ -40,9 +40,16 @@ def files(tmp_path_factory):
     ckpt = save_checkpoint(tmp / "digits.pt", model, train_config={"data": "digits"})
     x = torch.rand(32, 3, 32, 32) * 2 - 1
     paths = {"ckpt": ckpt}
+    fingerprint = sf.weights_fingerprint(model)
     for site in ("ista_in", "code"):
         sae = _train(model.eval(), x, 0, site)
-        paths[site] = save_sae(tmp / f"{site}.pt", sae, meta={"model": str(ckpt), "layer": 0, "site": site})
+        # the first records the weights' fingerprint and a path the file no longer has, the second only the path
+        meta = {"model": "moved/digits.pt", "model_fingerprint": fingerprint} if site == "ista_in" else {}
+        meta = {"model": str(ckpt), "layer": 0, "site": site, **meta}
+        paths[site] = save_sae(tmp / f"{site}.pt", sae, meta=meta)
+    torch.manual_seed(1)
+    other = {"model": str(ckpt), "model_fingerprint": sf.weights_fingerprint(create_model("crate_debug"))}
+    paths["weights"] = save_sae(tmp / "weights.pt", sae, meta={**other, "layer": 0, "site": "ista_in"})
     wide = SparseAutoencoder(SAEConfig(d_in=16, expansion=2))
     paths["width"] = save_sae(tmp / "width.pt", wide, meta={"model": str(ckpt), "layer": 0, "site": "ista_in"})
     paths["layer"] = save_sae(tmp / "layer.pt", wide, meta={"model": str(ckpt), "layer": 5, "site": "ista_in"})
@@ -202,7 +209,8 @@ def test_a_page_without_an_sae_says_how_to_load_one(files) -> None:
     [
         ("width", "was trained on activations of width 16, but blocks.0.norm2"),
         ("layer", "reads layer 5 (0-based), but"),
-        ("other", "was trained on runs/shapes/best.pt, not on"),
+        ("other", "was trained on runs/shapes/best.pt, a model other than"),
+        ("weights", "digits.pt, other weights than"),
         ("ckpt", "is not an SAE checkpoint"),
     ],
 )

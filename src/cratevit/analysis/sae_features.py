@@ -4,7 +4,8 @@ An SAE checkpoint (``cratevit sae train``, :mod:`.sae_train`) records where it r
 (0-based block index) and the activation site (:data:`.activations.SITES`, hook ``blocks.l.POINT``). Here:
 
 * :func:`load_sae_for`: the checkpoint read ``weights_only`` and checked against the model it is used on (the
-  recorded model, the layer, the site's hook point and the activation width), each mismatch one line;
+  recorded model's weights fingerprint, :func:`weights_fingerprint`, or its file; the layer, the site's hook point
+  and the activation width), each mismatch one line;
 * :func:`site_tokens` / :func:`feature_codes`: the patch tokens at the hook point ``x`` (b, n_patch, d) and their
   code ``f = SAE.encode(x)`` (b, rows, cols, F);
 * :func:`index_features`: the codes of an image set in an :class:`~.inspection.AtomIndex` (so the atom view's
@@ -22,6 +23,7 @@ An SAE checkpoint (``cratevit sae train``, :mod:`.sae_train`) records where it r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -52,6 +54,7 @@ __all__ = [
     "load_sae_for",
     "nearest_atoms",
     "site_tokens",
+    "weights_fingerprint",
 ]
 
 ATOM_SITES = ("ista_in", "code")
@@ -85,13 +88,26 @@ class LoadedSAE:
                 "random_weights": self.random_weights, "recorded": self.recorded}  # fmt: skip
 
 
-def _same_model(recorded: str, spec: str) -> bool:
-    """Whether a recorded model name and the one explored name the same model: the same file (through links and
-    relative paths), else equal names (a preset, a timm name, or a file moved to another folder)."""
-    a, b = Path(recorded), Path(spec)
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes, shapes and bytes, in name order): the same weights give the
+    same value wherever the file lies. ``cratevit sae train`` records it, the explorer compares it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _same_model(meta: dict[str, Any], model: nn.Module, spec: str) -> bool:
+    """Whether the model an SAE records is the one explored: the same weights fingerprint where the SAE records
+    one; else (older files) the same file through links and relative paths, or the same name."""
+    if isinstance(meta.get("model_fingerprint"), str):
+        return meta["model_fingerprint"] == weights_fingerprint(model)
+    a, b = Path(meta["model"]), Path(spec)
     if a.is_file() and b.is_file():
         return os.path.samefile(a, b)
-    return recorded == spec or (a.suffix != "" and a.name == b.name)
+    return meta["model"] == spec
 
 
 def _site_width(model: nn.Module, layer: int, site: str, image_size: tuple[int, int]) -> int:
@@ -114,9 +130,10 @@ def load_sae_for(path: str | Path, model: nn.Module, model_spec: str, image_size
         raise CheckpointError(
             f"{path} records no hook point (layer, site, model); pass an SAE written by `cratevit sae train`"
         )
-    if not _same_model(trained_on, model_spec):
+    if not _same_model(meta, model, model_spec):
+        other = "other weights than" if "model_fingerprint" in meta else "a model other than"
         raise UserError(
-            f"{path} was trained on {trained_on}, not on {model_spec}; pass an SAE trained on this model "
+            f"{path} was trained on {trained_on}, {other} {model_spec}; pass an SAE trained on this model "
             f"(`cratevit sae train {model_spec} --layer L`)"
         )
     depth = len(model.blocks)
