@@ -466,6 +466,21 @@ def test_sae_features_beside_the_atoms(browser, sae_server, tmp_path) -> None:
     assert "error term kept" in d.find_element("id", "sae-intervention").text
     _keep(d, tmp_path, "explore-sae.png")
 
+    # the export's numbers hold the SAE panel
+    import json
+
+    out = tmp_path / "downloads"
+    out.mkdir()
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(out)})
+    d.find_element("id", "btn-export").click()
+    deadline = time.time() + 30
+    while time.time() < deadline and not [p for p in out.iterdir() if p.suffix == ".json"]:
+        time.sleep(0.2)
+    numbers = json.loads(next(p for p in out.iterdir() if p.suffix == ".json").read_text())
+    assert numbers["sae_feature"]["feature"] == int(feature) and numbers["sae_feature"]["hook"] == "blocks.0.norm2"
+    assert numbers["sae_clamp"]["value"] == 0 and numbers["sae"]["metrics"]["l0"] > 0
+    assert "src" not in numbers["sae_feature"]["here"]  # numbers only
+
     # the permalink holds the SAE and the feature
     url = d.current_url
     assert "sae=0" in url and f"feature={feature}" in url, url

@@ -224,3 +224,51 @@ def test_a_missing_sae_file_is_one_line(files, tmp_path, capsys) -> None:
     assert main(["explore", str(files["ckpt"]), "--sae", str(tmp_path / "none.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such file" in err and len(err.splitlines()) == 1
+
+
+def test_the_sae_index_is_one_job_and_runs_once(client) -> None:
+    first = client.post("/api/sae/index?sae=1").json
+    again = client.post("/api/sae/index?sae=1").json
+    assert again["id"] == first["id"] or again["message"].startswith("already indexed")
+    deadline = time.time() + 30
+    while client.get(f"/api/job/{first['id']}").json["state"] == "running" and time.time() < deadline:
+        time.sleep(0.05)
+    done = client.post("/api/sae/index?sae=1").json
+    assert done["state"] == "done" and done["message"].startswith("already indexed: 96 images")
+    assert client.post("/api/sae/index?sae=1&rebuild=1").json["what"] == "sae_index"
+
+
+def test_an_sae_on_a_timm_vit_layer(tmp_path) -> None:
+    """The hooks reach a timm ViT too: its SAE's features and clamp (no ISTA atoms to compare with)."""
+    import timm
+    from PIL import Image
+
+    from cratevit.explore import Explorer
+    from cratevit.explore.session import ImageItem
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, depth=3
+    )
+    vit.eval()
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    acts = layer_activations(vit, x, 1, ("ista_in",))["ista_in"][:, 1:].reshape(-1, 192)
+    sae = SparseAutoencoder(SAEConfig(d_in=192, expansion=2, arch="topk", k=8))
+    sae.initialize_from(acts)
+    meta = {"model": "vit", "model_fingerprint": sf.weights_fingerprint(vit), "layer": 1, "site": "ista_in"}
+    path = save_sae(tmp_path / "vit.pt", sae.eval(), meta=meta)
+    items = [ImageItem(f"noise {i}", Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())) for i in range(4)]
+    ex = Explorer(vit, "vit", (0.5,) * 3, (0.5,) * 3, items, items, [str(i) for i in range(10)], "4 noise images")
+    assert ex.add_sae(path).hook == "blocks.1.norm2"
+    image_id = ex.open_sample("noise 0")["image_id"]
+    feats = ex.sae_features(image_id, 0)["features_here"]
+    silent = next(i for i in range(384) if i not in {f["feature"] for f in feats})
+    unchanged = ex.sae_clamp(image_id, 0, silent, 0.0)
+    assert unchanged["top_class"]["logit_change"] == 0.0 and [p["layer"] for p in unchanged["later"]] == [2]
+    assert ex.sae_clamp(image_id, 0, feats[0]["feature"], 0.0)["top_class"]["logit_change"] > 0
+    ex.start_sae_index(0)
+    deadline = time.time() + 30
+    while 0 not in ex.sae_index and time.time() < deadline:
+        time.sleep(0.05)
+    view = ex.sae_feature(image_id, 0, feats[0]["feature"])
+    assert view["nearest_atoms"] is None and len(view["here"]["values"]) == 4 and view["metrics"]["images"] == 4

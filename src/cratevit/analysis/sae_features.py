@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ def load_sae_for(path: str | Path, model: nn.Module, model_spec: str, image_size
         other = "other weights than" if "model_fingerprint" in meta else "a model other than"
         raise UserError(
             f"{path} was trained on {trained_on}, {other} {model_spec}; pass an SAE trained on this model "
-            f"(`cratevit sae train {model_spec} --layer L`)"
+            f"(`cratevit sae train {model_spec} --layer {layer}`)"
         )
     depth = len(model.blocks)
     if not 0 <= layer < depth:
@@ -198,12 +199,15 @@ def index_features(
     grid: tuple[int, int],
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    lock: AbstractContextManager | None = None,
 ) -> FeatureIndex:
     """Codes of the SAE over ``images`` (N, c, H, W) with patch grid ``grid``, and its L0, FVE, dead and dense
-    fractions on their patch tokens (:func:`.codes.code_metrics`; dead: never non-zero on the set)."""
+    fractions on their patch tokens (:func:`.codes.code_metrics`; dead: never non-zero on the set). ``lock``: held
+    around each batch's hooked forward (a server whose other requests run the same model)."""
     codes, xs, x_hats = [], [], []
     for done, batch in enumerate(images.split(batch_size)):
-        x = site_tokens(model, s, batch)
+        with lock or nullcontext():
+            x = site_tokens(model, s, batch)
         f = s.sae.encode(x)
         codes.append(f.reshape(len(batch), *grid, -1).float())
         xs.append(x)

@@ -144,8 +144,9 @@ class SAEActions:
             def progress(done: int, total: int) -> None:
                 job.done, job.total = done, total
 
-            self.sae_index[sae] = sf.index_features(self.model, s, x, grid, batch_size=16, progress=progress)
-            self.sae_index[sae].metrics["image_set"] = label
+            fi = sf.index_features(self.model, s, x, grid, batch_size=16, progress=progress, lock=self.lock)
+            fi.metrics["image_set"] = label
+            self.sae_index[sae] = fi
             job.message = f"indexed SAE {sae} ({s.hook}) on {n} images ({label})"
 
         job = self._start("sae_index", work)
