@@ -434,6 +434,8 @@ def test_sae_features_beside_the_atoms(browser, sae_server, tmp_path) -> None:
     assert "layer 0 (0-based), hook blocks.0.norm2" in d.find_element("id", "sae-where").text
     assert HOSTILE in d.find_element("css selector", "#sae option").text  # the file name, as text
     _not_injected(d)
+    # the page indexes the SAE's codes of the image set after the atoms', then lists the features again
+    _wait(d, lambda d: d.find_elements("css selector", "#sae-metrics td[title]"), "the SAE's metrics on the image set")
     button = d.find_elements("css selector", "#sae-features button")[0]
     feature = button.get_attribute("data-feature")
     button.click()
