@@ -151,14 +151,15 @@ def test_an_sae_on_the_code_is_compared_with_the_code_axes(client, explorer, ima
     assert v["hook"] == "blocks.0.ista.code"
 
 
-def test_clamp_with_the_unedited_value_leaves_the_logits_unchanged(client, explorer, image_id) -> None:
-    feats = client.get(f"/api/sae/features?image_id={image_id}&sae=0").json["features_here"]
+@pytest.mark.parametrize("sae", [0, 1])  # on blocks.0.norm2, on blocks.0.ista.code
+def test_clamp_with_the_unedited_value_leaves_the_logits_unchanged(client, explorer, image_id, sae) -> None:
+    feats = client.get(f"/api/sae/features?image_id={image_id}&sae={sae}").json["features_here"]
     silent = next(i for i in range(128) if i not in {f["feature"] for f in feats})
-    r = client.get(f"/api/sae/clamp?image_id={image_id}&sae=0&feature={silent}&value=0").json
+    r = client.get(f"/api/sae/clamp?image_id={image_id}&sae={sae}&feature={silent}&value=0").json
     assert r["top_class"]["logit_change"] == 0.0 and [layer["change"] for layer in r["later"]] == [0.0]
     assert [c["prob"] for c in r["classes_before"]] == [c["prob"] for c in r["classes_after"]]
     # bit-equal through the library, and equal to the plain forward
-    s, x = explorer.saes[0], explorer.open[image_id].prep.tensor[None]
+    s, x = explorer.saes[sae], explorer.open[image_id].prep.tensor[None]
     result = sf.clamp_feature(explorer.model, s, x, silent, 0.0)
     assert torch.equal(result.logits_before, result.logits_after)
     with torch.no_grad():

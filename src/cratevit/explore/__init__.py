@@ -4,7 +4,9 @@
 actions, :mod:`cratevit.explore.session`); :func:`cratevit.explore.app.serve` serves it on 127.0.0.1 behind the
 checks of its security model (Host, Origin or per-run token). Uploads are read by :mod:`cratevit.explore.uploads`
 (header checks, allow-listed decoders), maps are coloured on stated scales by :mod:`cratevit.explore.colour`; the
-computations are :mod:`cratevit.analysis.inspection`'s functions. docs/explore.md describes the page.
+computations are :mod:`cratevit.analysis.inspection`'s functions. SAEs trained on the model (``--sae``) get a panel
+beside the atoms (:mod:`cratevit.explore.sae_view`, computed by :mod:`cratevit.analysis.sae_features`).
+docs/explore.md describes the page.
 """
 
 from __future__ import annotations
