@@ -273,3 +273,15 @@ def test_an_sae_on_a_timm_vit_layer(tmp_path) -> None:
         time.sleep(0.05)
     view = ex.sae_feature(image_id, 0, feats[0]["feature"])
     assert view["nearest_atoms"] is None and len(view["here"]["values"]) == 4 and view["metrics"]["images"] == 4
+
+
+def test_an_sae_at_a_hook_point_the_model_lacks_is_one_line(tmp_path, capsys) -> None:
+    """An SAE on the ISTA code, given to a model whose layers have no ISTA step (CRATE-MLP)."""
+    torch.manual_seed(0)
+    model = create_model("crate_mlp_digits")
+    ckpt = save_checkpoint(tmp_path / "mlp.pt", model, train_config={"data": "digits"})
+    meta = {"model": str(ckpt), "model_fingerprint": sf.weights_fingerprint(model), "layer": 1, "site": "code"}
+    sae = save_sae(tmp_path / "code.pt", SparseAutoencoder(SAEConfig(d_in=model.config.dim)), meta=meta)
+    assert main(["explore", str(ckpt), "--sae", str(sae)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no code (no sparse-coding step) for the site code" in err and len(err.splitlines()) == 1, err
