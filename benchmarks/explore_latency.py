@@ -1,11 +1,12 @@
 """Response time of each action of the explore page, over HTTP as the browser makes the requests.
 
-    python benchmarks/explore_latency.py MODEL [MODEL ...] [--repeat 5]
+    python benchmarks/explore_latency.py MODEL [MODEL ...] [--repeat 5] [--sae SAE_CKPT]
 
 MODEL is a checkpoint file, a preset or a timm name (needs ``requests`` besides the explore extra). Per action: the
 median and the worst of ``--repeat`` calls, wall time from request to parsed JSON (server work + transfer of the PNG
 data URIs). The first call of each image (its forward pass and curves figure) is the "open" and "first view" rows;
-the image set is indexed once. POSTs carry the page's token, as the page sends it.
+the image set is indexed once. POSTs carry the page's token, as the page sends it. With ``--sae`` (an SAE trained on
+the one MODEL), the SAE panel's actions too: its feature list, a feature's view and a clamp.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from cratevit.explore.app import serve
 from cratevit.explore.session import builtin_samples
 
 
-def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, list[float]]:
+def measure(spec: str, repeat: int, threads: int | None = None, sae: str | None = None) -> dict[str, list[float]]:
     t0 = time.perf_counter()
-    ex = load_explorer(spec)
+    ex = load_explorer(spec, saes=[sae] if sae else [])
     torch.set_num_threads(threads or THREADS)  # as `cratevit explore` does
     times: dict[str, list[float]] = {"load model + samples (startup)": [1000 * (time.perf_counter() - t0)]}
     server = serve(ex, port=0, background=True)
@@ -52,6 +53,12 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
             time.sleep(0.02)
             job = call("", "GET", f"api/job/{job['id']}")
         times[f"index image set (job, {ex.image_set_label})"] = [1000 * job["seconds"]]
+        if sae:
+            job = call("", "POST", "api/sae/index", params={"sae": 0})
+            while job["state"] == "running":
+                time.sleep(0.02)
+                job = call("", "GET", f"api/job/{job['id']}")
+            times[f"index SAE features (job, {ex.image_set_label})"] = [1000 * job["seconds"]]
         buf = io.BytesIO()
         Image.new("1", (100_000, 1)).save(buf, format="PNG")
         long_png = buf.getvalue()
@@ -79,6 +86,17 @@ def measure(spec: str, repeat: int, threads: int | None = None) -> dict[str, lis
                 call("intervene (clamp, rerun later layers, difference maps)", "GET", "api/intervene", params=params)
                 params.pop("value")
                 call("clamp sweep (8 clamped passes)", "GET", "api/sweep", params=params)
+            if sae:
+                feats = call(
+                    "SAE feature list (first on an image)", "GET", "api/sae/features", params={"image_id": iid}
+                )
+                feature = feats["features_here"][i % len(feats["features_here"])]["feature"]
+                params = {"image_id": iid, "sae": 0, "feature": feature}
+                call(
+                    "SAE feature view (map, top patches, stats, nearest atoms)", "GET", "api/sae/feature", params=params
+                )
+                params["value"] = 0
+                call("SAE clamp (spliced, error term kept; before/after maps)", "GET", "api/sae/clamp", params=params)
             call("index again (already indexed)", "POST", "api/index")
             t = time.perf_counter()
             r = session.post(url + "api/open", files={"file": ("long.png", long_png)}, timeout=60)
@@ -97,9 +115,12 @@ def main() -> None:
     p.add_argument("models", nargs="+")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as cratevit explore)")
+    p.add_argument("--sae", default=None, help="an SAE checkpoint trained on the (one) model: time its panel too")
     args = p.parse_args()
+    if args.sae and len(args.models) != 1:
+        p.error("--sae needs exactly one MODEL (the one the SAE was trained on)")
     for spec in args.models:
-        times = measure(spec, args.repeat, args.threads)
+        times = measure(spec, args.repeat, args.threads, args.sae)
         print(f"\n{spec} ({torch.get_num_threads()} threads)")
         print("| action | median ms | worst ms | calls |\n|---|---|---|---|")
         for action, values in times.items():

@@ -1,12 +1,13 @@
 """Architecture families: the one place that lists them. Each model file in :mod:`cratevit.models` ends with its
 family record (:class:`cratevit.models.family.Family`: classes, card, license, pretrained_cfg geometry, timm
-keywords, activation memory, trace and code kinds, training objective); this module registers those records, and
+keywords, activation memory, trace and code kinds, training objective, the key table of its foreign layout and
+the shape reader of bare state dicts); this module registers those records, and
 everything above this layer (checkpoint loading, timm and Hub interop, the engine, analysis) asks it, never a model
 file and never ``isinstance`` on a family's class (``tests/project/test_layers.py`` enforces the first).
 
 * presets (:mod:`cratevit.presets`) name their family;
 * checkpoint files record it (``"family"``; files without it are CRATE files), and :mod:`cratevit.checkpoint.keys`
-  holds one key table per family;
+  reads each record's key table (``Family.key_table``) to tell a file's family and layout apart;
 * ``trace`` names the model method that returns every layer's intermediates.
 
 Adding a family: see ``docs/architecture.md`` ("Adding a family").

@@ -234,6 +234,7 @@ def test_sae_train_command_on_a_random_crate_layer(tmp_path, capsys, torch_threa
     assert ev["loss_zero"] != ev["loss_clean"] and "loss_recovered" in ev["sae"] and "loss_recovered" in ev["ista"]
     _, meta = load_sae(out / "sae.pt")
     assert meta["step"] == 12 and meta["meta"]["layer"] == 0
+    assert len(meta["meta"]["model_fingerprint"]) == 64  # the weights' SHA-256, which the explorer checks
     assert main([*argv, "--steps", "16", "--expansion", "2", "-o", str(out), "--resume"]) == 0
     assert load_sae(out / "sae.pt")[1]["step"] == 16
     assert main(["sae", "train", "crate_debug", "--layer", "7", "-o", str(tmp_path / "x")]) == 2

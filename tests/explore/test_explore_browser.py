@@ -393,3 +393,99 @@ def test_a_cross_origin_post_is_refused(browser, server, caplog) -> None:
         assert len(server.explorer.open) == opened
     finally:
         other.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sae_server(tmp_path_factory):
+    """A digits checkpoint (crate_debug, a 4x4 patch grid) with a tiny TopK SAE trained here on its layer 0's ISTA
+    input; the SAE's file name holds HTML."""
+    from cratevit import save_checkpoint
+    from cratevit.analysis.activations import layer_activations
+    from cratevit.analysis.sae import SAEConfig, SparseAutoencoder
+    from cratevit.analysis.sae_features import weights_fingerprint
+    from cratevit.analysis.sae_train import SAETrainConfig, save_sae, tensor_batches, train_sae
+    from cratevit.explore import load_explorer
+    from cratevit.presets import data_preprocessing, pretrained_cfg_for
+
+    tmp = tmp_path_factory.mktemp("sae-page")
+    torch.manual_seed(0)
+    model = create_model("crate_debug").eval()
+    model.pretrained_cfg = pretrained_cfg_for(model.config, data_preprocessing("digits"))
+    ckpt = save_checkpoint(tmp / "digits.pt", model, train_config={"data": "digits"})
+    acts = layer_activations(model, torch.rand(32, 3, 32, 32) * 2 - 1, 0, ("ista_in",))["ista_in"][:, 1:]
+    acts = acts.reshape(-1, acts.shape[-1])
+    sae = SparseAutoencoder(SAEConfig(d_in=acts.shape[-1], expansion=4, arch="topk", k=4))
+    sae.initialize_from(acts)
+    train_sae(sae, tensor_batches(acts, 256), SAETrainConfig(steps=60, lr=3e-3, warmup_steps=5, plot=False))
+    meta = {"model": str(ckpt), "model_fingerprint": weights_fingerprint(model), "layer": 0, "site": "ista_in"}
+    path = save_sae(tmp / f"{HOSTILE}.pt", sae, meta=meta)
+    srv = serve(load_explorer(str(ckpt), saes=[path]), port=0, background=True)
+    yield srv
+    srv.stop()
+
+
+def test_sae_features_beside_the_atoms(browser, sae_server, tmp_path) -> None:
+    """The SAE panel: a feature of the list, its map and metrics (defined on hover), top patches, a nearest ISTA atom
+    opened in the atoms panel, the clamp's effect, and a permalink that reopens the feature."""
+    d = browser
+    d.get(sae_server.url)
+    _wait(d, lambda d: _renders(d) >= 1 and d.find_elements("css selector", "#sae-features button"), "the SAE list")
+    assert d.find_element("id", "sae-box").is_displayed()
+    assert "layer 0 (0-based), hook blocks.0.norm2" in d.find_element("id", "sae-where").text
+    assert HOSTILE in d.find_element("css selector", "#sae option").text  # the file name, as text
+    _not_injected(d)
+    # the page indexes the SAE's codes of the image set after the atoms', then lists the features again
+    _wait(d, lambda d: d.find_elements("css selector", "#sae-metrics td[title]"), "the SAE's metrics on the image set")
+    button = d.find_elements("css selector", "#sae-features button")[0]
+    feature = button.get_attribute("data-feature")
+    button.click()
+    _wait(d, lambda d: _body(d, "sae-feature") == f"0:{feature}", "the SAE feature view")
+    here = _picture(d, "img-sae-here")
+    assert here.shape[1] == 256 and here.std() > 1
+    assert float(d.find_element("css selector", "#bar-sae .cbar").get_attribute("data-lo")) == 0
+    stats = {td.text: td.get_attribute("title") for td in d.find_elements("css selector", "#sae-stats td[title]")}
+    assert "fraction of the image set's patch tokens" in stats["firing frequency"]
+    assert "mean activation" in stats and "SAE L0 / FVE / dead" in stats
+    metrics = {td.text: td.get_attribute("title") for td in d.find_elements("css selector", "#sae-metrics td[title]")}
+    assert set(metrics) == {"L0", "FVE", "dead fraction"} and "fraction of variance explained" in metrics["FVE"]
+    assert d.find_elements("css selector", "#sae-patches img") and d.find_elements("css selector", "#sae-hist-svg rect")
+    _not_injected(d)
+
+    # the nearest ISTA atom opens in the atoms panel
+    atom = d.find_elements("css selector", "#sae-atoms button")[0]
+    coord = atom.get_attribute("data-atom")
+    assert "cos" in atom.text
+    atom.click()
+    _wait(d, lambda d: _body(d, "atom") == f"0:{coord}", "the nearest atom")
+
+    # clamp the feature to 0 on every patch: the prediction and layer 1's attention before / after / difference
+    d.find_element("id", "sae-clamp").clear()
+    d.find_element("id", "sae-clamp").send_keys("0")
+    d.find_element("id", "btn-sae-clamp").click()
+    _wait(d, lambda d: _body(d, "sae-clamped") == f"0:{feature}:0", "the SAE clamp")
+    assert len(d.find_elements("css selector", "#sae-later img.difference")) == 1  # layer 1
+    assert float(d.find_element("id", "sae-logit-change").text) > 0
+    assert "error term kept" in d.find_element("id", "sae-intervention").text
+    _keep(d, tmp_path, "explore-sae.png")
+
+    # the export's numbers hold the SAE panel
+    import json
+
+    out = tmp_path / "downloads"
+    out.mkdir()
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(out)})
+    d.find_element("id", "btn-export").click()
+    deadline = time.time() + 30
+    while time.time() < deadline and not [p for p in out.iterdir() if p.suffix == ".json"]:
+        time.sleep(0.2)
+    numbers = json.loads(next(p for p in out.iterdir() if p.suffix == ".json").read_text())
+    assert numbers["sae_feature"]["feature"] == int(feature) and numbers["sae_feature"]["hook"] == "blocks.0.norm2"
+    assert numbers["sae_clamp"]["value"] == 0 and numbers["sae"]["metrics"]["l0"] > 0
+    assert "src" not in numbers["sae_feature"]["here"]  # numbers only
+
+    # the permalink holds the SAE and the feature
+    url = d.current_url
+    assert "sae=0" in url and f"feature={feature}" in url, url
+    d.get("about:blank")
+    d.get(url)
+    _wait(d, lambda d: _body(d, "sae-feature") == f"0:{feature}", f"the permalink's feature ({url})")

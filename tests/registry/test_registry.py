@@ -1,5 +1,6 @@
-"""Adding an architecture family takes a model file, one registry entry, one key table and presets: a toy family,
-registered for one test, is built, saved, loaded and exported by the unchanged loaders."""
+"""Adding an architecture family takes a model file (its record holds the key table of its foreign layout and its
+shape reader), one registry entry and presets: a toy family, registered for one test, is built, saved, loaded and
+exported by the unchanged loaders."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from torch import nn
 
 from cratevit import CRATE, UserError, create_model, load_checkpoint, save_checkpoint, save_safetensors
 from cratevit.checkpoint import KEY_TABLES, from_reference_keys, load_model, to_reference_keys
-from cratevit.checkpoint.keys import KeyTable
 from cratevit.interop.hub import attach_hub_methods
+from cratevit.models import KeyTable
 from cratevit.presets import HALF, PRESET_INFO, PRESETS, register_preset
 from cratevit.registry import Family, families, family_for, get_family, is_family_model, trace_method
 
@@ -62,12 +63,9 @@ def toy_family(monkeypatch):
     import cratevit.presets as presets
     import cratevit.registry as registry
 
-    monkeypatch.setitem(registry._FAMILIES, "toy", Family("toy", ToyModel, ToyConfig, "a toy family", trace=None))
-    monkeypatch.setitem(
-        KEY_TABLES,
-        "toy",
-        KeyTable(body=(("emb.{p}", "embed.{p}"), ("fc.{p}", "head.{p}")), reference_markers=("emb.",)),
-    )
+    keys = KeyTable(body=(("emb.{p}", "embed.{p}"), ("fc.{p}", "head.{p}")), reference_markers=("emb.",))
+    toy = Family("toy", ToyModel, ToyConfig, "a toy family", trace=None, key_table=keys)
+    monkeypatch.setitem(registry._FAMILIES, "toy", toy)  # its key table comes with it (KEY_TABLES reads the registry)
     tables = (PRESETS, PRESET_INFO, presets._ALIASES)  # shared by every module: restored in place
     saved = [dict(t) for t in tables]
     register_preset("toy_small", ToyConfig(), preprocessing=HALF)
@@ -113,6 +111,17 @@ def test_the_toy_family_is_gone_after_its_test():
 # choice, the model class and the record. The rest of cratevit reaches it through the registry.
 from cratevit.models import BackboneConfig, WhiteBoxBackbone, WhiteBoxBlock  # noqa: E402
 from cratevit.models.family import Card  # noqa: E402
+from cratevit.models.shapes import (  # noqa: E402
+    ShapeReading,
+    backbone_head_facts,
+    backbone_heads,
+    backbone_with_heads,
+    class_count,
+    head_split,
+    layer_count,
+    need,
+    square_grid,
+)
 
 
 @dataclass
@@ -133,14 +142,17 @@ class ToyWB(WhiteBoxBackbone):
         super().__init__(config if config is not None else ToyWBConfig(**kwargs))
 
 
-def _toy_shapes(state: dict[str, torch.Tensor], heads: int | None) -> ToyWBConfig:
-    """The shape reader: dim and grid from pos_embed, the patch from the stem, depth from the block indices."""
-    dim, grid = state["pos_embed"].shape[2], int((state["pos_embed"].shape[1] - 1) ** 0.5)
+def _toy_shapes(state: dict[str, torch.Tensor], heads: int | None) -> ShapeReading:
+    """The shape reader: dim and grid from pos_embed, the patch from the stem, depth from the block indices; the
+    head count from ``heads`` or, as the shapes cannot tell it, from the presets (checkpoint.infer's part)."""
+    dim, grid = state["pos_embed"].shape[2], square_grid(state["pos_embed"])
     patch = int((state["patch_embed.proj.weight"].shape[1] // 3) ** 0.5)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    heads = heads or 2
-    return ToyWBConfig(image_size=grid * patch, patch_size=patch, dim=dim, depth=depth, heads=heads,
-                       dim_head=dim // heads, num_classes=state["head.weight"].shape[0])  # fmt: skip
+    inner = need(state, "blocks.0.attn.qkv.weight", 2).shape[0] // 3
+    n_heads = backbone_heads(dim, inner, True, heads)
+    depth = layer_count(state, probe="attn.qkv.weight")
+    cfg = ToyWBConfig(image_size=grid * patch, patch_size=patch, dim=dim, depth=depth, **head_split(inner, n_heads),
+                      num_classes=class_count(state))  # fmt: skip
+    return ShapeReading(cfg, heads_read=n_heads is not None)
 
 
 TOY_WB = Family(
@@ -159,6 +171,8 @@ TOY_WB = Family(
     code_kind=lambda cfg: None,
     activation_bytes=lambda cfg, amp, ckpt: cfg.depth * 4 * 8 * (cfg.num_patches + 1) * cfg.dim,
     shape_reader=_toy_shapes,
+    head_facts=backbone_head_facts,
+    with_heads=backbone_with_heads,
 )
 
 
@@ -167,6 +181,7 @@ def toy_wb(monkeypatch):
     """The family ``toy_wb`` and its preset ``toy_wb_tiny``, registered for one test (the registries restored)."""
     import cratevit.presets as presets
     import cratevit.registry as registry
+    from cratevit.interop import timm_models  # first import registers every preset: before the toy's exists
 
     monkeypatch.setitem(registry._FAMILIES, "toy_wb", TOY_WB)
     tables = (PRESETS, PRESET_INFO, presets._ALIASES)
@@ -177,8 +192,6 @@ def toy_wb(monkeypatch):
     import copy
 
     import timm.models._registry as timm_registry
-
-    from cratevit.interop import timm_models
 
     timm_tables = {k: v for k, v in vars(timm_registry).items() if isinstance(v, (dict, set)) and k.startswith("_m")}
     timm_saved = {k: copy.deepcopy(v) for k, v in timm_tables.items()}
@@ -223,7 +236,9 @@ def test_a_family_from_the_shared_blocks_goes_through_everything(toy_wb, tmp_pat
     assert torch.equal(ToyWB.from_pretrained(tmp_path / "hf")(x), model(x))
     # the shape reader: a bare state dict of this family -> its configuration
     cfg = resolve_config(tmp_path / "bare.pth", model.state_dict(), None, {"model_family": "toy_wb"}, arch="auto")
-    assert cfg == model.config
+    assert cfg == model.config and cfg.name == "toy_wb_tiny"  # the heads and the name from the toy's preset
+    cfg = resolve_config(tmp_path / "bare.pth", model.state_dict(), None, {"model_family": "toy_wb"}, heads=4)
+    assert (cfg.heads, cfg.dim_head, cfg.name) == (4, 4, None)
     save_checkpoint(tmp_path / "toy.pt", model)
     assert peek(tmp_path / "toy.pt").family == "toy_wb" and peek(tmp_path / "hf").family == "toy_wb"
     # cratevit info, the memory model
@@ -249,3 +264,50 @@ def test_the_toy_white_box_family_is_gone_after_its_test():
 
     assert "toy_wb" not in families() and "toy_wb_tiny" not in PRESETS
     assert not timm.is_model("toy_wb_tiny_patch4_16") and not hasattr(ToyWB, "save_pretrained")
+
+
+# ------------------------------------------------------------------ everything of a family in its record
+@pytest.mark.parametrize(
+    "family, preset",
+    [("crate", "crate_tiny"), ("crate_alpha", "crate_alpha_b16"), ("crate_mae", "mae_crate_tiny"),
+     ("tost", "tost_cab_tiny_12_p16")],
+)  # fmt: skip
+def test_each_record_holds_its_key_table_and_reads_its_shapes(family, preset):
+    """The key table and the shape reader of every built-in family are in its record; checkpoint/ only asks: the
+    shapes of a real-size state dict (meta tensors) give back the preset, named after it by checkpoint.infer."""
+    from cratevit.checkpoint import read_config
+    from cratevit.checkpoint.keys import state_family
+    from cratevit.presets import get_config
+
+    record = get_family(family)
+    assert KEY_TABLES[family] is record.key_table and isinstance(record.key_table, KeyTable)
+    with torch.device("meta"):
+        state = record.build(get_config(preset)).state_dict()
+    reading = record.shape_reader(state, None)
+    assert reading.heads_read == (family == "tost")  # U's width cannot be split into heads from its shape alone
+    cfg = read_config(state, family)
+    assert cfg == get_config(preset) and cfg.name == preset
+    assert state_family(to_reference_keys(state, family)) == (family, "reference")  # the table tells it apart
+
+
+def test_key_tables_are_a_read_only_view_of_the_records():
+    from pathlib import Path
+
+    with pytest.raises(TypeError):
+        KEY_TABLES["toy"] = KEY_TABLES["crate"]  # a family brings its table in its record
+    src = Path(__file__).resolve().parents[1] / "src" / "cratevit"
+    tables = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "KeyTable(\n" in p.read_text())
+    assert tables == ["models/crate.py", "models/crate_alpha.py", "models/crate_mae.py", "models/tost.py"]
+
+
+def test_the_timm_contract_is_written_once():
+    """The backbone and ToST share timm's contract through one mixin; neither writes it again."""
+    from cratevit.models import ToST
+    from cratevit.models.contract import TimmContract
+
+    shared = [name for name, value in vars(TimmContract).items() if callable(value)]
+    assert {"forward_intermediates", "prune_intermediate_layers", "reset_classifier", "forward_blocks"} <= set(shared)
+    for cls in (WhiteBoxBackbone, ToST):
+        assert issubclass(cls, TimmContract) and not set(shared) & set(vars(cls))
+    for family in families().values():
+        assert not family.classifier or issubclass(family.model_cls, TimmContract)

@@ -12,6 +12,7 @@
   reads and replaces activations, activation patching, for every family and timm ViTs;
 * :mod:`.activations`: one layer's activations by site name (``ista_in``, ``code`` ...), and splicing them;
 * :mod:`.sae`, :mod:`.sae_train`, :mod:`.sae_run`: sparse autoencoders, their streaming trainer, ``cratevit sae``;
+* :mod:`.sae_features`: an SAE's features read on its model beside the ISTA atoms (the explorer's SAE panel);
 * :mod:`.codes`: metrics of any sparse code (L0, FVE, dead/dense, loss recovered, probe, monosemanticity);
 * :mod:`.codes_compare`: ``cratevit codes compare`` (ISTA code vs SAEs on CRATE and a ViT, trained and random).
 """

@@ -43,6 +43,7 @@ from .codes import (
 )
 from .probe import probe_datasets
 from .sae import SAEConfig, SparseAutoencoder
+from .sae_features import weights_fingerprint
 from .sae_train import CHECKPOINT_NAME, ActivationCache, SAETrainConfig, train_sae
 
 __all__ = ["LayerSAEResult", "train_layer_sae", "train_model_sae"]
@@ -276,6 +277,7 @@ def train_model_sae(
         "data": data_key,
         "images": _split_images(train_ds, images),
         "tokens": "patch",
+        "model_fingerprint": weights_fingerprint(model),  # what the explorer checks an SAE against
     }
     say(
         f"caching layer {layer} (0-based) {site} activations of {meta['images']} training images"

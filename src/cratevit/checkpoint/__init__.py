@@ -1,16 +1,18 @@
 """Reading and writing weights: every released CRATE checkpoint family loads with one call.
 
-* :mod:`.keys`: one key table per architecture family (reference layout <-> ours), both directions derived;
+* :mod:`.keys`: state dicts converted between a family's reference layout and ours, by the key table in its
+  record (:data:`KEY_TABLES`, a read-only view of the registry); which family and layout a state dict has;
 * :mod:`.read`: the only ``torch.load`` and safetensors read of cratevit; tells the file kinds apart;
   :func:`peek` answers what a file is (kind, family, layout, configurations) in one read;
-* :mod:`.infer`: tensor shapes -> configuration (for files that do not record it);
+* :mod:`.infer`: tensor shapes -> configuration (for files that do not record it): the family record's shape
+  reader, then the presets (head counts the shapes cannot tell, the preset's name);
 * :mod:`.write`: atomic writes of checkpoints, safetensors files and Hugging Face folders;
 * :mod:`.load`: the one front door (:func:`load_model`: preset name, file or folder -> model), used by
   :func:`load_checkpoint`, :func:`create_model` (``checkpoint=``), analysis, segmentation, the engine and export.
 """
 
 from ..errors import CheckpointError
-from .infer import infer_config, resolve_config
+from .infer import infer_config, read_config, resolve_config
 from .keys import KEY_TABLES, from_reference_keys, is_reference_state, strip_prefix, to_reference_keys
 from .load import (
     HEAD_KEYS,
@@ -65,6 +67,7 @@ __all__ = [
     "peek",
     "pretrained_cfg_from_meta",
     "read_checkpoint",
+    "read_config",
     "read_folder",
     "resolve_config",
     "save_checkpoint",

@@ -1,4 +1,4 @@
-"""``cratevit explore [CKPT|PRESET] [--images DIR]``: a local web page to look inside a model."""
+"""``cratevit explore [CKPT|PRESET] [--images DIR] [--sae SAE_CKPT ...]``: a local web page to look inside a model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ._args import add_arch_heads_arguments, port_number, positive_int
 
-HELP = "look inside a model in the browser: attention, masks, PCA, per-layer curves, dictionary atoms (127.0.0.1)"
+HELP = "look inside a model in the browser: attention, masks, PCA, per-layer curves, dictionary atoms, SAE features (127.0.0.1)"
 DEFAULT_MODEL = "crate_nano"
 
 
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint file, a preset name (random weights) or a timm ViT name")  # fmt: skip
     p.add_argument("--images", type=Path, default=None,
                    help="a folder of images: the image set indexed for the atoms and curves, also offered in the page")  # fmt: skip
+    p.add_argument("--sae", type=Path, action="append", default=[], metavar="SAE_CKPT",
+                   help="an SAE checkpoint trained on this model (`cratevit sae train`), shown in the page's SAE features panel; repeatable")  # fmt: skip
     p.add_argument("--port", type=port_number, default=8000, help="port on 127.0.0.1 (0: any free port)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"no model given: {DEFAULT_MODEL} with random weights (pass a checkpoint file or preset)")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: give a positive number of threads")
-    explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads)
+    explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads, saes=args.sae)
     torch.set_num_threads(args.threads or THREADS)
     serve(explorer, args.port)  # a busy port: a UserError naming --port
     return 0

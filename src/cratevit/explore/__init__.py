@@ -4,11 +4,14 @@
 actions, :mod:`cratevit.explore.session`); :func:`cratevit.explore.app.serve` serves it on 127.0.0.1 behind the
 checks of its security model (Host, Origin or per-run token). Uploads are read by :mod:`cratevit.explore.uploads`
 (header checks, allow-listed decoders), maps are coloured on stated scales by :mod:`cratevit.explore.colour`; the
-computations are :mod:`cratevit.analysis.inspection`'s functions. docs/explore.md describes the page.
+computations are :mod:`cratevit.analysis.inspection`'s functions. SAEs trained on the model (``--sae``) get a panel
+beside the atoms (:mod:`cratevit.explore.sae_view`, computed by :mod:`cratevit.analysis.sae_features`).
+docs/explore.md describes the page.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .session import Explorer, ImageItem, builtin_samples, data_samples
@@ -45,12 +48,15 @@ def load_explorer(
     arch: str | None = None,
     heads: int | None = None,
     set_limit: int = 200,
+    saes: Sequence[str | Path] = (),
 ) -> Explorer:
     """The page's state for a checkpoint file, a preset (random weights) or a timm model name.
 
     The sample list holds scikit-image's photographs, held-out images of the built-in data the checkpoint was
     trained on, and the files of ``images``; the image set indexed for the atoms and the data-set curves is
     ``images`` (up to ``set_limit`` files), else the built-in data's held-out images, else the photographs.
+    ``saes``: SAE checkpoints trained on this model (``cratevit sae train``), shown in the "SAE features" panel;
+    each is checked against the model (:func:`cratevit.analysis.sae_features.load_sae_for`).
     """
     from ..analysis import input_normalization
     from ..analysis.images import find_images, load_image
@@ -75,4 +81,7 @@ def load_explorer(
     names = class_names_for(num_classes, data) if num_classes > 0 else None
     samples = photos + own[:6] + folder[:24]
     trained = Path(spec).is_file()  # a preset or a timm name is built with random weights
-    return Explorer(model, str(spec), mean, std, samples, image_set, names, label, trained=trained)
+    explorer = Explorer(model, str(spec), mean, std, samples, image_set, names, label, trained=trained)
+    for path in saes:
+        explorer.add_sae(path)
+    return explorer

@@ -203,6 +203,33 @@ def create_app(explorer: Explorer, port: int = 80, token: str | None = None) -> 
             )
         )
 
+    @app.get("/api/sae/features")
+    def sae_features() -> Any:
+        return flask.jsonify(explorer.sae_features(arg("image_id", str, required=True), arg("sae", int, 0)))
+
+    @app.post("/api/sae/index")
+    def sae_index() -> Any:
+        return flask.jsonify(
+            explorer.start_sae_index(arg("sae", int, 0), rebuild=arg("rebuild", str, "") in ("1", "true"))
+        )
+
+    @app.get("/api/sae/feature")
+    def sae_feature() -> Any:
+        return flask.jsonify(
+            explorer.sae_feature(
+                arg("image_id", str, required=True), arg("sae", int, 0), arg("feature", int, required=True)
+            )
+        )
+
+    @app.get("/api/sae/clamp")
+    def sae_clamp() -> Any:
+        return flask.jsonify(
+            explorer.sae_clamp(
+                arg("image_id", str, required=True), arg("sae", int, 0), arg("feature", int, required=True),
+                arg("value", float, 0.0), arg("head", int), arg("scale", str, "own"),
+            )
+        )  # fmt: skip
+
     return app
 
 

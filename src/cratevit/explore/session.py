@@ -4,14 +4,12 @@ Flask app in :mod:`cratevit.explore.app` only routes requests to an :class:`Expl
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,9 @@ from ..analysis.layerwise import EPS
 from ..analysis.visualize import to_uint8, upsample
 from ..errors import UserError
 from .colour import DIVERGING, SEQUENTIAL, Scale, heat_overlay, paint, stops
+from .jobs import INDEX_BUDGET, Job
+from .pictures import DISPLAY, histogram_json, png_uri
+from .sae_view import SAE_DEFINITIONS, SAEActions
 from .uploads import MAX_ASPECT, MAX_PIXELS, MAX_SIDE, UPLOAD_FORMATS, read_upload
 
 __all__ = [
@@ -37,11 +38,9 @@ __all__ = [
     "data_samples",
 ]
 
-DISPLAY = 256  # longer side of the pictures in the page, pixels
 CLAMP_LIMIT = 1000.0  # an intervention clamps a code coordinate to a value in [-CLAMP_LIMIT, CLAMP_LIMIT]
 KEEP_JOBS = 16  # finished jobs kept for the page to poll; older ones are dropped
 OPEN_IMAGES = 8  # images kept in memory (the page's recent uploads and samples)
-INDEX_BUDGET = 256 * 2**20  # bytes of codes indexed for all layers at once; above it, one layer at a time
 TRACE_BUDGET = 768 * 2**20  # bytes of attention matrices one opened image may hold (every layer and head)
 OPEN_BUDGET = 2 * TRACE_BUDGET  # bytes of traces all open images may hold; the oldest are dropped beyond it
 SCALES = ("own", "shared")  # each map on its own colour scale, or one scale for the heads and before/after
@@ -116,37 +115,6 @@ def data_samples(data: str | None, count: int, image_size: int = 32) -> list[Ima
     return []
 
 
-def png_uri(img: Image.Image | np.ndarray, display: int | None = DISPLAY, smooth: bool = False) -> str:
-    """A PNG data URI, scaled so the longer side is ``display`` pixels (nearest neighbour unless ``smooth``)."""
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    if display:
-        scale = display / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)  # fast: the page is local
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-@dataclass
-class Job:
-    """Long work running in a thread; the page polls :meth:`Explorer.job`."""
-
-    id: str
-    what: str
-    done: int = 0
-    total: int = 0
-    state: str = "running"  # running | done | error
-    message: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "what": self.what, "done": self.done, "total": self.total, "state": self.state,
-                "message": self.message, "seconds": round(self.seconds or time.perf_counter() - self.started, 3)}  # fmt: skip
-
-
 @dataclass
 class _Open:
     name: str
@@ -165,7 +133,7 @@ class _Open:
         return total
 
 
-class Explorer:
+class Explorer(SAEActions):
     """One model and what the page has opened. Requests run in threads: opening images and interventions are
     serialised by a lock; the image-set index runs beside them in its own thread (a white-box forward pass keeps no
     state, and timm models, whose passes toggle hooks, have nothing to index). ``trained=False`` marks a model with
@@ -205,6 +173,7 @@ class Explorer:
         self.set_curves: dict[str, torch.Tensor] = {}
         self._set_inputs: list[Prepared] | None = None
         self._index_job: dict[int, str] = {}
+        self._init_saes()
 
     # ----------------------------------------------------------------------------------------------- info
     def info(self) -> dict[str, Any]:
@@ -226,7 +195,8 @@ class Explorer:
             "samples": list(self.samples),
             "image_set": {"label": self.image_set_label, "images": len(self.image_set)},
             "classifier": bool(self.class_names),
-            "definitions": DEFINITIONS,
+            "definitions": {**DEFINITIONS, **SAE_DEFINITIONS},
+            "saes": [{"sae": i, **s.describe()} for i, s in enumerate(self.saes)],
             "colormaps": {SEQUENTIAL: stops(SEQUENTIAL), DIVERGING: stops(DIVERGING)},
             "limits": {
                 "max_side": MAX_SIDE,
@@ -301,6 +271,10 @@ class Explorer:
         if head is not None and not 0 <= head < self.heads:
             raise UserError(f"head {head} is out of range; this model has heads 0..{self.heads - 1}")
 
+    def _check_scale(self, scale: str) -> None:
+        if scale not in SCALES:
+            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+
     # ----------------------------------------------------------------------------------------------- the view
     def _heat(self, item: _Open, values: torch.Tensor, scale: Scale, display: int = DISPLAY, **kw: Any) -> str:
         """A (rows, cols) map over the image the network saw, on ``scale``, as a data URI."""
@@ -347,8 +321,7 @@ class Explorer:
             )
         if protocol not in insp.MASK_PROTOCOLS:
             raise UserError(f"unknown mask protocol {protocol!r}; choose one of {', '.join(insp.MASK_PROTOCOLS)}")
-        if scale not in SCALES:
-            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+        self._check_scale(scale)
         if not 0.0 < threshold <= 1.0:
             raise UserError(f"threshold {threshold} must lie in (0, 1]")
         item = self._get(image_id)
@@ -552,9 +525,6 @@ class Explorer:
             crop = insp.patch_crop(self._set_inputs[p["image"]].image, p["row"], p["col"], self.patch_size)
             patches.append({**p, "name": self.image_set[p["image"]].name, "src": png_uri(crop, display=72)})
         here = code[..., coord]
-        values = index.codes[..., coord].flatten()
-        active = values[values > 0]
-        hist = np.histogram(active.numpy(), bins=20) if len(active) else (np.zeros(20, int), np.linspace(0, 1, 21))
         scale = Scale.from_zero([here])
         return {
             "layer": layer,
@@ -562,11 +532,7 @@ class Explorer:
             "dictionary": self._dictionary_column(layer, coord),
             "stats": insp.atom_stats(index, coord),
             "patches": patches,
-            "histogram": {
-                "counts": [int(c) for c in hist[0]],
-                "edges": [round(float(e), 6) for e in hist[1]],
-                "zeros": int((values <= 0).sum()),
-            },
+            "histogram": histogram_json(index.codes[..., coord]),
             "here": {
                 "src": self._heat(item, here, scale),
                 "scale": scale.to_json(),
@@ -615,8 +581,7 @@ class Explorer:
         one colour scale per layer, or one for all with ``scale="shared"``) and their difference."""
         t0 = time.perf_counter()
         self._check_clamp(layer, head, value)
-        if scale not in SCALES:
-            raise UserError(f"unknown colour scale {scale!r}; choose one of {', '.join(SCALES)}")
+        self._check_scale(scale)
         item = self._get(image_id)
         with self.lock:
             result = insp.intervene(self.model, item.ins, layer, coord, value)
@@ -625,6 +590,22 @@ class Explorer:
             a0 = insp.attention_map(item.ins, later_layer)[0]
             a1 = result.attention_map_after(later_layer)[0]
             pairs.append((later_layer, *((a0.mean(0), a1.mean(0)) if head is None else (a0[head], a1[head]))))
+        out: dict[str, Any] = {"layer": layer, "coord": coord, "value": value, "head": head}
+        out.update(self._effect(item, pairs, scale, item.ins.logits, result.logits))
+        out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
+        return out
+
+    def _effect(
+        self,
+        item: _Open,
+        pairs: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+        scale: str,
+        before: torch.Tensor | None,
+        after: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """What an edit did: top classes before and after, the unedited top class's probability and the largest
+        logit change, and per later layer (``pairs``: layer, map before, map after) the before/after maps on one
+        scale (``scale``: one of :data:`SCALES`) and their difference on a symmetric one."""
         every = [m for _, s0, s1 in pairs for m in (s0, s1)]
         diffs = [s1 - s0 for _, s0, s1 in pairs]
         later = []
@@ -636,12 +617,7 @@ class Explorer:
                           "scale": sc.to_json(),
                           "difference_scale": dsc.to_json(),
                           "change": float((s1 - s0).abs().sum() / s0.abs().sum().clamp_min(1e-12))})  # fmt: skip
-        before, after = item.ins.logits, result.logits
         out: dict[str, Any] = {
-            "layer": layer,
-            "coord": coord,
-            "value": value,
-            "head": head,
             "classes_before": self._classes(before),
             "classes_after": self._classes(after),
             "later": later,
@@ -654,7 +630,6 @@ class Explorer:
                 "prob_after": float(after[0].softmax(-1)[top]),
                 "logit_change": float((after - before).abs().max()),
             }
-        out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
         return out
 
     def sweep(self, image_id: str, layer: int, coord: int) -> dict[str, Any]:

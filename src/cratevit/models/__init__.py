@@ -12,7 +12,10 @@ no timm).
 * :mod:`.reference_alpha`: the literal formulation of CRATE-alpha, in the official release's module names;
 * :mod:`.tost`: ToST (Wu et al., ICLR 2025): Token Statistics Self-Attention, linear in the tokens, with
   class-attention blocks; :mod:`.reference_tost` its literal formulation in the official module names;
-* :mod:`.family`: the record each model file ends with (``FAMILY``), registered by :mod:`cratevit.registry`.
+* :mod:`.family`: the record each model file ends with (``FAMILY``), registered by :mod:`cratevit.registry`;
+  :mod:`.key_table` the :class:`KeyTable` a record holds for its foreign weight layout, :mod:`.shapes` what the
+  records' shape readers share (reading a bare state dict's configuration off its tensor shapes);
+* :mod:`.contract`: :class:`~.contract.TimmContract`, timm's model contract shared by the backbone and ToST.
 
 Hub methods (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) are attached to every family's class by
 :mod:`cratevit.interop.hub`, which this package may not import (layers run downwards). Importing
@@ -37,8 +40,11 @@ from .crate import (
 )
 from .crate_alpha import AlphaLayerTrace, CRATEAlpha, CRATEAlphaConfig, alpha_forward_flops
 from .crate_mae import CRATEMAE, MAE_PRESETS, CRATEMAEConfig, CRATEMAETrace
+from .family import Card, Family
+from .key_table import KeyTable
 from .reference import ReferenceCRATE
 from .reference_alpha import ReferenceCRATEAlpha
+from .shapes import ShapeError, ShapeReading
 from .tost import TOST_PRESETS, ToST, ToSTConfig
 
 __all__ = [
@@ -59,11 +65,16 @@ __all__ = [
     "CRATEMAEConfig",
     "CRATEMAETrace",
     "CRATETrace",
+    "Card",
+    "Family",
+    "KeyTable",
     "LayerTrace",
     "OvercompleteISTA",
     "PatchEmbed",
     "ReferenceCRATE",
     "ReferenceCRATEAlpha",
+    "ShapeError",
+    "ShapeReading",
     "ToST",
     "ToSTConfig",
     "WhiteBoxBackbone",

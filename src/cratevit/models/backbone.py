@@ -19,11 +19,11 @@ from typing import Any, Literal
 import torch
 import torch.fx
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..errors import UserError
 from .blocks import AttnImpl, ConvPatchEmbed, LayerTrace, PatchEmbed
+from .contract import TimmContract
 
 __all__ = [
     "BackboneConfig",
@@ -240,9 +240,10 @@ class WhiteBoxTrace:
     grid_size: tuple[int, int]  # patch grid (rows, cols) of this input
 
 
-class WhiteBoxBackbone(nn.Module):
+class WhiteBoxBackbone(TimmContract, nn.Module):
     """Embedding, ``config.depth`` blocks from ``config.make_block``, pooling and a linear head, with timm's model
-    contract (``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``, ...).
+    contract (``forward_features``, ``forward_head``; ``forward_intermediates``, ``reset_classifier``, ... from
+    :class:`~.contract.TimmContract`).
 
     Two final norms, as timm's ViT: ``norm`` over every token at the end of ``forward_features`` (the identity in
     the classifiers, CRATE-MAE's encoder LayerNorm) and ``fc_norm`` on the pooled token (the classifiers' LayerNorm,
@@ -310,15 +311,6 @@ class WhiteBoxBackbone(nn.Module):
         raise UserError("this model has no mask token: only a masked autoencoder takes a patch mask")
 
     # ----------------------------------------------------------------------------------------------- forward
-    def forward_blocks(self, z: Tensor) -> Tensor:
-        """Tokens Z^0 -> Z^L through every block (with activation checkpointing when enabled and training)."""
-        for block in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
-                z = torch.utils.checkpoint.checkpoint(block, z, use_reentrant=False)
-            else:
-                z = block(z)
-        return z
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Images -> tokens after the last layer and the final token norm, (b, 1 + n_patches, dim)."""
         z, _ = self.embed(x)
@@ -360,82 +352,22 @@ class WhiteBoxBackbone(nn.Module):
             raise UserError(f"layer={layer} is outside this {depth}-layer model; use 0..{depth - 1} or -{depth}..-1")
         return self.forward_trace(x, layers=[layer]).layers[0].attn
 
-    # ----------------------------------------------------------------------------------------------- timm features
-    def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
-        """timm's layer selection: None -> every layer, n -> the last n, a list -> those (negative from the end)."""
-        depth = len(self.blocks)
-        if indices is None or isinstance(indices, int):
-            n = depth if indices is None else indices
-            if not 0 < n <= depth:
-                raise UserError(f"indices={n} asks for the last {n} layers of a {depth}-layer model; use 1..{depth}")
-            return list(range(depth - n, depth))
-        if not indices or any(not -depth <= i < depth for i in indices):
-            raise UserError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
-        return sorted({i % depth for i in indices})
+    # ----------------------------------------------------------------------------------------------- timm contract
+    def _patch_tokens(self, z: Tensor, norm: bool) -> Tensor:
+        """A block's output -> its patch tokens (b, n_patches, dim); ``norm``: the final norm (``norm`` then
+        ``fc_norm``: one of them is the identity)."""
+        return (self.fc_norm(self.norm(z)) if norm else z)[:, 1:]
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """timm's feature API: the patch tokens of the selected layers' outputs ``Z^{l+1}``, as maps
-        (b, dim, gh, gw) (``output_fmt="NCHW"``) or (b, n_patches, dim) (``"NLC"``); ``norm`` applies the final
-        norm (``norm`` then ``fc_norm``: one of them is the identity). Returns ``(final tokens after ``norm``,
-        intermediates)``, or only the intermediates (timm's signature)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise UserError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = self._take_indices(indices)
-        z, (gh, gw) = self.embed(x)
-        blocks = self.blocks[: take[-1] + 1] if stop_early or intermediates_only else self.blocks
-        intermediates = []
-        for i, block in enumerate(blocks):
-            z = block(z)
-            if i in take:
-                y = (self.fc_norm(self.norm(z)) if norm else z)[:, 1:]  # patch tokens, (b, gh*gw, dim)
-                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, gh, gw) if output_fmt == "NCHW" else y)
-        return intermediates if intermediates_only else (self.norm(z), intermediates)
+    def _final_tokens(self, z: Tensor) -> Tensor:
+        return self.norm(z)
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the layers after the last selected one (and the head / final norm); returns the kept indices."""
-        take = self._take_indices(indices)
-        self.blocks = self.blocks[: take[-1] + 1]
-        self.config = self.config.replace(depth=len(self.blocks))
-        self._copy_config_attributes()
-        self.feature_info = self.feature_info[: len(self.blocks)]
-        if prune_head:
-            self.pre_logits = nn.Identity()
-            self.head_hidden_size = self.config.dim
-            self.config = self.config.replace(head_hidden_dim=None)
-            self.reset_classifier(0)
-        if prune_norm:
-            self.norm, self.fc_norm = nn.Identity(), nn.Identity()
-        return take
+    def _prune_head(self) -> None:
+        self.pre_logits = nn.Identity()
+        self.head_hidden_size = self.config.dim
+        self.config = self.config.replace(head_hidden_dim=None)
 
-    # ----------------------------------------------------------------------------------------------- utilities
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one for ``num_classes`` (0: no classifier)."""
-        if global_pool is not None:
-            if global_pool not in ("cls", "mean", "token", "avg"):
-                raise UserError(f"global_pool must be 'cls' or 'mean', got {global_pool!r}")
-            pool = {"token": "cls", "avg": "mean"}.get(global_pool, global_pool)
-            self.config = self.config.replace(pool=pool)
-        device = self.fc_norm.weight.device
-        self.num_classes = num_classes
-        self.config = self.config.replace(num_classes=num_classes)
-        self._copy_config_attributes()
-        self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def _prune_norm(self) -> None:
+        self.norm, self.fc_norm = nn.Identity(), nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -444,9 +376,6 @@ class WhiteBoxBackbone(nn.Module):
         """timm's parameter grouping (layer-wise lr decay): the embedding, one group per layer, then the head."""
         blocks = r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^fc_norm|^pre_logits", (99999,))]
         return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": blocks}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         c = self.config

@@ -32,8 +32,11 @@ reads about CRATE (:mod:`cratevit.registry`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from torch import Tensor
 
 from ..errors import UserError
 from .backbone import (
@@ -61,6 +64,20 @@ from .blocks import (
     use_fused_attention,
 )
 from .family import Card, Family
+from .key_table import KeyTable
+from .shapes import (
+    ShapeError,
+    ShapeReading,
+    backbone_head_facts,
+    backbone_heads,
+    backbone_with_heads,
+    class_count,
+    head_split,
+    layer_count,
+    need,
+    split_patch_dim,
+    square_grid,
+)
 
 __all__ = [
     "CRATE",
@@ -255,6 +272,78 @@ def activation_bytes(cfg: Any, amp: str | None, checkpointing: bool = False) -> 
     return cfg.depth * per_layer + image
 
 
+def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeReading:
+    """The :class:`CRATEConfig` of a state dict in our key layout, from its tensor shapes alone.
+
+    dim, depth, channels, patch size, image size (square), class count, head layout (one or two stages) and the
+    emergence paper's ablation (MHSA's ``attn.qkv`` or MSSA's U; ISTA's D, an MLP or nothing) come from the shapes;
+    pooling is the class token, as in every released model. The head count is ``heads``, or 1 where there is no
+    output projection and U is square; otherwise the shapes cannot tell it (``heads_read=False``).
+    """
+    pos = need(state, "pos_embed", 3)
+    proj = need(state, "patch_embed.proj.weight", 2)
+    attention = "mhsa" if "blocks.0.attn.qkv.weight" in state else "mssa"
+    if attention == "mssa":
+        inner = need(state, "blocks.0.mssa.subspace_proj.weight", 2).shape[0]
+        out_proj = "blocks.0.mssa.out_proj.weight" in state
+    else:
+        inner, out_proj = need(state, "blocks.0.attn.qkv.weight", 2).shape[0] // 3, True
+    feedforward = (
+        "ista" if "blocks.0.ista.dictionary" in state else "mlp" if "blocks.0.mlp.fc1.weight" in state else "none"
+    )
+    dim, split, grid = pos.shape[2], split_patch_dim(proj.shape[1]), square_grid(pos)
+    if split is None or grid is None:
+        raise ShapeError(
+            f"cannot read a square patch grid from {{0}} {tuple(pos.shape)} and {{1}} {tuple(proj.shape)}; pass "
+            "arch= a CRATEConfig with the image and patch size",
+            "pos_embed",
+            "patch_embed.proj.weight",
+        )
+    channels, patch = split
+    n_heads = backbone_heads(dim, inner, out_proj, heads)
+    extra: dict[str, Any] = {"attn_kind": attention, "feedforward": feedforward}
+    if feedforward == "mlp":
+        extra["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    cfg = CRATEConfig(
+        **extra,
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        dim=dim,
+        depth=layer_count(state),
+        **head_split(inner, n_heads),
+        head_hidden_dim=state["pre_logits.weight"].shape[0] if "pre_logits.weight" in state else None,
+        num_classes=class_count(state),
+    )
+    return ShapeReading(cfg, heads_read=n_heads is not None)
+
+
+# The official CRATE code (model/crate.py of Ma-Lab-Berkeley/CRATE) names the layers ``transformer.layers.{i}``
+# with ``[PreNorm(Attention), PreNorm(FeedForward)]``; the emergence demo adds a second head stage ``head``.
+CRATE_KEYS = KeyTable(
+    body=(
+        ("pos_embedding", "pos_embed"),
+        ("cls_token", "cls_token"),
+        ("to_patch_embedding.1.{p}", "patch_embed.norm_in.{p}"),
+        ("to_patch_embedding.2.{p}", "patch_embed.proj.{p}"),
+        ("to_patch_embedding.3.{p}", "patch_embed.norm_out.{p}"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(("mlp_head.1.{p}", "pre_logits.{p}"), ("head.{p}", "head.{p}")),
+    reference_markers=("transformer.layers.", "to_patch_embedding."),
+    two_stage_reference_key="head.weight",
+    two_stage_our_key="pre_logits.weight",
+)
+"""CRATE's key table: the official repository's names (``transformer.layers.{i}.0.fn.qkv``, ``mlp_head``), with
+the emergence demo's two-stage head."""
+
+
 FAMILY = Family(
     name="crate",
     model_cls=CRATE,
@@ -276,5 +365,9 @@ FAMILY = Family(
     code_kind=lambda cfg: "output" if getattr(cfg, "feedforward", "ista") == "ista" else None,
     pretrained_cfg=geometry_cfg,
     activation_bytes=activation_bytes,
+    key_table=CRATE_KEYS,
+    shape_reader=read_shapes,
+    head_facts=backbone_head_facts,
+    with_heads=backbone_with_heads,
 )
 """CRATE's family record (registered by :mod:`cratevit.registry`)."""

@@ -32,13 +32,29 @@ formulation makes seven. ``cratevit.models.reference_alpha`` holds the literal f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from ..errors import UserError
 from .backbone import BackboneConfig, WhiteBoxBackbone, forward_flops, geometry_cfg
 from .blocks import ConvPatchEmbed, LayerTrace, OvercompleteISTA, WhiteBoxBlock
 from .family import Card, Family
+from .key_table import KeyTable
+from .shapes import (
+    ShapeError,
+    ShapeReading,
+    backbone_head_facts,
+    backbone_heads,
+    backbone_with_heads,
+    class_count,
+    head_split,
+    layer_count,
+    need,
+    square_grid,
+)
 
 __all__ = [
     "FAMILY",
@@ -147,6 +163,60 @@ def alpha_forward_flops(cfg: CRATEAlphaConfig, image_size: tuple[int, int] | Non
 
 
 # ---------------------------------------------------------------------------------------------- the family record
+def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeReading:
+    """The :class:`CRATEAlphaConfig` of a state dict in our key layout, from its tensor shapes alone: dim, channels
+    and patch size from the convolutional stem, the (square) image size from ``pos_embed``, depth from the block
+    indices, the dictionary ratio from ``D``, the class count from the head; the head count from ``heads`` (U is
+    ``(heads * dim_head, dim)``: its shape cannot tell 12 heads of 64 from 6 of 128, ``heads_read=False``)."""
+    pos = need(state, "pos_embed", 3)
+    stem = need(state, "patch_embed.proj.weight", 4)
+    inner = need(state, "blocks.0.mssa.subspace_proj.weight", 2).shape[0]
+    dictionary = need(state, "blocks.0.ista.dictionary", 2)
+    dim, channels, ph, pw = stem.shape
+    grid = square_grid(pos)
+    if grid is None:
+        raise ShapeError(
+            f"{{0}} {tuple(pos.shape)} holds no square patch grid; pass arch= a CRATEAlphaConfig with the image size",
+            "pos_embed",
+        )
+    n_heads = backbone_heads(dim, inner, "blocks.0.mssa.out_proj.weight" in state, heads)
+    cfg = CRATEAlphaConfig(
+        image_size=(grid * ph, grid * pw),
+        patch_size=(ph, pw),
+        channels=channels,
+        dim=dim,
+        depth=layer_count(state),
+        **head_split(inner, n_heads),
+        overcomplete=dictionary.shape[1] // dim,
+        num_classes=class_count(state),
+    )
+    return ShapeReading(cfg, heads_read=n_heads is not None)
+
+
+# CRATE-alpha: the released PyTorch files (Hub UCSC-VLAA/CRATE-alpha, torch/*.pth) are plain state_dicts of the
+# official torch_inference/model/crate_alpha.py. Every tensor keeps its shape (D and D1 are (dim, 4 dim) in both).
+CRATE_ALPHA_KEYS = KeyTable(
+    body=(
+        ("conv1.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("pos_embedding", "pos_embed"),
+        ("transformer.layers.{i}.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("transformer.layers.{i}.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("transformer.layers.{i}.0.fn.to_out.0.weight", "blocks.{i}.mssa.out_proj.weight"),
+        ("transformer.layers.{i}.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("transformer.layers.{i}.1.fn.D", "blocks.{i}.ista.dictionary"),
+        ("transformer.layers.{i}.1.fn.D1", "blocks.{i}.ista.decoder"),
+        ("mlp_head.0.{p}", "fc_norm.{p}"),
+    ),
+    head_one_stage=(("mlp_head.1.{p}", "head.{p}"),),
+    head_two_stage=(),
+    reference_markers=("conv1.", "transformer.layers."),
+    two_stage_reference_key="",
+    two_stage_our_key="",
+)
+"""CRATE-alpha's key table: the official release's names (``conv1``, ``fn.D`` / ``fn.D1``)."""
+
+
 FAMILY = Family(
     name="crate_alpha",
     model_cls=CRATEAlpha,
@@ -170,5 +240,9 @@ FAMILY = Family(
     code_kind=lambda cfg: "trace",
     code_editor=lambda block, z_half, code: block.ista.decode(code, z_half),
     pretrained_cfg=geometry_cfg,
+    key_table=CRATE_ALPHA_KEYS,
+    shape_reader=read_shapes,
+    head_facts=backbone_head_facts,
+    with_heads=backbone_with_heads,
 )
 """CRATE-α's family record (registered by :mod:`cratevit.registry`)."""

@@ -38,6 +38,7 @@ of its encoder (fine-tuning) is a key rename: ``norm`` -> ``fc_norm``, decoder a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
@@ -50,6 +51,8 @@ from .backbone import PatchGrid, WhiteBoxBackbone, to_2tuple, trace_blocks
 from .blocks import MSSA, ConvPatchEmbed, LayerTrace, WhiteBoxBlock
 from .crate import CRATE, CRATEConfig
 from .family import Card, Family
+from .key_table import KeyTable
+from .shapes import ShapeError, ShapeReading, layer_count, need, square_grid
 
 __all__ = [
     "CRATEMAE",
@@ -507,6 +510,76 @@ def mae_crate_large(**overrides: Any) -> CRATEMAE:
 
 
 # ---------------------------------------------------------------------------------------------- the family record
+def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeReading:
+    """The :class:`CRATEMAEConfig` of a state dict in our key layout, from its tensor shapes alone: width, depths,
+    patch, channels and image size; the head count (encoder and decoder alike, as every official size) from
+    ``heads``, which the shapes cannot tell (``heads_read=False`` without it)."""
+    pos = need(state, "pos_embed", 3)
+    proj = need(state, "patch_embed.proj.weight", 4)
+    inner = need(state, "blocks.0.mssa.subspace_proj.weight", 2).shape[0]
+    decoder_inner = need(state, "decoder_blocks.0.mssa.subspace_proj.weight", 2).shape[0]
+    dim, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    grid = square_grid(pos)
+    if grid is None or proj.shape[2] != proj.shape[3]:
+        raise ShapeError(
+            f"cannot read a square patch grid from {{0}} {tuple(pos.shape)}; pass arch= a CRATEMAEConfig", "pos_embed"
+        )
+    cfg = CRATEMAEConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        dim=dim,
+        depth=layer_count(state),
+        heads=1,
+        dim_head=inner,
+        decoder_depth=layer_count(state, "decoder_blocks", "dictionary"),
+        decoder_heads=1,
+        decoder_dim_head=decoder_inner,
+    )
+    return ShapeReading(cfg, heads_read=False) if heads is None else ShapeReading(mae_with_heads(cfg, heads))
+
+
+def mae_with_heads(cfg: CRATEMAEConfig, heads: int) -> CRATEMAEConfig:
+    """The configuration with ``heads`` heads in the encoder and in the decoder, each projection as wide as before."""
+    inner, decoder_inner = cfg.heads * cfg.dim_head, cfg.decoder_heads * cfg.decoder_dim_head
+    for width in (inner, decoder_inner):
+        if heads <= 0 or width % heads:
+            raise ShapeError(f"heads={heads} does not divide the {width}-wide subspace projection")
+    return cfg.replace(
+        heads=heads, dim_head=inner // heads, decoder_heads=heads, decoder_dim_head=decoder_inner // heads
+    )
+
+
+# CRATE-MAE as released (model/crate_ae/ of the CRATE repository, trained with FAIR's MAE code): timm's conv
+# PatchEmbed, encoder blocks ``[PreNorm(Attention), PreNorm(ISTA)]``, decoder blocks ``[PreNorm(D x), PreNorm(Attention)]``.
+# The official forward pass adds ``decoder_pos_embed`` to the encoder's input and never applies ``pos_embed`` or
+# ``decoder_embed``: those are checked to be there and dropped.
+CRATE_MAE_KEYS = KeyTable(
+    body=(
+        ("patch_embed.proj.{p}", "patch_embed.proj.{p}"),
+        ("cls_token", "cls_token"),
+        ("mask_token", "mask_token"),
+        ("decoder_pos_embed", "pos_embed"),
+        ("blocks.{i}.layers.0.0.norm.{p}", "blocks.{i}.norm1.{p}"),
+        ("blocks.{i}.layers.0.0.fn.qkv.weight", "blocks.{i}.mssa.subspace_proj.weight"),
+        ("blocks.{i}.layers.0.0.fn.to_out.0.{p}", "blocks.{i}.mssa.out_proj.{p}"),
+        ("blocks.{i}.layers.0.1.norm.{p}", "blocks.{i}.norm2.{p}"),
+        ("blocks.{i}.layers.0.1.fn.weight", "blocks.{i}.ista.dictionary"),
+        ("norm.{p}", "norm.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.norm.{p}", "decoder_blocks.{i}.norm1.{p}"),
+        ("decoder_blocks.{i}.layers.0.0.fn.weight", "decoder_blocks.{i}.dictionary"),
+        ("decoder_blocks.{i}.layers.0.1.norm.{p}", "decoder_blocks.{i}.norm2.{p}"),
+        ("decoder_blocks.{i}.layers.0.1.fn.qkv.weight", "decoder_blocks.{i}.mssa.subspace_proj.weight"),
+        ("decoder_blocks.{i}.layers.0.1.fn.to_out.0.{p}", "decoder_blocks.{i}.mssa.out_proj.{p}"),
+        ("decoder_norm.{p}", "decoder_norm.{p}"),
+        ("decoder_pred.{p}", "decoder_pred.{p}"),
+    ),
+    reference_markers=("blocks.0.layers.0.", "decoder_blocks.0.layers.0."),
+    reference_unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
+)
+"""CRATE-MAE's key table: the official release's names (``blocks.{i}.layers.0.*``)."""
+
+
 FAMILY = Family(
     name="crate_mae",
     model_cls=CRATEMAE,
@@ -534,5 +607,10 @@ FAMILY = Family(
     pretrained_cfg=mae_geometry_cfg,
     to_classifier=crate_classifier_from_mae,
     mask_sampler=random_masking,
+    key_table=CRATE_MAE_KEYS,
+    shape_reader=read_shapes,
+    head_facts=lambda cfg: (f"dim {cfg.dim}",),  # every official size has its own width
+    with_heads=mae_with_heads,
+    file_args={"norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"},  # FAIR MAE's main_pretrain.py args
 )
 """CRATE-MAE's family record (registered by :mod:`cratevit.registry`)."""

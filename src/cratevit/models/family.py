@@ -15,7 +15,16 @@ model class. The record is torch-only data and functions of a configuration or a
 * ``pretrained_cfg(cfg)``: the part of timm's ``pretrained_cfg`` the configuration determines;
 * ``timm_kwargs``: timm's ``create_model`` keyword -> the configuration's field;
 * ``activation_bytes(cfg, amp, checkpointing)``: activation bytes one training image keeps, or None (unknown);
-* ``shape_reader(state, heads)``: the configuration of a bare state dict, from its tensor shapes;
+* ``key_table``: the :class:`~.key_table.KeyTable` of the family's foreign layout (its official code's names), or
+  None where the family has no released files in another layout;
+* ``shape_reader(state, heads)``: the configuration of a bare state dict from its tensor shapes alone, as a
+  :class:`~.shapes.ShapeReading` (``heads_read`` False where the shapes cannot tell the head count); then
+  ``head_facts(cfg)`` (what presets must share with it to lend their head count, in words) and
+  ``with_heads(cfg, heads)`` (its projection split into ``heads``; None: the shapes always tell the heads).
+  :mod:`cratevit.checkpoint.infer` does the preset part for every family alike: the head count from the presets
+  with the same facts, the name of the preset the configuration equals;
+* ``file_args``: fields of a file's recorded training ``args`` (FAIR MAE / DeiT ``main.py``) -> configuration
+  fields they set (CRATE-MAE's mask ratio and loss target, ToST's image size);
 * ``to_classifier(model, num_classes)``: an autoencoder's encoder as a classifier (fine-tuning);
 * ``mask_sampler(batch, num_patches, mask_ratio, generator)``: an autoencoder's random patch mask (b, n) of
   booleans, True where a patch is masked (the training objective draws its seeded masks with it).
@@ -32,6 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .key_table import KeyTable
+from .shapes import ShapeReading
 
 __all__ = ["TIMM_KWARGS", "Card", "Family", "classifier_geometry"]
 
@@ -96,9 +108,16 @@ class Family:
     pretrained_cfg: Callable[[Any], dict[str, Any]] = classifier_geometry  # geometry part of timm's pretrained_cfg
     timm_kwargs: dict[str, str] = field(default_factory=lambda: dict(TIMM_KWARGS))
     activation_bytes: Callable[[Any, str | None, bool], int | None] = lambda cfg, amp, ckpt: None
-    # The shape reader for bare state dicts (our key layout): (state, heads) -> configuration. None: the readers of
-    # the built-in families, in cratevit.checkpoint.infer (they consult the presets, above this layer).
-    shape_reader: Callable[[Any, int | None], Any] | None = None
+    # (official name, our name) pairs of the family's foreign layout; None: its files come in our layout only.
+    key_table: KeyTable | None = None
+    # The shape reader for bare state dicts (our key layout): (state, heads) -> ShapeReading (shapes alone; None: a
+    # bare state dict of this family needs arch=). What presets must share with a reading to lend it their head
+    # count, and the configuration with its projection split into that many heads (None: shapes tell the heads).
+    shape_reader: Callable[[Any, int | None], ShapeReading] | None = None
+    head_facts: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    with_heads: Callable[[Any, int], Any] | None = None
+    # A file's recorded training ``args`` (FAIR MAE / DeiT main.py) -> the configuration fields they set.
+    file_args: dict[str, str] = field(default_factory=dict)
     # An autoencoder's encoder as a classifier (fine-tuning): (model, num_classes) -> classifier; None elsewhere.
     to_classifier: Callable[[nn.Module, int], nn.Module] | None = None
     # An autoencoder's random mask: (batch, num_patches, mask_ratio, generator=...) -> (b, n) bool; None elsewhere.

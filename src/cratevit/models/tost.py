@@ -41,17 +41,21 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 import torch.fx
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, UserError
+from ..errors import UserError
+from .blocks import DropPath
+from .contract import TimmContract
 from .family import Card, Family
+from .key_table import KeyTable
+from .shapes import ShapeError, ShapeReading, class_count
 
 __all__ = [
     "FAMILY",
@@ -363,20 +367,6 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth of a residual branch (b, n, dim): each sample's branch dropped with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
-
-
 class ConvStem(nn.Module):
     """``log2(patch)`` stages of stride-2 3x3 convolution (no bias) + BatchNorm, GELU between: (b, c, H, W) ->
     (b, n, dim) and the grid. Stage ``i`` is ``stages.i.conv`` / ``stages.i.norm`` (official ``proj.{2i}.0/1``)."""
@@ -639,7 +629,7 @@ torch.fx.wrap("fourier_features")
 torch.fx.wrap("tssa_output")
 
 
-class ToST(nn.Module):
+class ToST(TimmContract, nn.Module):
     """The ToST vision classifier with timm's model contract (``forward_features`` / ``forward_head`` /
     ``forward_intermediates`` / ``reset_classifier`` ...). ``ToST(config=tost_preset("tost_cab_small_12_p16"))``,
     or keyword arguments of :class:`ToSTConfig`. ``forward_features`` returns every token after the class blocks
@@ -655,10 +645,7 @@ class ToST(nn.Module):
         cfg = self.config = config
         self.num_classes = cfg.num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.dim
-        self.global_pool: str = cfg.pool
-        self.patch: int = cfg.patch_size[0]
-        self.in_chans: int = cfg.channels
-        self.use_pos: bool = cfg.use_pos  # forward reads plain attributes (TorchScript cannot read the dataclass)
+        self._copy_config_attributes()
         self.grad_checkpointing = False
         self.pretrained_cfg = self.default_cfg = {
             "input_size": (cfg.channels, *cfg.image_size),
@@ -703,14 +690,6 @@ class ToST(nn.Module):
             z = z + self.pos_embed(grid[0], grid[1])
         return self.pos_drop(z), grid
 
-    def _run_blocks(self, z: Tensor) -> Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
-                z = torch.utils.checkpoint.checkpoint(block, z, use_reentrant=False)
-            else:
-                z = block(z)
-        return z
-
     def _classify_tokens(self, z: Tensor) -> Tensor:
         """TSSA output (b, n, dim) -> [cls; patches] through the class blocks and the final norm."""
         x = torch.cat([self.cls_token.expand(z.shape[0], -1, -1).to(z.dtype), z], dim=1)
@@ -720,7 +699,7 @@ class ToST(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         z, _ = self.embed(x)
-        return self._classify_tokens(self._run_blocks(z))
+        return self._classify_tokens(self.forward_blocks(z))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "mean" else x[:, 0]
@@ -791,76 +770,28 @@ class ToST(nn.Module):
                 h = block(h)
         return TracedLayers(layers=out, features=self.norm(h), grid_size=grid)
 
-    # ----------------------------------------------------------------------------------------------- timm features
-    def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
-        depth = len(self.blocks)
-        if indices is None or isinstance(indices, int):
-            n = depth if indices is None else indices
-            if not 0 < n <= depth:
-                raise UserError(f"indices={n} asks for the last {n} layers of a {depth}-layer model; use 1..{depth}")
-            return list(range(depth - n, depth))
-        if not indices or any(not -depth <= i < depth for i in indices):
-            raise UserError(f"layer indices {list(indices)} must lie in -{depth}..{depth - 1}")
-        return sorted({i % depth for i in indices})
+    # ----------------------------------------------------------------------------------------------- timm contract
+    def _copy_config_attributes(self) -> None:
+        """Plain attributes that ``forward`` reads (TorchScript cannot read the dataclass), from ``self.config``."""
+        cfg = self.config
+        self.global_pool: str = cfg.pool
+        self.patch: int = cfg.patch_size[0]
+        self.in_chans: int = cfg.channels
+        self.use_pos: bool = cfg.use_pos
 
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """timm's feature API over the TSSA blocks: their outputs (patch tokens) as (b, dim, gh, gw) maps or
-        (b, n, dim) (``"NLC"``); ``norm`` applies the final LayerNorm. Returns ``(forward_features, intermediates)``
-        or only the intermediates."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise UserError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = self._take_indices(indices)
-        z, (gh, gw) = self.embed(x)
-        blocks = self.blocks[: take[-1] + 1] if stop_early or intermediates_only else self.blocks
-        out = []
-        for i, block in enumerate(blocks):
-            z = block(z)
-            if i in take:
-                y = self.norm(z) if norm else z
-                out.append(y.transpose(1, 2).reshape(y.shape[0], -1, gh, gw) if output_fmt == "NCHW" else y)
-        return out if intermediates_only else (self._classify_tokens(z), out)
+    def _patch_tokens(self, z: Tensor, norm: bool) -> Tensor:
+        """A TSSA block's output (b, n, dim): the patch tokens (the class token joins in the class blocks)."""
+        return self.norm(z) if norm else z
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take = self._take_indices(indices)
-        self.blocks = self.blocks[: take[-1] + 1]
-        self.config = self.config.replace(depth=len(self.blocks))
-        self.feature_info = self.feature_info[: len(self.blocks)]
-        if prune_head:
-            self.class_blocks = nn.ModuleList()
-            self.config = self.config.replace(class_blocks=0)
-            self.reset_classifier(0)
-        if prune_norm:
-            self.norm = nn.Identity()
-        return take
+    def _final_tokens(self, z: Tensor) -> Tensor:
+        return self._classify_tokens(z)
 
-    # ----------------------------------------------------------------------------------------------- utilities
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def _prune_head(self) -> None:
+        self.class_blocks = nn.ModuleList()
+        self.config = self.config.replace(class_blocks=0)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            pool = {"token": "cls", "avg": "mean"}.get(global_pool, global_pool)
-            if pool not in ("cls", "mean"):
-                raise UserError(f"global_pool must be 'cls' or 'mean', got {global_pool!r}")
-            self.global_pool = pool
-            self.config = self.config.replace(pool=pool)
-        self.num_classes = num_classes
-        self.config = self.config.replace(num_classes=num_classes)
-        device = self.cls_token.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def _prune_norm(self) -> None:
+        self.norm = nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
         """The class token. The official top-level set names only tensors ToST lacks besides it (``pos_embed``,
@@ -875,9 +806,6 @@ class ToST(nn.Module):
             "blocks": r"^blocks\.(\d+)",
             "class_blocks": [(r"^class_blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         c = self.config
@@ -924,60 +852,17 @@ def tost_preset(name: str, **changes: Any) -> ToSTConfig:
 
 
 # ----------------------------------------------------------------------------------------------- official keys
-# Official state_dict names (tost_vision/tost.py) -> ours, as (regex over the official key, replacement).
-_KEY_RULES: list[tuple[str, str]] = [
-    (r"^patch_embed\.proj\.(\d+)\.0\.", "patch_embed.stages.{stage}.conv."),
-    (r"^patch_embed\.proj\.(\d+)\.1\.", "patch_embed.stages.{stage}.norm."),
-    (r"^pos_embeder\.token_projection\.", "pos_embed.proj."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.", r"blocks.\1.tssa.subspace_proj."),
-    (r"^blocks\.(\d+)\.attn\.temp$", r"blocks.\1.tssa.temperature"),
-    (r"^blocks\.(\d+)\.attn\.to_out\.0\.", r"blocks.\1.tssa.out_proj."),
-    (r"^blocks\.(\d+)\.gamma1$", r"blocks.\1.gamma_attn"),
-    (r"^blocks\.(\d+)\.gamma2$", r"blocks.\1.gamma_mlp"),
-    (r"^cls_attn_blocks\.(\d+)\.attn\.proj\.", r"class_blocks.\1.attn.out_proj."),
-    (r"^cls_attn_blocks\.(\d+)\.gamma1$", r"class_blocks.\1.gamma_attn"),
-    (r"^cls_attn_blocks\.(\d+)\.gamma2$", r"class_blocks.\1.gamma_mlp"),
-    (r"^cls_attn_blocks\.", "class_blocks."),
-]
-
-
-def _official_to_ours(key: str) -> str:
-    for pattern, repl in _KEY_RULES:
-        m = re.match(pattern, key)
-        if m:
-            if "{stage}" in repl:  # Sequential index 0, 2, 4, 6 (GELUs between) -> stage 0, 1, 2, 3
-                return repl.format(stage=int(m.group(1)) // 2) + key[m.end() :]
-            return re.sub(pattern, repl, key, count=1)
-    return key
-
-
 def from_official_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An official ``tost_cab_*`` state_dict (keys optionally prefixed ``module.``) -> our key layout."""
-    return {_official_to_ours(k.removeprefix("module.")): v for k, v in state.items()}
+    """An official ``tost_cab_*`` state_dict (keys optionally prefixed ``module.``) -> our key layout (by
+    :data:`TOST_KEYS`; a key the table does not name is kept as it is)."""
+    rename = TOST_KEYS.renamer(to_ours=True, two_stage=False)
+    return {(rename(k := key.removeprefix("module.")) or k): v for key, v in state.items()}
 
 
 def to_official_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our state_dict -> the official key layout (the inverse of :func:`from_official_keys`)."""
-    out = {}
-    for k, v in state.items():
-        m = re.match(r"^patch_embed\.stages\.(\d+)\.(conv|norm)\.", k)
-        if m:
-            off = f"patch_embed.proj.{2 * int(m.group(1))}.{0 if m.group(2) == 'conv' else 1}." + k[m.end() :]
-        else:
-            off = k
-            for ours, official in [
-                ("pos_embed.proj.", "pos_embeder.token_projection."),
-                (".tssa.subspace_proj.", ".attn.qkv."),
-                (".tssa.temperature", ".attn.temp"),
-                (".tssa.out_proj.", ".attn.to_out.0."),
-                (".attn.out_proj.", ".attn.proj."),
-                (".gamma_attn", ".gamma1"),
-                (".gamma_mlp", ".gamma2"),
-            ]:
-                off = off.replace(ours, official)
-            off = re.sub(r"^class_blocks\.", "cls_attn_blocks.", off)
-        out[off] = v
-    return out
+    rename = TOST_KEYS.renamer(to_ours=False, two_stage=False)
+    return {(rename(k) or k): v for k, v in state.items()}
 
 
 # torch.fx writes a traced graph's signature from the annotations, which this file's ``from __future__ import
@@ -987,21 +872,21 @@ for _method in (ToST.forward, ToST.forward_features):
 
 
 # ---------------------------------------------------------------------------------------------- the family record
-def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfig:
+def read_shapes(state: Mapping[str, Tensor], heads: int | None = None) -> ShapeReading:
     """The :class:`ToSTConfig` of a state dict in our key layout, read off its tensor shapes (``heads`` is not
     needed: the temperatures are (heads, 1)). The image size is the official 224 (any multiple of the patch runs;
-    a file's recorded ``input_size`` replaces it)."""
+    a file's recorded ``input_size`` replaces it: the record's ``file_args``)."""
     del heads
-    need = ("cls_token", "blocks.0.tssa.temperature", "blocks.0.mlp.fc1.weight", "pos_embed.proj.weight")
-    missing = [k for k in need if k not in state]
+    required = ("cls_token", "blocks.0.tssa.temperature", "blocks.0.mlp.fc1.weight", "pos_embed.proj.weight")
+    missing = [k for k in required if k not in state]
     if missing:
-        raise CheckpointError(
-            f"tensor {missing[0]} is missing, so the ToST architecture cannot be read from the shapes; the file "
-            "is truncated or not a ToST checkpoint"
+        raise ShapeError(
+            "tensor {0} is missing, so the ToST architecture cannot be read from the shapes; the file is truncated "
+            "or not a ToST checkpoint",
+            missing[0],
         )
     dim = state["cls_token"].shape[-1]
-    head = state.get("head.weight")
-    return ToSTConfig(
+    config = ToSTConfig(
         dim=dim,
         depth=1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
         heads=state["blocks.0.tssa.temperature"].shape[0],
@@ -1011,8 +896,9 @@ def read_shapes(state: dict[str, Tensor], heads: int | None = None) -> ToSTConfi
         qkv_bias="blocks.0.tssa.subspace_proj.bias" in state,
         pos_dim=state["pos_embed.proj.weight"].shape[1] // 2,
         channels=state["patch_embed.stages.0.conv.weight"].shape[1],
-        num_classes=0 if head is None else head.shape[0],
+        num_classes=class_count(state),
     )
+    return ShapeReading(config)
 
 
 def tost_forward_flops(cfg: ToSTConfig) -> int:
@@ -1054,6 +940,47 @@ def tost_geometry(cfg: ToSTConfig) -> dict[str, Any]:
     }
 
 
+# ToST as its official code names it (tost_vision/tost.py; DeiT/XCiT-style main.py saves ``model``): the stem is a
+# Sequential of (conv, BatchNorm) pairs with GELUs between, so stage s is ``proj.{2s}`` (up to patch 64 here); the
+# TSSA layer is ``attn`` (``qkv`` = U, ``temp`` = tau, ``to_out.0``), LayerScale ``gamma1``/``gamma2``; the
+# class-attention blocks are ``cls_attn_blocks`` with ``attn.proj`` as their output projection.
+TOST_KEYS = KeyTable(
+    body=(
+        ("cls_token", "cls_token"),
+        *(
+            pair
+            for s in range(6)
+            for pair in (
+                (f"patch_embed.proj.{2 * s}.0.weight", f"patch_embed.stages.{s}.conv.weight"),
+                (f"patch_embed.proj.{2 * s}.1.{{b}}", f"patch_embed.stages.{s}.norm.{{b}}"),
+            )
+        ),
+        ("pos_embeder.token_projection.{p}", "pos_embed.proj.{p}"),
+        ("blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+        ("blocks.{i}.attn.qkv.{p}", "blocks.{i}.tssa.subspace_proj.{p}"),
+        ("blocks.{i}.attn.temp", "blocks.{i}.tssa.temperature"),
+        ("blocks.{i}.attn.to_out.0.{p}", "blocks.{i}.tssa.out_proj.{p}"),
+        ("blocks.{i}.gamma1", "blocks.{i}.gamma_attn"),
+        ("blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+        ("blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+        ("blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+        ("blocks.{i}.gamma2", "blocks.{i}.gamma_mlp"),
+        ("cls_attn_blocks.{i}.norm1.{p}", "class_blocks.{i}.norm1.{p}"),
+        ("cls_attn_blocks.{i}.attn.qkv.{p}", "class_blocks.{i}.attn.qkv.{p}"),
+        ("cls_attn_blocks.{i}.attn.proj.{p}", "class_blocks.{i}.attn.out_proj.{p}"),
+        ("cls_attn_blocks.{i}.gamma1", "class_blocks.{i}.gamma_attn"),
+        ("cls_attn_blocks.{i}.norm2.{p}", "class_blocks.{i}.norm2.{p}"),
+        ("cls_attn_blocks.{i}.mlp.fc1.{p}", "class_blocks.{i}.mlp.fc1.{p}"),
+        ("cls_attn_blocks.{i}.mlp.fc2.{p}", "class_blocks.{i}.mlp.fc2.{p}"),
+        ("cls_attn_blocks.{i}.gamma2", "class_blocks.{i}.gamma_mlp"),
+        ("norm.{p}", "norm.{p}"),
+        ("head.{p}", "head.{p}"),
+    ),
+    reference_markers=("cls_attn_blocks.", "pos_embeder."),
+)
+"""ToST's key table: the official code's names (``cls_attn_blocks``, ``attn.temp``, ``pos_embeder``)."""
+
+
 FAMILY = Family(
     name="tost",
     model_cls=ToST,
@@ -1088,6 +1015,8 @@ FAMILY = Family(
         "global_pool": "pool",
     },
     shape_reader=read_shapes,
+    file_args={"input_size": "image_size"},  # DeiT/XCiT's main.py records the training size
+    key_table=TOST_KEYS,
     forward_flops=tost_forward_flops,
     ddp_prepare=_sync_batchnorm,
     trace_blocks=lambda model: [*model.blocks, *model.class_blocks],
