@@ -1,5 +1,7 @@
 """The tests are grouped by the room they guard: every test file sits in a room folder that is a package and has a
-row in tests/README.md, and every source path that table names exists."""
+row in tests/README.md, every source path that table names exists, and every path a test computes from its own
+location (``Path(__file__).parents[N] / ...``) exists (a file moved between levels, or merged from before the move,
+would otherwise look in the wrong folder)."""
 
 import re
 from pathlib import Path
@@ -34,3 +36,16 @@ def test_the_paths_the_table_names_exist():
     # a bare module name after a src/cratevit/ path (`presets.py`) is a sibling in src/cratevit/
     missing = [p for p in paths if not (ROOT / p).exists() and not (src / p).exists()]
     assert len(paths) >= 15 and missing == []
+
+
+def test_paths_a_test_computes_from_its_own_location_exist():
+    """``Path(__file__).parents[N] / "src"`` and the like (N counts from the test's folder: 2 is the repository)."""
+    pattern = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?\.parents\[(\d)\]((?:\s*/\s*\"[^\"]+\")*)")
+    found, missing = 0, []
+    for file in sorted(TESTS.rglob("*.py")):
+        for level, parts in pattern.findall(file.read_text()):
+            path = file.resolve().parents[int(level)].joinpath(*re.findall(r"\"([^\"]+)\"", parts))
+            found += 1
+            if not path.exists() or path == Path("/") or not path.is_relative_to(ROOT):
+                missing.append(f"{file.relative_to(ROOT)}: parents[{level}]{parts} -> {path}")
+    assert found >= 10 and missing == []

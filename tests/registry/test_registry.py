@@ -295,7 +295,7 @@ def test_key_tables_are_a_read_only_view_of_the_records():
 
     with pytest.raises(TypeError):
         KEY_TABLES["toy"] = KEY_TABLES["crate"]  # a family brings its table in its record
-    src = Path(__file__).resolve().parents[1] / "src" / "cratevit"
+    src = Path(__file__).resolve().parents[2] / "src" / "cratevit"
     tables = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "KeyTable(\n" in p.read_text())
     assert tables == ["models/crate.py", "models/crate_alpha.py", "models/crate_mae.py", "models/tost.py"]
 
