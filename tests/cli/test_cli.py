@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -150,6 +151,28 @@ def test_arch_and_heads_share_one_help_text():
         helps.setdefault("arch", set()).add(actions["--arch"].help)
         helps.setdefault("heads", set()).add(actions["--heads"].help)
     assert len(helps["arch"]) == 1 and len(helps["heads"]) == 1
+
+
+def test_every_command_that_runs_a_model_takes_threads(torch_threads):
+    from cratevit.cli import COMMANDS
+    from cratevit.cli._args import apply_threads, positive_int
+
+    without = {
+        name for name in COMMANDS if "--threads" not in {s for a in _sub(name)._actions for s in a.option_strings}
+    }
+    assert without == {"info", "zoo", "export", "detect-eval"}  # no forward pass to spread over threads
+    for name in COMMANDS:
+        if name not in without:
+            (a,) = [a for a in _sub(name)._actions if "--threads" in a.option_strings]
+            assert a.type in (positive_int, int) and a.default in (None, argparse.SUPPRESS), name
+
+    torch_threads(2)
+    apply_threads(argparse.Namespace(threads=None))  # not given: torch's setting stays
+    assert torch.get_num_threads() == 2
+    apply_threads(argparse.Namespace(threads=1))
+    assert torch.get_num_threads() == 1
+    apply_threads(argparse.Namespace(threads=None), default=2)  # a command's own default (explore: 1)
+    assert torch.get_num_threads() == 2
 
 
 def test_version(capsys):

@@ -27,7 +27,9 @@ __all__ = [
     "add_normalization_arguments",
     "add_output_argument",
     "add_seed_argument",
+    "add_threads_argument",
     "add_workers_argument",
+    "apply_threads",
     "finite_float",
     "has_random_weights",
     "in_range_float",
@@ -141,6 +143,20 @@ def add_batch_size_argument(p: argparse.ArgumentParser, default: int, help: str 
 
 def add_workers_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", "-j", type=nonneg_int, default=0, help="data loading processes (0: the main process)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser, help: str = "torch CPU threads (default: torch's)") -> None:
+    """``--threads N`` (a positive integer; None: leave torch's setting), applied by :func:`apply_threads`."""
+    p.add_argument("--threads", type=positive_int, default=None, help=help)
+
+
+def apply_threads(args: argparse.Namespace, default: int | None = None) -> None:
+    """Set torch's CPU thread count from ``--threads`` (or ``default`` when it was not given; None: leave it)."""
+    threads = getattr(args, "threads", None) or default
+    if threads is not None:
+        import torch  # here, not at the top: --help stays fast
+
+        torch.set_num_threads(threads)
 
 
 def add_seed_argument(p: argparse.ArgumentParser, help: str) -> None:

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._args import add_layer_argument, add_output_argument, add_seed_argument, positive_int
+from ._args import add_layer_argument, add_output_argument, add_seed_argument, add_threads_argument, positive_int
 
 HELP = (
     "the emergence paper's ablation (attention MSSA|MHSA x second half ISTA|MLP|none) trained on the built-in "
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-scenes", type=positive_int, default=100, help="multishapes scenes of MaskCut")
     add_layer_argument(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads of the training runs")
+    add_threads_argument(p, help="torch CPU threads of the training runs")
 
 
 def _train_step(args: argparse.Namespace) -> Any:

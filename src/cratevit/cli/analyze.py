@@ -12,6 +12,8 @@ from ._args import (
     add_max_pixels_argument,
     add_output_argument,
     add_seed_argument,
+    add_threads_argument,
+    apply_threads,
     positive_float,
     positive_int,
     say_random_weights,
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="rc_in",
         help="which R^c to plot: of Z^l (the MSSA input) or of Z^{l+1/2} (after MSSA); both go to the CSV",
     )
+    add_threads_argument(p)
 
 
 def _label(spec: str, used: set[str]) -> str:
@@ -131,6 +134,7 @@ def default_output(first: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import torch
 
     from ..analysis import layerwise_stats, load_model

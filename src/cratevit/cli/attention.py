@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import MAX_PIXELS, has_random_weights, probability
+from ._args import MAX_PIXELS, add_threads_argument, apply_threads, has_random_weights, probability
 from ._images import (
     add_model_and_image_arguments,
     fail_if_skipped,
@@ -25,10 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=probability, default=0.6, help="fraction of each head's attention mass the mask keeps"
     )
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cratevit attention`` on parsed arguments; the exit status."""
+    apply_threads(args)
     import json
 
     from ..analysis.head_maps import write_head_maps

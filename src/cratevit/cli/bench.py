@@ -11,7 +11,7 @@ import argparse
 from types import ModuleType
 from typing import Any
 
-from ._args import add_output_argument, nonneg_int, positive_int
+from ._args import add_output_argument, add_threads_argument, nonneg_int, positive_int
 
 HELP = "benchmark inference and training against the reference formulation and timm ViTs (Markdown table)"
 
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per model (median reported)")
     p.add_argument("--warmup", type=nonneg_int, default=None, help="untimed warm-up rounds")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    add_threads_argument(p, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the training peak-memory probes")
     p.add_argument("--no-coding-rate", action="store_true", help="skip the R^c timing")
     p.add_argument(

@@ -12,7 +12,14 @@ HELP = "compare CRATE's ISTA code with SAEs on CRATE and on a ViT layer, trained
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ._args import add_layer_argument, add_output_argument, add_seed_argument, int_range, nonneg_float
+    from ._args import (
+        add_layer_argument,
+        add_output_argument,
+        add_seed_argument,
+        add_threads_argument,
+        int_range,
+        nonneg_float,
+    )
 
     # the action is a plain positional (not a sub-parser): the CLI parses every command intermixed
     p.add_argument("action", choices=("compare",), help="compare: " + HELP)
@@ -31,20 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "-b", dest="batch_size", type=int_range(1), default=1024, help="tokens per step")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the linear probes")
     add_seed_argument(p, "SAE initialisation, batch order, the random-weights copies")
-    p.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads (default: torch's)")
+    add_threads_argument(p)
     add_output_argument(p, "report folder (default runs/codes-compare)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from ..analysis.codes_compare import CompareConfig, compare_codes, render_table
+    from ._args import apply_threads
     from .sae import print_record
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     cfg = CompareConfig(
         layer=args.layer,
         data=args.data,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._args import add_arch_heads_arguments, port_number, positive_int
+from ._args import add_arch_heads_arguments, add_threads_argument, apply_threads, port_number
 
 HELP = "look inside a model in the browser: attention, masks, PCA, per-layer curves, dictionary atoms, SAE features (127.0.0.1)"
 DEFAULT_MODEL = "crate_nano"
@@ -31,8 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", type=Path, action="append", default=[], metavar="SAE_CKPT",
                    help="an SAE checkpoint trained on this model (`cratevit sae train`), shown in the page's SAE features panel; repeatable")  # fmt: skip
     p.add_argument("--port", type=port_number, default=8000, help="port on 127.0.0.1 (0: any free port)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
+    add_threads_argument(p, help="CPU threads (default 1: the page's work is one image at a time; raise it on quiet cores for large models)")  # fmt: skip
     add_arch_heads_arguments(p)
 
 
@@ -45,16 +44,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port} is not a port number; use 1024..65535, or 0 for any free port")
     if args.images is not None and not args.images.is_dir():
         raise UserError(f"--images {args.images}: not a folder of images")
-    import torch
 
     from ..explore import THREADS, load_explorer
     from ..explore.app import serve
 
     if args.model == DEFAULT_MODEL:
         print(f"no model given: {DEFAULT_MODEL} with random weights (pass a checkpoint file or preset)")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give a positive number of threads")
     explorer = load_explorer(args.model, images=args.images, arch=args.arch, heads=args.heads, saes=args.sae)
-    torch.set_num_threads(args.threads or THREADS)
+    apply_threads(args, default=THREADS)
     serve(explorer, args.port)  # a busy port: a UserError naming --port
     return 0

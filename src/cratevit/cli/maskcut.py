@@ -13,6 +13,8 @@ from ._args import (
     add_normalization_arguments,
     add_output_argument,
     add_seed_argument,
+    add_threads_argument,
+    apply_threads,
     positive_int,
     progress,
     say_random_weights,
@@ -71,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_seed_argument(p, "seed of --random-init")
     add_arch_heads_arguments(p)
     add_normalization_arguments(p)
+    add_threads_argument(p)
 
 
 def _images(args: argparse.Namespace, spec_given: bool) -> tuple[list[Any], Path | None]:
@@ -99,6 +102,7 @@ def _images(args: argparse.Namespace, spec_given: bool) -> tuple[list[Any], Path
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..analysis.discovery import DiscoveryConfig, discover_objects
     from ..analysis.maskcut import set_input_size
     from ..data.coco import mask_api

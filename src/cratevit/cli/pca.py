@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import has_random_weights, positive_int, probability
+from ._args import add_threads_argument, apply_threads, has_random_weights, positive_int, probability
 from ._images import (
     add_model_and_image_arguments,
     fail_if_skipped,
@@ -45,9 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.4,
         help="paper: foreground where the first component, min-max scaled per image, exceeds this",
     )
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import json
 
     from ..analysis.pca_maps import write_pca_maps

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._args import add_arch_heads_arguments, positive_int, say_random_weights
+from ._args import add_arch_heads_arguments, add_threads_argument, apply_threads, positive_int, say_random_weights
 
 HELP = "classify images with a checkpoint: the top-5 classes of each, with names and probabilities"
 
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", "-k", dest="top_k", type=positive_int, default=5, help="classes shown per image")
     add_arch_heads_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    add_threads_argument(p)
 
 
 def class_names(model: Any) -> tuple[list[str] | None, str]:
@@ -41,6 +42,7 @@ def class_names(model: Any) -> tuple[list[str] | None, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import json
 
     import torch

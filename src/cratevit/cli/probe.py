@@ -19,7 +19,9 @@ from ._args import (
     add_layer_argument,
     add_output_argument,
     add_seed_argument,
+    add_threads_argument,
     add_workers_argument,
+    apply_threads,
     positive_float,
     positive_int,
     say_random_weights,
@@ -69,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", dest="cache", action="store_false", help="always recompute the features")
     add_device_argument(p)
+    add_threads_argument(p)
 
 
 def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
@@ -96,6 +99,7 @@ def load_probe_model(spec: str, seed: int = 0, timm_pretrained: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import json
     import sys
     import time

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import add_device_argument, add_output_argument, add_seed_argument, open_unit_float
+from ._args import (
+    add_device_argument,
+    add_output_argument,
+    add_seed_argument,
+    add_threads_argument,
+    apply_threads,
+    open_unit_float,
+)
 
 HELP = "masked reconstruction figure of a CRATE-MAE checkpoint on image files (PNG + PDF)"
 
@@ -28,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fraction of patches masked, in (0, 1) (default: the model's, 0.75)",
     )
     add_device_argument(p)
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import json
     from pathlib import Path
 

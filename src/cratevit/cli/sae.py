@@ -25,6 +25,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         add_layer_argument,
         add_output_argument,
         add_seed_argument,
+        add_threads_argument,
         nonneg_float,
         nonneg_int,
         positive_float,
@@ -58,7 +59,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--probe", action="store_true", help="also the linear-probe accuracy of both codes")
     add_seed_argument(p, "SAE initialisation, batch order, random preset weights")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_argument(p)
     add_output_argument(p, "run folder (default runs/sae-MODEL-layerL-SITE-ARCH)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its sae.pt")
 
@@ -101,13 +102,11 @@ def _print_table(ev: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from ..analysis.sae_run import train_layer_sae
     from ..analysis.sae_train import SAETrainConfig
+    from ._args import apply_threads
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     resample = args.resample_every if args.resample_every is not None else (500 if args.arch == "relu" else 0)
     name = Path(args.model).stem if Path(args.model).exists() else args.model
     out = Path(args.output or f"runs/sae-{name}-layer{args.layer}-{args.site}-{args.arch}")

@@ -13,6 +13,8 @@ from ._args import (
     add_layer_argument,
     add_output_argument,
     add_seed_argument,
+    add_threads_argument,
+    apply_threads,
     positive_int,
     probability,
     progress,
@@ -77,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_arch_heads_arguments(p)
     add_batch_size_argument(p, 32)
+    add_threads_argument(p)
 
 
 def _samples(args: argparse.Namespace, image_size: int) -> Any:
@@ -121,6 +124,7 @@ def _table(summaries: dict[str, dict[str, Any]], protocols: list[str]) -> list[s
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     import json
 
     from ..analysis import input_normalization
