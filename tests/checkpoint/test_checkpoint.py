@@ -136,6 +136,26 @@ class Payload:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+def test_a_timm_training_run_is_named_as_such_and_built_by_the_analysis_loader(tmp_path):
+    import timm
+
+    from cratevit.analysis.segmentation import load_vision_model
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    train_config = {"arch": "vit_tiny_patch16_224", "image_size": 32, "patch_size": 8, "model_kwargs": kwargs}
+    run = {"format": "timm", "arch": "vit_tiny_patch16_224", "model": vit.state_dict(), "train_config": train_config}
+    torch.save(run, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "best.pt")
+    message = str(err.value)
+    assert "\n" not in message and "run of a timm model" in message and "vit_tiny_patch16_224" in message
+    assert "load_vision_model" in message and "damaged" not in message
+    built = load_vision_model(str(tmp_path / "best.pt"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(built.eval()(x), vit.eval()(x))
+
+
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": Payload()}, path)

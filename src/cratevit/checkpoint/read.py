@@ -267,6 +267,12 @@ def _read(path: Path, mmap: bool) -> tuple[dict[str, Tensor], Any, dict[str, Any
     obj = load_file(path, mmap=mmap)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
+    if obj.get("format") == "timm":  # `cratevit train --arch vit_...`: a timm model, built by the analysis layer
+        raise CheckpointError(
+            f"{path} is a `cratevit train --arch {obj.get('arch')}` run of a timm model, not a white-box family; "
+            f"the analysis commands take it as it is, and in Python cratevit.analysis.segmentation.load_vision_model(path) "
+            f"builds it"
+        )
     if obj.get("format") == FORMAT:
         meta = {"model_family": "crate", **{k: v for k, v in obj.items() if k not in ("model", "config")}}
         cfg = config_from_dict(obj["config"], meta["model_family"])
