@@ -1,11 +1,12 @@
 """Hook points: read and replace any layer's activation by a stable name, cache a forward pass, patch activations
 between two images (in the style of TransformerLens / ViT-Prisma, on cratevit's own module structure).
 
-Names follow the module names of the backbone (``blocks.L`` is block ``L``, 0-based, as in the state dict), with
-one point per intermediate of the layer's explicit trace (:meth:`~cratevit.models.blocks.WhiteBoxBlock.trace`).
-``ATT`` is the attention child's own name: ``mssa`` (CRATE, CRATE-alpha, the CRATE-MAE encoder, the MSSA
-ablations), ``attn`` (MHSA ablations, timm ViTs) or ``tssa`` (ToST). Shapes: b images, n tokens (class token
-first, where the model has one in its blocks), h heads::
+Names follow the module names of the model (``blocks.L`` is block ``L``, 0-based, as in the state dict;
+``decoder_blocks.L`` a CRATE-MAE decoder block, ``class_blocks.L`` a ToST class-attention block), with one point
+per intermediate of the layer's explicit trace (:meth:`~cratevit.models.blocks.WhiteBoxBlock.trace`). ``ATT`` is
+the attention child's own name: ``mssa`` (CRATE, CRATE-alpha, the CRATE-MAE encoder, the MSSA ablations), ``attn``
+(MHSA ablations, timm ViTs) or ``tssa`` (ToST). Shapes: b images, n tokens (class token first, where the model has
+one in its blocks), h heads::
 
     blocks.L.in            Z^l, the tokens entering block L                                  (b, n, d)
     blocks.L.norm1         LN1(Z^l), the attention's input                                   (b, n, d)
@@ -21,6 +22,36 @@ first, where the model has one in its blocks), h heads::
                            A_2                                                               (b, n, d or 4d)
     blocks.L.mlp.out       the MLP branch's output (ViT-style blocks), before the residual sum (b, n, d)
     blocks.L.out           Z^{l+1}, the tokens leaving block L                               (b, n, d)
+
+A CRATE-MAE decoder block runs the encoder layer's two steps backwards, ``Z^{l+1/2} = LN1(Z^l) D^T`` (the
+dictionary maps a sparse code to a signal; no residual), then ``Z^{l+1} = Z^{l+1/2} - MSSA(LN2(Z^{l+1/2}))`` (the
+compression undone). Its points, in that order::
+
+    decoder_blocks.L.in              Z^l, the tokens entering decoder block L (block 0: the latent)  (b, n, d)
+    decoder_blocks.L.norm1           LN1(Z^l), the code the dictionary decodes                       (b, n, d)
+    decoder_blocks.L.dictionary.out  LN1(Z^l) D^T, the dictionary step's output                      (b, n, d)
+    decoder_blocks.L.mid             Z^{l+1/2}, the same tensor (the step has no residual); replacing
+                                     it replaces what the MSSA step reads                             (b, n, d)
+    decoder_blocks.L.norm2           LN2(Z^{l+1/2}), the MSSA step's input                            (b, n, d)
+    decoder_blocks.L.mssa.proj       U_k^T LN2(Z^{l+1/2}) per head                                    (b, h, n, p)
+    decoder_blocks.L.mssa.pattern    softmax attention per head                                       (b, h, n, n)
+    decoder_blocks.L.mssa.out        MSSA(LN2(Z^{l+1/2})), before it is subtracted                    (b, n, d)
+    decoder_blocks.L.out             Z^{l+1} = Z^{l+1/2} - MSSA(...), the tokens leaving the block    (b, n, d)
+
+A ToST class-attention block (CaiT / XCiT, ``x = [cls; patches]``, n = 1 + patches) lets the class token alone
+attend: ``x1 = x + gamma1 * [CA(LN1(x))_cls; LN1(x)_patches]``, ``x2 = LN2(x1)`` (every token with
+``tokens_norm``, else the class token only), ``out = x2 + [gamma2 * MLP(x2_cls); x2_patches]``::
+
+    class_blocks.L.in            [cls; Z^depth] (block 0) or the previous class block's output    (b, n, d)
+    class_blocks.L.norm1         LN1(x), the class attention's input                              (b, n, d)
+    class_blocks.L.attn.proj     the keys of LN1(x) per head                                      (b, h, n, p)
+    class_blocks.L.attn.pattern  the class token's softmax attention over all tokens              (b, h, 1, n)
+    class_blocks.L.attn.out      the attention child's output [Linear(attended cls); LN1(x)_patches],
+                                 before LayerScale and the residual sum                           (b, n, d)
+    class_blocks.L.mid           x1, the residual stream after the class attention                (b, n, d)
+    class_blocks.L.norm2         x2 = LN2(x1), the MLP's input (row 0) and the patch tokens' path  (b, n, d)
+    class_blocks.L.mlp.out       MLP(x2_cls), the class token's MLP output before LayerScale       (b, 1, d)
+    class_blocks.L.out           the tokens leaving the block                                     (b, n, d)
 
 A point exists only where the block computes it (:func:`hook_names` lists a model's). Every point can be
 replaced, except ToST's ``proj`` and ``membership`` (read-only: the fused operator has no seam there).
@@ -42,12 +73,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
 
 __all__ = [
+    "DECODER_POINTS",
     "HOOK_POINTS",
+    "STACKS",
     "HookFn",
     "PatchingResult",
     "activation_patching",
@@ -71,10 +105,16 @@ HOOK_POINTS: Mapping[str, str] = {
     "mid": "Z^{l+1/2}, the residual stream after the attention step",
     "norm2": "LN2(Z^{l+1/2}), the input of the ISTA step or the MLP",
     "ista.code": "the sparse code (CRATE: the ISTA output = the block's output; CRATE-alpha: A_2)",
-    "mlp.out": "the MLP branch's output, before the residual sum",
+    "mlp.out": "the MLP branch's output, before the residual sum (ToST's class blocks: MLP(x2_cls), (b, 1, d))",
     "out": "Z^{l+1}, the tokens leaving the block",
+    "dictionary.out": "CRATE-MAE decoder: LN1(Z^l) D^T, the dictionary step's output (= mid: no residual)",
 }
-"""Point -> what it is: the suffix after ``blocks.L.``, ``ATT`` standing for the attention child's name."""
+"""Point -> what it is: the suffix after ``STACK.L.`` (``blocks``, ``decoder_blocks``, ``class_blocks``), ``ATT``
+standing for the attention child's name (module docstring: what each point is in a decoder or class block)."""
+
+STACKS = ("blocks", "class_blocks", "decoder_blocks")
+"""The module lists whose blocks carry hook points, in the order of the forward pass (a model has ``blocks`` and at
+most one of the others: ToST's class-attention blocks, CRATE-MAE's decoder blocks)."""
 
 
 # ------------------------------------------------------------------------------------------- the block kinds
@@ -90,8 +130,24 @@ def _is_timm_block(block: nn.Module) -> bool:
     return hasattr(block, "ls1") and all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "proj"))
 
 
+def _is_decoder_block(block: nn.Module) -> bool:
+    """CRATE-MAE's decoder block: a dictionary step (``dictionary``, no ISTA child) then MSSA."""
+    return isinstance(getattr(block, "dictionary", None), Tensor) and hasattr(block, "mssa")
+
+
+def _is_class_attention_block(block: nn.Module) -> bool:
+    """ToST's class-attention block (CaiT / XCiT): ``tokens_norm`` and a class attention child with ``attend``."""
+    return hasattr(block, "tokens_norm") and hasattr(getattr(block, "attn", None), "attend")
+
+
+DECODER_POINTS = ("in", "norm1", "dictionary.out", "mid", "norm2", "mssa.proj", "mssa.pattern", "mssa.out", "out")
+"""A CRATE-MAE decoder block's points, in the order it computes them."""
+
+
 def block_points(block: nn.Module) -> list[str]:
-    """The hook points of one block, in the order it computes them (suffixes after ``blocks.L.``)."""
+    """The hook points of one block, in the order it computes them (suffixes after ``STACK.L.``)."""
+    if _is_decoder_block(block):
+        return list(DECODER_POINTS)
     a = _attention_name(block)
     attention = [f"{a}.proj", f"{a}.membership" if a == "tssa" else f"{a}.pattern", f"{a}.out"]
     second: list[str] = []
@@ -105,19 +161,25 @@ def block_points(block: nn.Module) -> list[str]:
 Edit = Callable[[str, Tensor], Tensor]  # (point, tensor) -> the tensor the block goes on with
 
 
+def _mssa_branch(m: nn.Module, x: Tensor, at: Edit) -> Tensor:
+    """MSSA on ``x`` with explicit attention (:meth:`~cratevit.models.blocks.MSSA.trace`'s operations), its
+    ``mssa.proj`` and ``mssa.pattern`` passed through ``at``; the output after the output projection."""
+    w = at("mssa.proj", m.project(x))  # b h n p
+    heads, attn = m.attend(w)  # explicit softmax attention: (output, matrix) per head
+    edited = at("mssa.pattern", attn)
+    if edited is not attn:
+        heads = edited @ w
+    return m.proj_drop(m.out_proj(heads.transpose(1, 2).flatten(2)))
+
+
 def _white_box_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
     """A :class:`~cratevit.models.blocks.WhiteBoxBlock` (CRATE, its ablations, CRATE-alpha, the CRATE-MAE encoder),
     the operations of its ``trace`` in the same order."""
     z = at("in", z)
     x = at("norm1", block.norm1(z))
     if hasattr(block, "mssa"):
-        m, a = block.mssa, "mssa"
-        w = at(f"{a}.proj", m.project(x))  # b h n p
-        heads, attn = m.attend(w)  # explicit softmax attention: (output, matrix) per head
-        edited = at(f"{a}.pattern", attn)
-        if edited is not attn:
-            heads = edited @ w
-        out = m.proj_drop(m.out_proj(heads.transpose(1, 2).flatten(2)))
+        a = "mssa"
+        out = _mssa_branch(block.mssa, x, at)
     else:
         m, a = block.attn, "attn"
         q, k, v = m.qkv_heads(x)
@@ -133,6 +195,40 @@ def _white_box_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
     if hasattr(block, "mlp"):
         return at("out", z_half + block.drop_path(at("mlp.out", block.mlp(at("norm2", block.norm2(z_half))))))
     return at("out", z_half)
+
+
+def _decoder_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
+    """A CRATE-MAE decoder block (``z_half = LN1(z) D^T``; ``z_next = z_half - MSSA(LN2(z_half))``), the operations
+    of its ``trace`` in the same order."""
+    z = at("in", z)
+    x = at("norm1", block.norm1(z))
+    z_half = at("mid", at("dictionary.out", F.linear(x, block.dictionary)))
+    out = _mssa_branch(block.mssa, at("norm2", block.norm2(z_half)), at)
+    return at("out", z_half - at("mssa.out", out))
+
+
+def _class_attention_step(block: nn.Module, x: Tensor, at: Edit) -> Tensor:
+    """A ToST class-attention block, the operations of its ``_update`` (and ``ClassAttention.attend``) in the same
+    order: the class token's query, the keys and values of every token, the class token's softmax row."""
+    x = at("in", x)
+    a = at("norm1", block.norm1(x))
+    m = block.attn
+    b, n, c = a.shape
+    weight, bias = m.qkv.weight, m.qkv.bias
+    q = F.linear(a[:, :1], weight[:c], None if bias is None else bias[:c])  # the class token's query only
+    kv = F.linear(a, weight[c:], None if bias is None else bias[c:])
+    q = q.view(b, 1, m.heads, -1).transpose(1, 2)  # b h 1 p
+    k, v = kv.view(b, n, 2, m.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # b h n p each
+    k = at("attn.proj", k)
+    attn = at("attn.pattern", torch.softmax((q @ k.transpose(-1, -2)) * m.scale, dim=-1))  # b h 1 n
+    weights = F.dropout(attn, m.attn_drop, training=True) if m.training and m.attn_drop > 0 else attn
+    cls = (weights @ v).transpose(1, 2).reshape(b, 1, c)
+    out = at("attn.out", torch.cat([m.proj_drop(m.out_proj(cls)), a[:, 1:]], dim=1))
+    half = at("mid", x + block.gamma_attn * out)
+    x2 = block.norm2(half) if block.tokens_norm else torch.cat([block.norm2(half[:, :1]), half[:, 1:]], dim=1)
+    x2 = at("norm2", x2)
+    mlp = at("mlp.out", block.mlp(x2[:, :1]))
+    return at("out", x2 + torch.cat([block.gamma_mlp * mlp, x2[:, 1:]], dim=1))
 
 
 def _timm_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
@@ -170,41 +266,57 @@ def _tost_step(block: nn.Module, z: Tensor, at: Edit) -> Tensor:
 def _step_for(block: nn.Module) -> Callable[[nn.Module, Tensor, Edit], Tensor]:
     if _is_timm_block(block):
         return _timm_step
+    if _is_decoder_block(block):
+        return _decoder_step
+    if _is_class_attention_block(block):
+        return _class_attention_step
     if hasattr(block, "tssa"):
         return _tost_step
     if hasattr(block, "norm1") and (hasattr(block, "mssa") or hasattr(block, "attn")):
         return _white_box_step
     raise UserError(
-        f"cannot hook a {type(block).__name__}: expected a cratevit white-box block, a ToST block or a timm ViT Block"
+        f"cannot hook a {type(block).__name__}: expected a cratevit white-box block, a CRATE-MAE decoder block, a "
+        "ToST block or class-attention block, or a timm ViT Block"
     )
 
 
 # ------------------------------------------------------------------------------------------- names
-def _blocks(model: nn.Module) -> nn.Module:
+def _stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """Stack name -> its blocks (:data:`STACKS` the model has, non-empty, in the order of the forward pass)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
         raise UserError(f"{type(model).__name__} has no blocks to hook (expected model.blocks, a list of layers)")
-    return blocks
+    found = {name: getattr(model, name, None) for name in STACKS}
+    return {k: v for k, v in found.items() if isinstance(v, (nn.ModuleList, nn.Sequential)) and len(v) > 0}
 
 
 def hook_names(model: nn.Module) -> list[str]:
-    """Every hook name of ``model``, block by block in the order of the forward pass."""
-    return [f"blocks.{i}.{p}" for i, block in enumerate(_blocks(model)) for p in block_points(block)]
+    """Every hook name of ``model``, block by block in the order of the forward pass (``blocks``, then ToST's
+    ``class_blocks`` or CRATE-MAE's ``decoder_blocks``)."""
+    return [
+        f"{stack}.{i}.{p}"
+        for stack, blocks in _stacks(model).items()
+        for i, block in enumerate(blocks)
+        for p in block_points(block)
+    ]
 
 
-def _parse(model: nn.Module, names: Sequence[str]) -> dict[int, set[str]]:
-    """Block index -> the points named there; a one-line error for a name the model does not have."""
-    blocks = _blocks(model)
-    by_block: dict[int, set[str]] = {}
+def _parse(model: nn.Module, names: Sequence[str]) -> dict[tuple[str, int], set[str]]:
+    """(stack, block index) -> the points named there; a one-line error for a name the model does not have."""
+    stacks = _stacks(model)
+    by_block: dict[tuple[str, int], set[str]] = {}
     for name in names:
         parts = name.split(".", 2)
-        ok = len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < len(blocks)
+        blocks = stacks.get(parts[0]) if len(parts) == 3 else None
+        ok = blocks is not None and parts[1].isdigit() and int(parts[1]) < len(blocks)
         if not ok or parts[2] not in block_points(blocks[int(parts[1])]):
-            raise UserError(
-                f"unknown hook name {name!r}; names are blocks.L.POINT with L in 0..{len(blocks) - 1} (block index, "
-                f"0-based) and POINT one of {', '.join(block_points(blocks[0]))}"
+            forms = "; ".join(
+                f"{stack}.L.POINT with L in 0..{len(stack_blocks) - 1} (block index, 0-based) and POINT one of "
+                f"{', '.join(block_points(stack_blocks[0]))}"
+                for stack, stack_blocks in stacks.items()
             )
-        by_block.setdefault(int(parts[1]), set()).add(parts[2])
+            raise UserError(f"unknown hook name {name!r}; names are {forms}")
+        by_block.setdefault((parts[0], int(parts[1])), set()).add(parts[2])
     return by_block
 
 
@@ -219,17 +331,17 @@ def hooks(model: nn.Module, fwd_hooks: Mapping[str, HookFn]) -> Iterator[nn.Modu
     A hook returns None (the activation is only read) or the tensor that replaces it. The block hooks are removed
     on exit, also after an error."""
     by_block = _parse(model, list(fwd_hooks))
-    blocks = _blocks(model)
+    stacks = _stacks(model)
     handles = []
 
-    def make(i: int) -> Callable[..., Tensor]:
-        block, step = blocks[i], _step_for(blocks[i])
-        points = by_block[i]
+    def make(stack: str, i: int) -> Callable[..., Tensor]:
+        block = stacks[stack][i]
+        step, points = _step_for(block), by_block[stack, i]
 
         def at(point: str, value: Tensor) -> Tensor:
             if point not in points:
                 return value
-            name = f"blocks.{i}.{point}"
+            name = f"{stack}.{i}.{point}"
             new = fwd_hooks[name](value, name)
             if new is None:
                 return value
@@ -246,15 +358,19 @@ def hooks(model: nn.Module, fwd_hooks: Mapping[str, HookFn]) -> Iterator[nn.Modu
         hook.cratevit_hook = True  # type: ignore[attr-defined]
         return hook
 
-    nested = [i for i in by_block if any(getattr(h, "cratevit_hook", False) for h in blocks[i]._forward_hooks.values())]
+    nested = [
+        f"{stack}.{i}"
+        for stack, i in by_block
+        if any(getattr(h, "cratevit_hook", False) for h in stacks[stack][i]._forward_hooks.values())
+    ]
     if nested:
         raise UserError(
-            f"block {nested[0]} (0-based) is already hooked by an enclosing hooks() context; contexts do not nest: "
+            f"block {nested[0]} is already hooked by an enclosing hooks() context; contexts do not nest: "
             "pass every hook to one context (run_with_cache(..., fwd_hooks=...) reads and replaces in one pass)"
         )
     try:
-        for i in sorted(by_block):
-            handles.append(blocks[i].register_forward_hook(make(i)))
+        for stack, i in by_block:
+            handles.append(stacks[stack][i].register_forward_hook(make(stack, i)))
         yield model
     finally:
         for handle in handles:
@@ -338,9 +454,14 @@ def activation_patching(
     gap = float((corrupted_out - clean_out).norm())
     for name in names:
 
-        def put(value: Tensor, _name: str, source: Tensor = cache[name]) -> Tensor:
+        def put(value: Tensor, name: str, source: Tensor = cache[name]) -> Tensor:
             if positions is None:
                 return source
+            if any(not -value.shape[-2] <= p < value.shape[-2] for p in positions):
+                raise UserError(
+                    f"positions {list(positions)} do not all lie among the {value.shape[-2]} token(s) of {name}; "
+                    f"use 0..{value.shape[-2] - 1}"
+                )
             value = value.clone()
             value[..., list(positions), :] = source[..., list(positions), :]
             return value
