@@ -365,7 +365,7 @@ def hooks(model: nn.Module, fwd_hooks: Mapping[str, HookFn]) -> Iterator[nn.Modu
     ]
     if nested:
         raise UserError(
-            f"block {nested[0]} is already hooked by an enclosing hooks() context; contexts do not nest: "
+            f"block {nested[0]} (0-based) is already hooked by an enclosing hooks() context; contexts do not nest: "
             "pass every hook to one context (run_with_cache(..., fwd_hooks=...) reads and replaces in one pass)"
         )
     try:
