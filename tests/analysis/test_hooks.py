@@ -197,6 +197,21 @@ def test_layer_activations_read_a_timm_vit_and_tost_through_the_hooks():
     assert layer_activations(tost, x, 0)["ista_in"].shape == (2, 16, 32)  # 4x4 patches, no class token
 
 
+def test_sae_layers_count_as_the_analysis_does_and_class_blocks_are_one_line():
+    from cratevit.analysis.activations import site_hook
+    from cratevit.registry import layer_count
+
+    tost = ToST(config=tost_preset("tost_debug")).eval()
+    depth, total = len(tost.blocks), layer_count(tost)
+    assert total == depth + len(tost.class_blocks) > depth  # as attention/pca/explore number them
+    assert site_hook(tost, depth - 1, "z_in") == site_hook(tost, depth - 1 - total, "z_in") == f"blocks.{depth - 1}.in"
+    for layer in (depth, -1):  # a class-attention block: named, with the range that works
+        with pytest.raises(UserError, match=rf"class_blocks\.\d.*pass --layer {depth - 1} \(the last of them\)"):
+            site_hook(tost, layer, "ista_in")
+    with pytest.raises(UserError, match=f"outside this {total}-layer model"):
+        site_hook(tost, total, "ista_in")
+
+
 # ------------------------------------------------------------------- CRATE-MAE's decoder and ToST's class blocks
 def _mae() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from ..registry import is_autoencoder
+from ..registry import is_autoencoder, layer_count, layer_description
 from .hooks import block_points, hooks
 
 __all__ = [
@@ -52,10 +52,18 @@ SITE_POINTS = MappingProxyType({"z_in": "in", "z_half": "mid", "ista_in": "norm2
 
 
 def _check_layer(model: nn.Module, layer: int) -> int:
-    depth = len(model.blocks)
-    if not -depth <= layer < depth:
-        raise UserError(f"layer {layer} is outside this {depth}-layer model; use 0..{depth - 1} (block index, 0-based)")
-    return layer % depth
+    """``layer`` in the analysis' numbering (:func:`cratevit.registry.layer_count`: ToST's class-attention blocks
+    follow its TSSA blocks) -> the index into ``model.blocks``, whose blocks are the ones with activation sites."""
+    total, depth = layer_count(model), len(model.blocks)
+    if not -total <= layer < total:
+        raise UserError(f"layer {layer} is outside this {total}-layer model; use 0..{total - 1} (block index, 0-based)")
+    index = layer % total
+    if index >= depth:
+        raise UserError(
+            f"layer {layer} (0-based){layer_description(model, index)}: SAEs and codes read blocks.0 .. "
+            f"blocks.{depth - 1} only, so pass --layer {depth - 1} (the last of them) or lower"
+        )
+    return index
 
 
 def site_hook(model: nn.Module, layer: int, site: str) -> str:
