@@ -49,7 +49,10 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 class PatchGrid:
-    """The patch grid of a configuration with ``image_size``, ``patch_size`` and ``channels`` (every family's)."""
+    """The patch grid of a configuration with ``image_size``, ``patch_size`` and ``channels`` (every family's),
+    and the dict round trip every configuration shares (``label``: the family's name in messages)."""
+
+    label = "model"
 
     image_size: tuple[int, int]
     patch_size: tuple[int, int]
@@ -73,6 +76,19 @@ class PatchGrid:
         d["image_size"] = list(self.image_size)
         d["patch_size"] = list(self.patch_size)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """The configuration of a stored dict; an unknown key is one line naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown {cls.label} config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` (validated again by the dataclass' ``__post_init__``)."""
+        return replace(self, **changes)
 
 
 @dataclass
@@ -153,17 +169,6 @@ class BackboneConfig(PatchGrid):
     def sparse_code_flops(self, n: int, ista_matmuls: int = 2) -> int:
         """FLOPs of one layer's second half on ``n`` tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not count its second half")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown {cls.label} config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> Any:
-        return replace(self, **changes)
 
 
 def check_images(

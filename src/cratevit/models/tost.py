@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .backbone import PatchGrid, to_2tuple
 from .blocks import DropPath
 from .contract import TimmContract
 from .family import Card, Family
@@ -86,17 +87,11 @@ NORM_EPS = 1e-6  # every LayerNorm of the official vision models
 PI_EPS = 1e-8  # the official guard on the membership mass sum_i Pi[k, i]
 
 
-def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise UserError(f"expected an int or a pair (height, width), got {x!r}")
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
-
-
 @dataclass
-class ToSTConfig:
+class ToSTConfig(PatchGrid):
     """Everything that defines a ToST vision network (official ``VisionTransformer`` arguments in brackets)."""
+
+    label = "ToST"  # the family's name in messages (a class attribute, not a field)
 
     image_size: tuple[int, int] = (224, 224)  # the training size; any multiple of patch_size runs
     patch_size: tuple[int, int] = (16, 16)  # square, a power of two: the stem's stride-2 convolutions
@@ -119,8 +114,8 @@ class ToSTConfig:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.image_size = _pair(self.image_size)
-        self.patch_size = _pair(self.patch_size)
+        self.image_size = to_2tuple(self.image_size)
+        self.patch_size = to_2tuple(self.patch_size)
         p = self.patch_size[0]
         if self.patch_size[1] != p or p < 2 or p & (p - 1):
             raise UserError(
@@ -154,35 +149,10 @@ class ToSTConfig:
         return self.dim // self.heads
 
     @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
     def stem_widths(self) -> list[int]:
         """Output widths of the stem's stride-2 convolutions: ``dim / 2^(k-1), ..., dim / 2, dim`` for patch ``2^k``."""
         k = int(math.log2(self.patch_size[0]))
         return [self.dim // 2 ** (k - 1 - i) for i in range(k)]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ToSTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown ToST config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> ToSTConfig:
-        return replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------------------------- operators
